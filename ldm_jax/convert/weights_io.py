@@ -1,0 +1,131 @@
+"""Reading PyTorch weight files into numpy, without torch and without running code.
+
+* ``.safetensors``: parsed directly (8-byte header length, JSON header, raw
+  little-endian buffers), so bfloat16 works (via ml_dtypes) and a truncated
+  file is reported precisely.
+* ``.bin`` / ``.ckpt`` / ``.pt``: PyTorch zip pickles, read by the restricted
+  unpickler in ``torch_pickle`` that only rebuilds tensors.
+* sharded checkpoints: ``*.index.json`` with a ``weight_map``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Dict, Iterable, Optional
+
+import ml_dtypes
+import numpy as np
+
+from ldm_jax.convert.errors import CheckpointError
+
+StateDict = Dict[str, np.ndarray]
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str) -> StateDict:
+    """All tensors of a .safetensors file as numpy arrays (views on one buffer)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path}: not a safetensors file or truncated: header claims {header_len} bytes, "
+                f"file has {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+        data = f.read()
+    header.pop("__metadata__", None)
+    out: StateDict = {}
+    for key, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+        start, end = info["data_offsets"]
+        if end > len(data):
+            raise CheckpointError(
+                f"{path}: truncated: tensor {key!r} needs bytes {start}..{end} of the data section, "
+                f"which has only {len(data)}")
+        shape = tuple(info["shape"])
+        arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=start)
+        out[key] = arr.reshape(shape)
+    return out
+
+
+def read_state_dict(path: str) -> StateDict:
+    """Tensors of one weight file (.safetensors, .bin, .ckpt, .pt, .pth or *.index.json)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    if path.endswith(".index.json"):
+        return _read_sharded(path)
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    from ldm_jax.convert.torch_pickle import load_torch_pickle
+
+    state = load_torch_pickle(path)
+    return unwrap_state_dict(state, path)
+
+
+def unwrap_state_dict(obj, path: str) -> StateDict:
+    """Accept a plain state dict or the usual ``{"state_dict": ...}`` wrapper."""
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    out = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+    if not out:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return out
+
+
+def _read_sharded(index_path: str) -> StateDict:
+    with open(index_path) as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: no 'weight_map' in the index")
+    folder = os.path.dirname(index_path)
+    out: StateDict = {}
+    for shard in sorted(set(weight_map.values())):
+        out.update(read_state_dict(os.path.join(folder, shard)))
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise CheckpointError(f"{index_path}: shards lack {len(missing)} indexed tensors, e.g. {missing[:3]}")
+    return out
+
+
+def find_weights(folder: str, stems: Iterable[str], variant: Optional[str] = None) -> str:
+    """The weight file of a diffusers/transformers component folder.
+
+    Looks for ``STEM[.variant].safetensors`` first, then ``.bin``, then sharded indexes.
+    """
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: not a directory")
+    tried = []
+    for stem in stems:
+        base = f"{stem}.{variant}" if variant else stem
+        for suffix in (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"):
+            candidate = os.path.join(folder, base + suffix)
+            tried.append(os.path.basename(candidate))
+            if os.path.isfile(candidate):
+                return candidate
+    raise CheckpointError(f"{folder}: no weight file found (looked for {', '.join(tried)})")
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None

@@ -1,0 +1,197 @@
+"""Building blocks shared by the U-Net, the autoencoder and the text encoder.
+
+Everything is NHWC. Submodule names follow the diffusers / transformers
+parameter names (``norm1``, ``conv1``, ``to_q``, ``to_out_0`` ...), so that a
+PyTorch state dict maps onto a Flax parameter tree by a mechanical rename
+(see ``ldm_jax.convert.mapping``).
+
+Precision policy: parameters are stored in ``param_dtype`` (float32 master
+weights by default), computation runs in ``dtype``; normalisation statistics
+and the attention softmax are always computed in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# "xla": explicit einsum + float32 softmax, runs everywhere and is the reference.
+# "dot_product": jax.nn.dot_product_attention, which takes cuDNN flash attention
+#                on GPU (bf16/fp16) and falls back to XLA elsewhere.
+AttentionImpl = Literal["xla", "dot_product"]
+ATTENTION_IMPLS = ("xla", "dot_product")
+
+Dtype = jnp.dtype
+
+
+def dot_product_attention(
+    q_bthd: jax.Array,
+    k_bshd: jax.Array,
+    v_bshd: jax.Array,
+    *,
+    impl: AttentionImpl = "xla",
+    causal: bool = False,
+) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v over heads, (B, T, H, D) -> (B, T, H, D).
+
+    Scores are accumulated and normalised in float32 whatever the input dtype
+    (this subsumes SD2's ``upcast_attention``); the probabilities are cast back
+    to the value dtype for the second product.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+    scale = 1.0 / math.sqrt(q_bthd.shape[-1])
+    if impl == "dot_product":
+        return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, scale=scale, is_causal=causal)
+    logits_bhts = jnp.einsum(
+        "bthd,bshd->bhts", q_bthd, k_bshd, preferred_element_type=jnp.float32
+    ) * scale
+    if causal:
+        t, s = logits_bhts.shape[-2:]
+        keep_ts = jnp.tril(jnp.ones((t, s), dtype=bool))
+        logits_bhts = jnp.where(keep_ts, logits_bhts, jnp.finfo(jnp.float32).min)
+    probs_bhts = jax.nn.softmax(logits_bhts, axis=-1).astype(v_bshd.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs_bhts, v_bshd)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over the channel (last) axis; statistics in float32."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
+        x32 = x.astype(jnp.float32)
+        grouped = x32.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+        reduce_axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = grouped.mean(axis=reduce_axes, keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        out = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
+def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
+    """A 3x3 convolution with PyTorch's padding=1."""
+    return nn.Conv(
+        features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+        dtype=dtype, param_dtype=param_dtype, name=name,
+    )
+
+
+def conv1x1(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
+    return nn.Conv(features, (1, 1), padding="VALID", dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers ResnetBlock2D / CompVis ResBlock (Ho et al. 2020 style).
+
+    h = conv1(silu(norm1(x))) [+ time_emb_proj(silu(temb))]
+    h = conv2(dropout(silu(norm2(h))))
+    out = shortcut(x) + h, with a 1x1 ``conv_shortcut`` when channels change.
+    """
+
+    out_channels: int
+    groups: int = 32
+    epsilon: float = 1e-5
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GroupNorm(self.groups, self.epsilon, name="norm1", **kw)(x)
+        h = conv3x3(self.out_channels, name="conv1", **kw)(nn.silu(h))
+        if temb is not None:
+            t = nn.Dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = GroupNorm(self.groups, self.epsilon, name="norm2", **kw)(h)
+        h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
+        h = conv3x3(self.out_channels, name="conv2", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv1x1(self.out_channels, name="conv_shortcut", **kw)(x)
+        return (x + h).astype(self.dtype)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution. ``asymmetric_pad`` reproduces the autoencoder's
+    pad (0, 1, 0, 1) + padding 0; otherwise PyTorch padding=1 (the U-Net)."""
+
+    out_channels: int
+    asymmetric_pad: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        padding = ((0, 1), (0, 1)) if self.asymmetric_pad else ((1, 1), (1, 1))
+        return nn.Conv(
+            self.out_channels, (3, 3), strides=(2, 2), padding=padding,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
+        )(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv3x3(self.out_channels, self.dtype, self.param_dtype, name="conv")(x)
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention``: to_q / to_k / to_v / to_out_0 over tokens.
+
+    With ``norm_groups`` set it is the autoencoder's spatial self-attention
+    block: GroupNorm (``group_norm``) on a (B, H, W, C) input, one head over
+    the H*W positions, and a residual connection.
+    """
+
+    heads: int
+    dim_head: int
+    out_dim: Optional[int] = None  # defaults to the query dimension
+    qkv_bias: bool = False
+    norm_groups: Optional[int] = None
+    norm_epsilon: float = 1e-6
+    impl: AttentionImpl = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context_bsd: Optional[jax.Array] = None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        residual = x
+        spatial_shape = None
+        if self.norm_groups is not None:
+            x = GroupNorm(self.norm_groups, self.norm_epsilon, name="group_norm", **kw)(x)
+            spatial_shape = x.shape
+            x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, H*W, C)
+        context_bsd = x if context_bsd is None else context_bsd
+        inner = self.heads * self.dim_head
+        q = nn.Dense(inner, use_bias=self.qkv_bias, name="to_q", **kw)(x)
+        k = nn.Dense(inner, use_bias=self.qkv_bias, name="to_k", **kw)(context_bsd)
+        v = nn.Dense(inner, use_bias=self.qkv_bias, name="to_v", **kw)(context_bsd)
+        split = lambda a: a.reshape(a.shape[:2] + (self.heads, self.dim_head))  # noqa: E731
+        h = dot_product_attention(split(q), split(k), split(v), impl=self.impl)
+        h = h.reshape(h.shape[:2] + (inner,))
+        out = nn.Dense(self.out_dim or x.shape[-1], name="to_out_0", **kw)(h)
+        if spatial_shape is not None:
+            out = out.reshape(spatial_shape) + residual
+        return out.astype(self.dtype)
