@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import Dict, Iterable, Optional
 
@@ -24,7 +25,8 @@ StateDict = Dict[str, np.ndarray]
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
+    "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 
 
@@ -45,19 +47,31 @@ def read_safetensors(path: str) -> StateDict:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
         data = f.read()
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
     out: StateDict = {}
     for key, info in header.items():
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path}: malformed safetensors header entry for {key!r}")
         dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
+        try:
+            start, end = (int(v) for v in info["data_offsets"])
+            shape = tuple(int(n) for n in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed safetensors header entry for {key!r}") from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if min(shape, default=0) < 0 or start < 0 or end - start != count * np.dtype(dtype).itemsize:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} of shape {shape} and dtype {info['dtype']} cannot occupy "
+                f"bytes {start}..{end}; the header is corrupt")
         if end > len(data):
             raise CheckpointError(
                 f"{path}: truncated: tensor {key!r} needs bytes {start}..{end} of the data section, "
                 f"which has only {len(data)}")
-        shape = tuple(info["shape"])
-        arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=start)
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
         out[key] = arr.reshape(shape)
     return out
 
@@ -66,7 +80,7 @@ def read_state_dict(path: str) -> StateDict:
     """Tensors of one weight file (.safetensors, .bin, .ckpt, .pt, .pth or *.index.json)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
-    if path.endswith(".index.json"):
+    if re.search(r"\.index(\.[^./]+)?\.json$", path):  # also the variant form ".index.fp16.json"
         return _read_sharded(path)
     if path.endswith(".safetensors"):
         return read_safetensors(path)
@@ -89,13 +103,15 @@ def unwrap_state_dict(obj, path: str) -> StateDict:
 
 
 def _read_sharded(index_path: str) -> StateDict:
-    with open(index_path) as f:
-        weight_map = json.load(f).get("weight_map")
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: no 'weight_map' in the index")
     folder = os.path.dirname(index_path)
     out: StateDict = {}
     for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index_path}: shard name {shard!r} is not a file in its folder")
         out.update(read_state_dict(os.path.join(folder, shard)))
     missing = sorted(set(weight_map) - set(out))
     if missing:
@@ -106,15 +122,17 @@ def _read_sharded(index_path: str) -> StateDict:
 def find_weights(folder: str, stems: Iterable[str], variant: Optional[str] = None) -> str:
     """The weight file of a diffusers/transformers component folder.
 
-    Looks for ``STEM[.variant].safetensors`` first, then ``.bin``, then sharded indexes.
+    Looks for ``STEM[.variant].safetensors`` first, then ``.bin``, then sharded indexes
+    (``STEM.safetensors.index[.variant].json``, the diffusers/transformers variant naming).
     """
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: not a directory")
     tried = []
+    v = f".{variant}" if variant else ""
     for stem in stems:
-        base = f"{stem}.{variant}" if variant else stem
-        for suffix in (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"):
-            candidate = os.path.join(folder, base + suffix)
+        for name in (f"{stem}{v}.safetensors", f"{stem}{v}.bin",
+                     f"{stem}.safetensors.index{v}.json", f"{stem}.bin.index{v}.json"):
+            candidate = os.path.join(folder, name)
             tried.append(os.path.basename(candidate))
             if os.path.isfile(candidate):
                 return candidate
@@ -127,5 +145,5 @@ def read_json(path: str) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None

@@ -1,0 +1,180 @@
+"""weights_io: safetensors parsing, sharded folders, find_weights, torch files via read_state_dict."""
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import save_file as save_torch
+
+from ldm_jax.convert.errors import CheckpointError
+from ldm_jax.convert.weights_io import find_weights, read_json, read_safetensors, read_state_dict
+
+
+def _tensors(rng):
+    return {
+        "conv.weight": rng.standard_normal((8, 4, 3, 3)).astype(np.float32),
+        "norm.bias": rng.standard_normal(8).astype(np.float16),
+        "ids": rng.integers(-2**40, 2**40, (3,)).astype(np.int64),
+        "mask": rng.standard_normal(5) > 0,
+        "scalar": np.array(2.5, np.float32),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+
+
+def test_safetensors_round_trip_f32_f16_int_bool(tmp_path, rng):
+    want = _tensors(rng)
+    path = str(tmp_path / "model.safetensors")
+    save_numpy(want, path, metadata={"format": "np"})
+    got = read_state_dict(path)
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        np.testing.assert_array_equal(got[k], v)
+
+
+def test_safetensors_round_trip_bf16_and_float8_from_torch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    want = {"bf": torch.randn(3, 5, generator=g).bfloat16(),
+            "f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),
+            "u16": torch.arange(4).to(torch.uint16)}
+    path = str(tmp_path / "bf16.safetensors")
+    save_torch(want, path)
+    got = read_safetensors(path)
+    assert got["bf"].dtype == ml_dtypes.bfloat16 and got["f8"].dtype == ml_dtypes.float8_e4m3fn
+    np.testing.assert_array_equal(got["bf"].astype(np.float32), want["bf"].float().numpy())
+    np.testing.assert_array_equal(got["f8"].astype(np.float32), want["f8"].float().numpy())
+    np.testing.assert_array_equal(got["u16"], np.arange(4, dtype=np.uint16))
+
+
+def test_truncated_and_garbage_safetensors(tmp_path, rng):
+    path = tmp_path / "model.safetensors"
+    save_numpy(_tensors(rng), str(path))
+    blob = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    for keep in (len(blob) - 10, 200, 12, 3):  # in the data, in the header, in the length
+        cut.write_bytes(blob[:keep])
+        with pytest.raises(CheckpointError) as info:
+            read_state_dict(str(cut))
+        msg = str(info.value)
+        assert str(cut) in msg and ("truncated" in msg or keep < 8), (keep, msg)
+
+    bad = tmp_path / "bad.safetensors"
+    for content in (b"garbage, not a weight file at all" * 10, b"",
+                    (2).to_bytes(8, "little") + b"[]",  # a JSON header that is not an object
+                    (8).to_bytes(8, "little") + b"\xff\xfe{{{{{{",  # undecodable header
+                    ):
+        bad.write_bytes(content)
+        with pytest.raises(CheckpointError, match="bad.safetensors"):
+            read_state_dict(str(bad))
+    # offsets that disagree with shape x dtype
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    bad.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(CheckpointError, match="header is corrupt"):
+        read_state_dict(str(bad))
+
+
+def _write_sharded(folder, rng, index_name="diffusion_pytorch_model.safetensors.index.json"):
+    shard1 = {"a.weight": rng.standard_normal((3, 2)).astype(np.float32)}
+    shard2 = {"b.weight": rng.standard_normal(4).astype(np.float16),
+              "b.bias": rng.standard_normal(4).astype(np.float16)}
+    save_numpy(shard1, str(folder / "model-00001-of-00002.safetensors"))
+    save_numpy(shard2, str(folder / "model-00002-of-00002.safetensors"))
+    weight_map = {**{k: "model-00001-of-00002.safetensors" for k in shard1},
+                  **{k: "model-00002-of-00002.safetensors" for k in shard2}}
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return {**shard1, **shard2}, weight_map
+
+
+def test_sharded_index_folder(tmp_path, rng):
+    want, weight_map = _write_sharded(tmp_path, rng)
+    index = find_weights(str(tmp_path), ["diffusion_pytorch_model"])
+    assert os.path.basename(index) == "diffusion_pytorch_model.safetensors.index.json"
+    got = read_state_dict(index)
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v)
+
+    # the diffusers/transformers variant naming puts the variant before ".json"
+    os.rename(index, tmp_path / "diffusion_pytorch_model.safetensors.index.fp16.json")
+    vindex = find_weights(str(tmp_path), ["diffusion_pytorch_model"], variant="fp16")
+    assert vindex.endswith("diffusion_pytorch_model.safetensors.index.fp16.json")
+    assert sorted(read_state_dict(vindex)) == sorted(want)
+
+    broken = tmp_path / "broken.index.json"
+    broken.write_text(json.dumps({"weight_map": {**weight_map, "c.weight": weight_map["a.weight"]}}))
+    with pytest.raises(CheckpointError, match=r"broken\.index\.json: shards lack 1 indexed .*c\.weight"):
+        read_state_dict(str(broken))
+    broken.write_text("{not json")
+    with pytest.raises(CheckpointError, match="invalid JSON"):
+        read_state_dict(str(broken))
+    broken.write_text(json.dumps({"weight_map": {"a.weight": "../outside.safetensors"}}))
+    with pytest.raises(CheckpointError, match="not a file in its folder"):
+        read_state_dict(str(broken))
+    broken.write_text(json.dumps({"weight_map": {"a.weight": "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"gone\.safetensors: no such file"):
+        read_state_dict(str(broken))
+
+
+def test_find_weights_preference_and_error(tmp_path, rng):
+    w = {"w": np.ones(2, np.float32)}
+    stems = ["diffusion_pytorch_model", "model"]
+    folder = str(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        find_weights(folder, stems)
+    msg = str(info.value)
+    assert msg.startswith(f"{folder}: no weight file found")
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                 "diffusion_pytorch_model.safetensors.index.json", "model.bin.index.json"):
+        assert name in msg
+
+    # later candidates are found, and each earlier one takes over when it appears
+    order = ["model.bin.index.json", "model.safetensors.index.json", "model.bin",
+             "model.safetensors", "diffusion_pytorch_model.bin.index.json",
+             "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin",
+             "diffusion_pytorch_model.safetensors"]
+    for name in order:
+        save_numpy(w, str(tmp_path / name))
+        assert os.path.basename(find_weights(folder, stems)) == name
+
+    with pytest.raises(CheckpointError, match="fp16"):
+        find_weights(folder, stems, variant="fp16")
+    torch.save({"w": torch.ones(2)}, str(tmp_path / "model.fp16.bin"))
+    assert os.path.basename(find_weights(folder, stems, variant="fp16")) == "model.fp16.bin"
+    save_numpy(w, str(tmp_path / "model.fp16.safetensors"))
+    assert os.path.basename(find_weights(folder, stems, variant="fp16")) == "model.fp16.safetensors"
+
+    with pytest.raises(CheckpointError, match="not a directory"):
+        find_weights(str(tmp_path / "model.bin"), stems)
+
+
+def test_read_state_dict_on_torch_files(tmp_path):
+    torch.manual_seed(0)
+    sd = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).state_dict()
+    bin_path = str(tmp_path / "pytorch_model.bin")
+    torch.save(sd, bin_path)
+    ckpt_path = str(tmp_path / "model.ckpt")
+    torch.save({"state_dict": sd, "global_step": 3, "epoch": 1}, ckpt_path)
+    for path in (bin_path, ckpt_path):
+        got = read_state_dict(path)
+        assert list(got) == list(sd)
+        for k, v in sd.items():
+            np.testing.assert_array_equal(got[k], v.numpy())
+
+    not_tensors = str(tmp_path / "meta.pt")
+    torch.save({"global_step": 3}, not_tensors)
+    with pytest.raises(CheckpointError, match="holds no tensors"):
+        read_state_dict(not_tensors)
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_state_dict(str(tmp_path / "absent.bin"))
+
+
+def test_read_json_errors(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(CheckpointError, match="invalid JSON"):
+        read_json(str(bad))
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_json(str(tmp_path / "missing.json"))
