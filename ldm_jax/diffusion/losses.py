@@ -1,0 +1,137 @@
+"""Denoising training objective: eps / v / x0 targets, min-SNR weighting, offset noise.
+
+Names follow diffusers' ``prediction_type``: "epsilon" (Ho et al. 2020), "v_prediction"
+(Salimans & Ho 2022, arXiv:2202.00512) and "sample" (x0). With x_t = alpha x0 + sigma eps,
+alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t):
+  eps target = eps,  v target = alpha eps - sigma x0,  sample target = x0.
+The conversions below (model output -> predicted x0 and eps) are the ones diffusers'
+schedulers use; the samplers import them.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.diffusion.schedule import NoiseSchedule, add_noise, get_velocity, snr
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def predict_x0(model_output, x_t, alpha, sigma, prediction_type: str):
+    """x0 implied by a model output at x_t = alpha x0 + sigma eps (alpha, sigma broadcastable).
+
+    epsilon: x0 = (x_t - sigma eps) / alpha   (Ho et al. 2020 Eq. 15)
+    v:       x0 = alpha x_t - sigma v          (Salimans & Ho 2022, Sec. 4)
+    sample:  x0 = output
+    """
+    if prediction_type == "epsilon":
+        return (x_t - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
+    check_prediction_type(prediction_type)
+
+
+def predict_eps(model_output, x_t, alpha, sigma, prediction_type: str):
+    """eps implied by a model output (v: eps = alpha v + sigma x_t; sample: (x_t - alpha x0) / sigma)."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha * model_output + sigma * x_t
+    if prediction_type == "sample":
+        return (x_t - alpha * model_output) / sigma
+    check_prediction_type(prediction_type)
+
+
+def predict_x0_and_eps(model_output, x_t, alpha, sigma, prediction_type: str):
+    """(x0, eps) implied by a model output, as diffusers' DDIMScheduler.step computes them."""
+    return (predict_x0(model_output, x_t, alpha, sigma, prediction_type),
+            predict_eps(model_output, x_t, alpha, sigma, prediction_type))
+
+
+def prediction_target(schedule: NoiseSchedule, x0, noise, t_b, prediction_type: str):
+    """Regression target for ``prediction_type`` at integer timesteps t_b (B,)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return get_velocity(schedule, x0, noise, t_b)
+    if prediction_type == "sample":
+        return x0
+    check_prediction_type(prediction_type)
+
+
+def min_snr_weights(snr_b: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, arXiv:2303.09556, Eq. 12 / Sec. 3.4), as
+    diffusers' train_text_to_image.py computes them: min(SNR, gamma) / SNR for epsilon,
+    min(SNR, gamma) / (SNR + 1) for v_prediction, min(SNR, gamma) for sample.
+
+    At SNR = 0 (the last step of a zero-terminal-SNR schedule) the epsilon weight uses its
+    limit 1 instead of diffusers' 0/0 = NaN.
+    """
+    check_prediction_type(prediction_type)
+    clipped = jnp.minimum(snr_b, gamma)
+    if prediction_type == "epsilon":
+        return jnp.where(snr_b > 0, clipped / jnp.where(snr_b > 0, snr_b, 1.0), 1.0)
+    if prediction_type == "v_prediction":
+        return clipped / (snr_b + 1.0)
+    return clipped
+
+
+def diffusion_loss(model_output, target, weights_b: Optional[jax.Array] = None) -> jax.Array:
+    """Mean squared error in float32: mean over non-batch axes, times per-example weights, mean over batch."""
+    err = jnp.square(model_output.astype(jnp.float32) - target.astype(jnp.float32))
+    per_example_b = jnp.mean(err, axis=tuple(range(1, err.ndim)))
+    if weights_b is not None:
+        per_example_b = per_example_b * weights_b
+    return jnp.mean(per_example_b)
+
+
+def sample_training_inputs(rng, x0_bhwc, schedule: NoiseSchedule, offset_noise: float = 0.0):
+    """(t_b, noise_bhwc): uniform integer timesteps in [0, T) and Gaussian noise.
+
+    Offset noise (Guttenberg 2023, as diffusers' ``--noise_offset``): noise += offset * N(0, 1)
+    of shape (B, 1, 1, C), a per-channel constant shift.
+    """
+    k_t, k_noise, k_offset = jax.random.split(rng, 3)
+    b = x0_bhwc.shape[0]
+    t_b = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, x0_bhwc.shape, jnp.float32)
+    if offset_noise:
+        shape = (b,) + (1,) * (x0_bhwc.ndim - 2) + (x0_bhwc.shape[-1],)
+        noise = noise + offset_noise * jax.random.normal(k_offset, shape, jnp.float32)
+    return t_b, noise
+
+
+def training_loss(
+    rng: jax.Array,
+    apply_fn: Callable,
+    x0_bhwc: jax.Array,
+    cond,
+    schedule: NoiseSchedule,
+    prediction_type: str = "epsilon",
+    min_snr_gamma: Optional[float] = None,
+    offset_noise: float = 0.0,
+) -> jax.Array:
+    """Denoising loss (Ho et al. 2020 Eq. 14 / Algorithm 1), a pure function of its inputs.
+
+    apply_fn(x_t_bhwc, t_b, cond) -> model output (same shape as x0). Returns a scalar
+    float32 loss; wrap params into ``apply_fn`` by closure and differentiate this.
+    """
+    check_prediction_type(prediction_type)
+    t_b, noise = sample_training_inputs(rng, x0_bhwc, schedule, offset_noise)
+    x0 = x0_bhwc.astype(jnp.float32)
+    x_t = add_noise(schedule, x0, noise, t_b)
+    target = prediction_target(schedule, x0, noise, t_b, prediction_type)
+    out = apply_fn(x_t.astype(x0_bhwc.dtype), t_b, cond)
+    weights = None
+    if min_snr_gamma is not None:
+        weights = min_snr_weights(snr(schedule, t_b), float(min_snr_gamma), prediction_type)
+    return diffusion_loss(out, target, weights)
