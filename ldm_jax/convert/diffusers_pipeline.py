@@ -1,0 +1,58 @@
+"""A diffusers-format pipeline folder -> ``ldm_jax.Pipeline``.
+
+    folder/model_index.json          which component is which class
+    folder/unet/                     UNet2DConditionModel (or UNet2DModel)
+    folder/vae/                      AutoencoderKL or VQModel
+    folder/text_encoder/, tokenizer/ CLIPTextModel + CLIPTokenizer (absent for unconditional models)
+    folder/scheduler/scheduler_config.json
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.convert.clip_transformers import load_text_encoder
+from ldm_jax.convert.errors import CheckpointError
+from ldm_jax.convert.unet_diffusers import load_unet
+from ldm_jax.convert.vae_diffusers import load_vae
+from ldm_jax.convert.weights_io import read_json
+from ldm_jax.text.tokenizer import CLIPTokenizer
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_diffusers_pipeline(folder: str, dtype: str = "float32", attention_impl: str = "xla",
+                            variant: Optional[str] = None):
+    from ldm_jax.pipeline import Pipeline
+
+    if str(dtype) not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    index_path = os.path.join(folder, "model_index.json")
+    index = read_json(index_path)
+    for required in ("unet", "vae", "scheduler"):
+        if not _present(index, required):
+            raise CheckpointError(f"{index_path}: no {required!r} component; this loader needs unet, vae and scheduler")
+    kw = dict(dtype=dtype, param_dtype="float32", attention_impl=attention_impl)
+    unet, unet_params = load_unet(os.path.join(folder, "unet"), variant=variant, **kw)
+    vae, vae_params = load_vae(os.path.join(folder, "vae"), variant=variant, **kw)
+    text_encoder = tokenizer = None
+    params = {"unet": unet_params, "vae": vae_params}
+    if _present(index, "text_encoder"):
+        text_encoder, params["text_encoder"] = load_text_encoder(os.path.join(folder, "text_encoder"), **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    scheduler_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    unet_json = read_json(os.path.join(folder, "unet", "config.json"))
+    sample_size = unet_json.get("sample_size") or 64
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
+                    scheduler_config=scheduler_config, source=folder, sample_size=int(sample_size))
+
+
+def _present(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None

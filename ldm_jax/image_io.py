@@ -1,0 +1,86 @@
+"""Images and masks in, PNGs out: the conversions the pipeline and the CLIs share.
+
+Images are float32 NHWC in [0, 1] at the API; the pipeline maps them to [-1, 1].
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+
+def _load(item, mode: str) -> np.ndarray:
+    if isinstance(item, (str, os.PathLike)):
+        if not os.path.isfile(item):
+            raise FileNotFoundError(f"image file not found: {item}")
+        with Image.open(item) as im:
+            item = im.convert(mode)
+    if isinstance(item, Image.Image):
+        arr = np.asarray(item.convert(mode), dtype=np.float32) / 255.0
+        return arr if arr.ndim == 3 else arr[..., None]
+    arr = np.asarray(item, dtype=np.float32)
+    return arr
+
+
+def _batch(images, mode: str) -> np.ndarray:
+    if isinstance(images, (list, tuple)):
+        arr = np.stack([_load(i, mode) for i in images])
+    else:
+        arr = _load(images, mode)
+        if arr.ndim == 3 and (mode == "RGB" or arr.shape[-1] == 1):
+            arr = arr[None]
+    return arr
+
+
+def prepare_image(images, batch: int, height: Optional[int], width: Optional[int]) -> np.ndarray:
+    """(B, H, W, 3) float32 in [0, 1] from an array, PIL image(s) or path(s); a single
+    image is repeated over the batch. A given height/width must match the image."""
+    arr = _batch(images, "RGB")
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"init_image must be (B, H, W, 3) or (H, W, 3) in [0, 1], got shape {arr.shape}")
+    if arr.min() < 0.0 or arr.max() > 1.0:
+        raise ValueError(f"init_image values must be in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]")
+    if (height and height != arr.shape[1]) or (width and width != arr.shape[2]):
+        raise ValueError(f"init_image is {arr.shape[1]}x{arr.shape[2]} but height x width is {height}x{width}; "
+                         "resize the image or drop height/width")
+    return _repeat(arr, batch, "init_image")
+
+
+def prepare_mask(mask, batch: int, height: int, width: int) -> np.ndarray:
+    """(B, H, W, 1) float32 of 0/1 (1 = repaint), binarised at 0.5 as diffusers' mask processor."""
+    arr = _batch(mask, "L")
+    if arr.ndim == 2:
+        arr = arr[None, ..., None]
+    elif arr.ndim == 3:
+        arr = arr[..., None] if arr.shape[-1] != 1 else arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 1:
+        raise ValueError(f"mask must be (B, H, W), (H, W) or (B, H, W, 1), got shape {arr.shape}")
+    if arr.shape[1:3] != (height, width):
+        raise ValueError(f"mask is {arr.shape[1]}x{arr.shape[2]} but the image is {height}x{width}")
+    return _repeat((arr >= 0.5).astype(np.float32), batch, "mask")
+
+
+def _repeat(arr: np.ndarray, batch: int, what: str) -> np.ndarray:
+    if arr.shape[0] == batch:
+        return arr
+    if batch % arr.shape[0]:
+        raise ValueError(f"{what} has {arr.shape[0]} entries, which does not divide the batch of {batch}")
+    return np.concatenate([arr] * (batch // arr.shape[0]))
+
+
+def to_uint8(images_bhwc: np.ndarray) -> np.ndarray:
+    return (np.clip(images_bhwc, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def make_grid(images_bhwc: np.ndarray, cols: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """Tile (B, H, W, 3) images into one (rows*H, cols*W, 3) array with white padding."""
+    b, h, w, c = images_bhwc.shape
+    cols = cols or int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / cols))
+    grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), images_bhwc.dtype)
+    for i, im in enumerate(images_bhwc):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = im
+    return grid

@@ -1,0 +1,279 @@
+"""Text-to-image, image-to-image and inpainting with a latent diffusion model.
+
+    pipe = ldm_jax.load_pipeline("path/to/diffusers-folder")
+    images = pipe("a red apple", num_inference_steps=30, sampler="dpmpp_2m")  # (B, H, W, 3) in [0, 1]
+
+The whole generation after tokenisation runs as one ``jax.jit``: text encoding,
+the scan-based sampler (with classifier-free guidance by batch concatenation,
+Ho & Salimans 2022 Eq. 6) and the VAE decode. The guidance scale, eta and the
+schedule values are traced, so changing them does not recompile; the sampler,
+step count, shapes and the mode (txt2img / img2img / inpaint) are static.
+
+Randomness is a function of ``seed`` only: the initial noise is
+``normal(fold_in(key(seed), 0))``, the per-step sampler noise
+``fold_in(fold_in(key(seed), 1), step)`` and the VAE posterior sample
+``fold_in(key(seed), 2)`` (``3`` for the masked image of an inpainting model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion.guidance import guided_denoiser
+from ldm_jax.diffusion.schedule import NoiseSchedule
+from ldm_jax.diffusion.scheduler_config import resolve_scheduler_options
+from ldm_jax.image_io import prepare_image, prepare_mask
+
+Prompt = Union[str, Sequence[str]]
+
+# Streams folded into the seed's key.
+_NOISE, _STEPS, _POSTERIOR, _MASKED_POSTERIOR = 0, 1, 2, 3
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A loaded latent diffusion model: Linen modules, their parameters, the tokenizer
+    and the saved scheduler configuration (a diffusers-style dict)."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any                 # None for unconditional / class-conditional models
+    tokenizer: Any                    # None when text_encoder is None
+    params: Dict[str, Any]            # {"unet": ..., "vae": ..., "text_encoder": ...}
+    scheduler_config: Dict[str, Any]  # diffusers scheduler_config.json contents
+    source: str = ""                  # where it was loaded from, for messages
+    sample_size: int = 64             # default latent side (diffusers unet config sample_size)
+    mesh: Optional[Mesh] = None       # batch axis "data"; None = all local devices when B divides
+    _jit_cache: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.embed_dim
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_diffusers_config(self.scheduler_config)
+
+    @property
+    def default_size(self) -> int:
+        """diffusers' default: sample_size of the UNet times the VAE factor."""
+        return int(self.sample_size) * self.vae_scale_factor
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, prompts: List[str]) -> np.ndarray:
+        return np.asarray(self.tokenizer(prompts), dtype=np.int32)
+
+    def encode_prompt(self, prompts: Prompt) -> jax.Array:
+        """Text-encoder states (B, L, D) for a list of prompts (jitted)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        fn = self._jit("text", lambda p, ids: self.text_encoder.apply({"params": p}, ids))
+        return fn(self.params["text_encoder"], self.tokenize(prompts))
+
+    # ------------------------------------------------------------------ main call
+    def __call__(
+        self,
+        prompt: Prompt,
+        negative_prompt: Optional[Prompt] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        seed: int = 0,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        latents: Optional[np.ndarray] = None,
+        init_image=None,
+        strength: float = 0.8,
+        mask=None,
+        class_labels: Optional[Sequence[int]] = None,
+        return_latents: bool = False,
+        return_intermediates: bool = False,
+    ):
+        """Generate images; see the module docstring and DESIGN.md for the contract.
+
+        prompt: a string or a list (the batch). ``latents``: standard-normal noise
+        (B, h, w, C) NHWC used instead of the seed's initial noise (txt2img: scaled
+        by the sampler's init_noise_sigma; img2img: the noise added to the encoded
+        image). ``init_image``: (B, H, W, 3) / (H, W, 3) in [0, 1], PIL image(s) or
+        paths. ``mask``: same size, 1 = repaint, 0 = keep. Returns float32
+        (B, H, W, 3) in [0, 1]; with ``return_latents`` the final latents
+        (B, h, w, C) instead; with ``return_intermediates`` a pair (that output,
+        the latents after every sampler step (S, B, h, w, C)).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+        if batch == 0:
+            raise ValueError("prompt: give at least one prompt")
+        if negative_prompt is None:
+            negatives = [""] * batch
+        else:
+            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != batch:
+                raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts")
+        if mask is not None and init_image is None:
+            raise ValueError("mask needs init_image (the image to inpaint)")
+
+        # Image size and latent shape.
+        f = self.vae_scale_factor
+        init_bhwc = None if init_image is None else prepare_image(init_image, batch, height, width)
+        if init_bhwc is not None:
+            height, width = init_bhwc.shape[1:3]
+        height = int(height or self.default_size)
+        width = int(width or self.default_size)
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of the autoencoder factor {f}, got {height}x{width}")
+        latent_shape = (batch, height // f, width // f, self.latent_channels)
+
+        # Sampler plan from the saved scheduler config (diffusers' from_config semantics).
+        options = resolve_scheduler_options(sampler, self.scheduler_config)
+        plan = samplers.make_plan_from_options(
+            sampler, NoiseSchedule.from_diffusers_config(options), num_inference_steps, options, eta=eta)
+        mode = "txt2img" if init_bhwc is None else ("inpaint" if mask is not None else "img2img")
+        start_index = 0
+        if mode != "txt2img":
+            start_index = samplers.start_index_for_strength(plan.num_inference_steps, strength, plan.order)
+            if start_index >= plan.num_steps:
+                raise ValueError(f"strength={strength} leaves no denoising steps; use a larger strength")
+
+        key = jax.random.PRNGKey(seed)
+        if latents is None:
+            noise = jax.random.normal(jax.random.fold_in(key, _NOISE), latent_shape, jnp.float32)
+        else:
+            noise = jnp.asarray(latents, jnp.float32)
+            if noise.shape != latent_shape:
+                raise ValueError(f"latents must have shape {latent_shape} (B, h, w, C), got {tuple(noise.shape)}")
+
+        inputs = dict(
+            noise=noise,
+            ids=self.tokenize(prompts) if self.text_encoder is not None else None,
+            neg_ids=self.tokenize(negatives) if self.text_encoder is not None else None,
+            class_labels=None if class_labels is None else jnp.asarray(class_labels, jnp.int32),
+            init=None if init_bhwc is None else jnp.asarray(init_bhwc * 2.0 - 1.0),
+            mask=None if mask is None else jnp.asarray(prepare_mask(mask, batch, height, width)),
+        )
+        use_cfg = guidance_scale > 1.0 and (self.text_encoder is not None or class_labels is not None)
+        fn = self._generate_fn(mode, use_cfg, start_index, return_latents, return_intermediates)
+        inputs = self._shard(inputs)
+        out = fn(self.params, inputs, plan, key, jnp.float32(guidance_scale))
+        return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a), dtype=np.float32), out)
+
+    # ------------------------------------------------------------------ the jitted chain
+    def _generate_fn(self, mode: str, use_cfg: bool, start_index: int, return_latents: bool,
+                     return_intermediates: bool):
+        def generate(params, inputs, plan, key, guidance_scale):
+            ctx = uncond_ctx = None
+            if self.text_encoder is not None:
+                encode = lambda ids: self.text_encoder.apply({"params": params["text_encoder"]}, ids)  # noqa: E731
+                ctx = encode(inputs["ids"])
+                uncond_ctx = encode(inputs["neg_ids"]) if use_cfg else None
+            labels = inputs["class_labels"]
+            uncond_labels = None
+            if labels is not None and use_cfg:
+                # The CompVis class-conditional models reserve the last class as "no label".
+                uncond_labels = jnp.full_like(labels, self.unet.config.num_class_embeds - 1)
+
+            noise = inputs["noise"]
+            extra_channels = None
+            inpaint = None
+            x = samplers.scale_initial_noise(plan, noise)
+            if mode != "txt2img":
+                image_latents = self._encode_image(params, inputs["init"], jax.random.fold_in(key, _POSTERIOR))
+                if mode == "img2img" or start_index > 0:
+                    x = samplers.noise_to_start(plan, image_latents, noise, start_index)
+                if mode == "inpaint":
+                    f = self.vae_scale_factor
+                    mask_bhw1 = inputs["mask"][:, ::f, ::f, :]  # nearest, as F.interpolate
+                    if self.unet.config.in_channels == self.latent_channels:
+                        inpaint = samplers.Inpaint(mask_bhw1, image_latents, noise)
+                    else:
+                        masked = inputs["init"] * (inputs["mask"] < 0.5)
+                        masked_latents = self._encode_image(
+                            params, masked, jax.random.fold_in(key, _MASKED_POSTERIOR))
+                        extra_channels = jnp.concatenate([mask_bhw1, masked_latents], axis=-1)
+
+            def apply_unet(x_bhwc, t_b, ctx_btd, labels_b):
+                return self.unet.apply({"params": params["unet"]}, x_bhwc, t_b, ctx_btd, labels_b)
+
+            model_fn = guided_denoiser(
+                apply_unet, ctx, uncond_ctx, labels, uncond_labels,
+                guidance_scale=guidance_scale, extra_channels=extra_channels)
+            z = samplers.sample(model_fn, x, plan, jax.random.fold_in(key, _STEPS), start_index=start_index,
+                                inpaint=inpaint, return_intermediates=return_intermediates)
+            z, steps = z if return_intermediates else (z, None)
+            if return_latents:
+                out = z
+            else:
+                images = self.vae.apply({"params": params["vae"]}, z / self.scaling_factor, method="decode")
+                out = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            return (out, steps) if return_intermediates else out
+
+        return self._jit(("generate", mode, use_cfg, start_index, return_latents, return_intermediates), generate)
+
+    def _encode_image(self, params, image_bhwc, rng):
+        """Scaled latents of images in [-1, 1]: a posterior sample (KL), as diffusers'
+        img2img/inpaint pipelines; the quantised latents (VQ)."""
+        posterior = self.vae.apply({"params": params["vae"]}, image_bhwc, method="encode")
+        return posterior.sample(rng) * self.scaling_factor
+
+    # ------------------------------------------------------------------ plumbing
+    def _jit(self, key, fn):
+        if key not in self._jit_cache:
+            self._jit_cache[key] = jax.jit(fn)
+        return self._jit_cache[key]
+
+    def _batch_mesh(self, batch: int) -> Optional[Mesh]:
+        mesh = self.mesh
+        if mesh is None:
+            devices = jax.local_devices()
+            if len(devices) <= 1 or batch % len(devices):
+                return None
+            mesh = Mesh(np.asarray(devices), ("data",))
+        return mesh if batch % mesh.shape["data"] == 0 else None
+
+    def _shard(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
+        """Put per-example inputs on a ("data",) mesh when the batch divides evenly."""
+        mesh = self._batch_mesh(inputs["noise"].shape[0])
+        if mesh is None:
+            return inputs
+        batch_sharding = NamedSharding(mesh, P("data"))
+        return {k: (None if v is None else jax.device_put(v, batch_sharding)) for k, v in inputs.items()}
+
+
+def load_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32", **kwargs) -> Pipeline:
+    """A ``Pipeline`` from a diffusers-format folder (model_index.json, unet/, vae/,
+    text_encoder/, tokenizer/, scheduler/) or a single original CompVis/Stability
+    .ckpt/.safetensors file (``config``: its original YAML, else inferred from the keys;
+    ``use_ema=`` and ``prediction_type=`` pass through to ``load_original_pipeline``).
+    ``dtype``: compute dtype ("float32" or "bfloat16"); parameters stay float32."""
+    import os
+
+    from ldm_jax.convert.diffusers_pipeline import load_diffusers_pipeline
+    from ldm_jax.convert.errors import CheckpointError
+
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
+        return load_diffusers_pipeline(path, dtype=dtype, **kwargs)
+    if os.path.isfile(path):  # a single CompVis/Stability .ckpt/.safetensors file (+ its original YAML)
+        from ldm_jax.convert.original_pipeline import load_original_pipeline
+
+        return load_original_pipeline(path, config=config, dtype=dtype, **kwargs)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    raise CheckpointError(
+        f"{path}: not a diffusers pipeline folder (no model_index.json); train.py checkpoint "
+        "directories are loaded by later versions")

@@ -1,0 +1,80 @@
+"""Sample images from a latent diffusion model (text-to-image, img2img, inpainting).
+
+    python sample.py --checkpoint PATH --prompt "a red apple" [--steps 50 --sampler ddim --seed 0
+                     --scale 7.5 --n_samples 4 --n_iter 1 --H 512 --W 512 --outdir outputs]
+    python sample.py --checkpoint PATH --from-file prompts.txt          # one prompt per line
+    python sample.py --checkpoint PATH --prompt "..." --init-img in.png --strength 0.7
+    python sample.py --checkpoint PATH --prompt "..." --init-img in.png --mask mask.png
+    python sample.py --checkpoint PATH --class_label 207                 # class-conditional models
+
+PATH: a diffusers folder, a CompVis/Stability .ckpt/.safetensors file, or a
+train.py workdir. Writes outdir/samples/NNNNN.png (generation settings in the
+PNG text chunks) and outdir/grid.png; rerunning skips images already written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", "--ckpt", required=True, help="model folder or file")
+    p.add_argument("--config", default=None, help="original YAML config for single-file checkpoints")
+    p.add_argument("--prompt", default=None, help="the prompt to render")
+    p.add_argument("--from-file", dest="from_file", default=None, help="a file with one prompt per line")
+    p.add_argument("--negative_prompt", "--negative-prompt", default=None)
+    p.add_argument("--n_samples", type=int, default=4, help="images per prompt and iteration (one batch)")
+    p.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="ddim", help="ddpm, ddim, plms, dpmpp_2m, euler or euler_a")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--H", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--W", type=int, default=None, help="image width (default: the model's)")
+    p.add_argument("--outdir", default="outputs/samples")
+    p.add_argument("--init-img", dest="init_img", default=None, help="img2img / inpainting source image")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img strength in [0, 1]")
+    p.add_argument("--mask", default=None, help="inpainting mask image (white = repaint)")
+    p.add_argument("--class_label", type=int, default=None, help="class index for class-conditional models")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ldm_jax.convert.errors import CheckpointError
+    from ldm_jax.sampling_job import SamplingJob, read_prompt_file
+
+    try:
+        if args.from_file:
+            prompts = read_prompt_file(args.from_file)
+        elif args.prompt is not None:
+            prompts = [args.prompt]
+        elif args.class_label is not None:
+            prompts = [""]
+        else:
+            raise ValueError("give --prompt, --from-file or --class_label")
+        job = SamplingJob(
+            prompts=prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.steps, scale=args.scale,
+            sampler=args.sampler, eta=args.eta, seed=args.seed, height=args.H, width=args.W,
+            negative_prompt=args.negative_prompt, init_image=args.init_img, strength=args.strength,
+            mask=args.mask, class_label=args.class_label, checkpoint=args.checkpoint)
+        job.validate()  # fail on bad flags before the (slow) model load
+        import ldm_jax
+        from ldm_jax.sampling_job import run_sampling_job
+
+        pipe = ldm_jax.load_pipeline(args.checkpoint, config=args.config, dtype=args.dtype)
+        run_sampling_job(pipe, job, args.outdir)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
+        return 2
+    print(f"wrote {job.num_batches * job.n_samples} images to {os.path.join(args.outdir, 'samples')} "
+          f"and the grid {os.path.join(args.outdir, 'grid.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

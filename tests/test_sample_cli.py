@@ -1,0 +1,106 @@
+"""sample.py: batch jobs on a tiny diffusers pipeline, restarts, metadata, bad input."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ldm_jax
+import sample as sample_cli
+from ldm_jax.sampling_job import SamplingJob, run_sampling_job
+from tiny_sd import tiny_sd_pipeline
+
+H = W = 16
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sd_cli")
+    tiny_sd_pipeline(str(folder))
+    return str(folder)
+
+
+def _run(argv, capsys):
+    code = sample_cli.main(argv)
+    return code, capsys.readouterr()
+
+
+def test_cli_writes_pngs_with_metadata_and_grid(sd_folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\n\na blue car\n")
+    out = tmp_path / "out"
+    code, cap = _run(["--checkpoint", sd_folder, "--from-file", str(prompts), "--n_samples", "2",
+                      "--steps", "2", "--H", str(H), "--W", str(W), "--sampler", "euler", "--seed", "3",
+                      "--outdir", str(out)], capsys)
+    assert code == 0, cap.err
+    files = sorted(os.listdir(out / "samples"))
+    assert files == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    meta = Image.open(out / "samples" / "00002.png").text
+    assert meta["prompt"] == "a blue car" and meta["seed"] == "4" and meta["sampler"] == "euler"
+    assert meta["steps"] == "2" and meta["scale"] == "7.5"
+    assert (out / "grid.png").is_file()
+    assert "wrote 4 images" in cap.out
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_restarted_job_completes_without_rewriting(sd_folder, tmp_path):
+    pipe = ldm_jax.load_pipeline(sd_folder)
+    job = SamplingJob(prompts=["a cat", "a dog", "a fish"], n_samples=2, steps=2, height=H, width=W,
+                      sampler="ddim", seed=10)
+    calls = {"n": 0}
+
+    def dying_pipe(*args, **kwargs):  # killed after two batches
+        if calls["n"] == 2:
+            raise _Interrupted
+        calls["n"] += 1
+        return pipe(*args, **kwargs)
+
+    out = str(tmp_path / "job")
+    with pytest.raises(_Interrupted):
+        run_sampling_job(dying_pipe, job, out, progress=False)
+    first = {f: open(os.path.join(out, "samples", f), "rb").read() for f in os.listdir(os.path.join(out, "samples"))}
+    assert sorted(first) == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    assert not any(f.endswith(".partial") for f in os.listdir(os.path.join(out, "samples")))
+
+    rendered = []
+    run_sampling_job(lambda *a, **k: rendered.append(a[0]) or pipe(*a, **k), job, out, progress=False)
+    assert rendered == [["a fish", "a fish"]]  # only the missing batch
+    after = {f: open(os.path.join(out, "samples", f), "rb").read() for f in os.listdir(os.path.join(out, "samples"))}
+    assert len(after) == 6 and all(after[f] == first[f] for f in first)
+
+    # The completed set equals an uninterrupted run.
+    clean = str(tmp_path / "clean")
+    run_sampling_job(pipe, job, clean, progress=False)
+    for f in after:
+        a = np.asarray(Image.open(os.path.join(out, "samples", f)))
+        b = np.asarray(Image.open(os.path.join(clean, "samples", f)))
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("argv_extra, message", [
+    (["--prompt", "x", "--sampler", "heun"], "unknown sampler 'heun'"),
+    (["--from-file", "/nonexistent/prompts.txt"], "prompt file not found"),
+    (["--prompt", "x", "--H", "15"], "multiples of the autoencoder factor"),
+    (["--prompt", "x", "--init-img", "IMG"], "init_image is 8x8 but height x width is 16x16"),
+])
+def test_bad_input_is_one_line_error(sd_folder, tmp_path, capsys, argv_extra, message):
+    img = tmp_path / "small.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    argv_extra = [str(img) if a == "IMG" else a for a in argv_extra]
+    out = tmp_path / "bad"
+    code, cap = _run(["--checkpoint", sd_folder, "--H", str(H), "--W", str(W), "--steps", "1",
+                      "--outdir", str(out)] + argv_extra, capsys)
+    assert code != 0
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], cap.err
+    assert not (out / "samples").exists() or not os.listdir(out / "samples")
+
+
+def test_wrong_checkpoint_kind_is_one_line_error(tmp_path, capsys):
+    bogus = tmp_path / "model.txt"
+    bogus.write_text("not a model")
+    code, cap = _run(["--checkpoint", str(bogus), "--prompt", "x"], capsys)
+    assert code != 0 and cap.err.startswith("error: ") and len(cap.err.strip().splitlines()) == 1
