@@ -117,6 +117,12 @@ class Pipeline:
         the latents after every sampler step (S, B, h, w, C)).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if class_labels is not None and self.unet.config.num_class_embeds is None:
+            # LDM class-conditional models take the label through cross-attention (ClassEmbedder):
+            # their "tokenizer" reads class indices as prompts.
+            if not hasattr(self.tokenizer, "unconditional_class"):
+                raise ValueError("class_labels given, but this model is not class-conditional")
+            prompts, class_labels = [str(int(c)) for c in class_labels], None
         batch = len(prompts)
         if batch == 0:
             raise ValueError("prompt: give at least one prompt")

@@ -15,6 +15,8 @@ _LAZY = {
     "load_vae": "ldm_jax.convert.vae_diffusers",
     "load_text_encoder": "ldm_jax.convert.clip_transformers",
     "read_state_dict": "ldm_jax.convert.weights_io",
+    "load_original_pipeline": "ldm_jax.convert.original_pipeline",
+    "save_diffusers": "ldm_jax.convert.export",
 }
 
 __all__ = ["CheckpointError", "UnsafePickleError", *_LAZY]

@@ -1,0 +1,329 @@
+"""``Pipeline`` -> a diffusers-format folder (the inverse of the loaders).
+
+    save_diffusers(pipe, "out/")      # model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
+
+Text-conditioned pipelines (SD 1.x / 2.x, inpainting) become a folder that
+``diffusers.StableDiffusionPipeline`` (``StableDiffusionInpaintPipeline`` for a
+9-channel U-Net) loads and runs, and that ``ldm_jax.load_pipeline`` reads back
+to the same parameters. Pipelines without a text encoder (unconditional LDMs)
+get unet/, vae/ and scheduler/ that diffusers' ``UNet2DModel`` / ``VQModel`` /
+``AutoencoderKL.from_pretrained`` load one by one, and the folder reads back
+with ``ldm_jax.load_pipeline``; diffusers' own ``LDMPipeline`` calls the
+autoencoder ``vqvae`` and is not targeted. Class-conditional pipelines with a
+``ClassEmbedder`` have no diffusers counterpart and are refused.
+
+Parameter names are the inverse of ``mapping.convert_state_dict``: a Flax
+module name ``name_N`` is the PyTorch ``name.N`` (a list index folded into
+the name) except for the module names that really end in ``_N`` in the
+diffusers classes (``TimestepEmbedding.linear_1/linear_2``), listed per model
+below; kernels go back to OIHW / (out, in). Every written state dict is mapped
+back onto the model's parameter tree before the files are written, so a name
+this inverse got wrong is an error here, not a silently different model.
+
+Weights are written by a small safetensors writer (no torch needed), with the
+``{"format": "pt"}`` metadata transformers checks for.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from typing import Any, Dict, FrozenSet, Mapping, Optional
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from ldm_jax.convert.mapping import convert_state_dict
+from ldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from ldm_jax.models.unet import UNetConfig
+
+# Flax module names that are real diffusers/transformers names ending in "_<digits>"
+# (every other "name_N" is the PyTorch list entry name.N).
+UNET_LITERAL_NAMES: FrozenSet[str] = frozenset({"linear_1", "linear_2"})  # TimestepEmbedding
+VAE_LITERAL_NAMES: FrozenSet[str] = frozenset()
+CLIP_LITERAL_NAMES: FrozenSet[str] = frozenset()
+
+_FOLDED = re.compile(r"^(.+)_(\d+)$")
+_SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                       np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float64): "F64",
+                       np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+DIFFUSERS_VERSION = "0.42.1"  # the version the written configs follow
+
+
+# ----------------------------------------------------------------------------- names and files
+
+
+def torch_name(path, literal_names: FrozenSet[str] = frozenset()) -> str:
+    """The PyTorch name of one Flax parameter path: ``("down_blocks_0", "resnets_1", "conv1",
+    "kernel")`` -> ``down_blocks.0.resnets.1.conv1.weight``."""
+    *modules, leaf = path
+    names = []
+    for part in modules:
+        m = _FOLDED.match(part)
+        names.append(part if (m is None or part in literal_names) else f"{m.group(1)}.{m.group(2)}")
+    return ".".join(names + ["weight" if leaf in ("kernel", "scale", "embedding") else leaf])
+
+
+def flax_to_torch_state_dict(params, literal_names: FrozenSet[str] = frozenset(),
+                             prefix: str = "") -> Dict[str, np.ndarray]:
+    """Flax parameter tree -> PyTorch-named numpy state dict (inverse of ``convert_state_dict``)."""
+    out: Dict[str, np.ndarray] = {}
+    for path, value in traverse_util.flatten_dict(_unfreeze(params)).items():
+        value = np.asarray(jax.device_get(value))
+        if path[-1] == "kernel":
+            if value.ndim == 4:  # conv HWIO -> OIHW
+                value = np.transpose(value, (3, 2, 0, 1))
+            elif value.ndim == 2:  # linear (in, out) -> (out, in)
+                value = value.T
+        key = prefix + torch_name(path, literal_names)
+        if key in out:
+            raise ValueError(f"two parameters map to the PyTorch name {key!r}")
+        out[key] = np.ascontiguousarray(value)
+    return out
+
+
+def _unfreeze(tree):
+    return tree.unfreeze() if hasattr(tree, "unfreeze") else dict(tree)
+
+
+def _check_inverse(state_dict: Mapping[str, np.ndarray], params, source: str, prefix: str = "") -> None:
+    """The written names must map back onto exactly ``params``."""
+    back = convert_state_dict(state_dict, params, source=source,
+                              rename=(lambda k: k[len(prefix):]) if prefix else None)
+    flat_back = traverse_util.flatten_dict(back)
+    for path, value in traverse_util.flatten_dict(_unfreeze(params)).items():
+        if not np.array_equal(np.asarray(flat_back[path]), np.asarray(jax.device_get(value))):
+            raise AssertionError(f"{source}: {'/'.join(path)} does not survive the name round trip")
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Dict[str, str]] = None) -> str:
+    """A .safetensors file: u64 header size, JSON header (padded to 8 bytes), raw little-endian data."""
+    header: Dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    arrays = []
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[key])
+        dtype = _SAFETENSORS_DTYPES.get(arr.dtype)
+        if dtype is None:
+            raise ValueError(f"write_safetensors: {key!r} has unsupported dtype {arr.dtype}")
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        header[key] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in arrays:
+            f.write(arr.tobytes())
+    return path
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, ensure_ascii=False)
+        f.write("\n")
+
+
+def _collapse(values):
+    values = list(values)
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+# ----------------------------------------------------------------------------- configs (inverse of *_from_diffusers)
+
+
+def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> Dict[str, Any]:
+    """``UNetConfig`` -> diffusers ``UNet2DConditionModel`` or ``UNet2DModel`` config.json dict
+    (the inverse of ``unet_config_from_diffusers``)."""
+    n = len(cfg.block_out_channels)
+    self_attention = any(t.startswith("Attn") for t in cfg.down_block_types + cfg.up_block_types)
+    model_2d = self_attention or cfg.head_dim is not None or (
+        cfg.mid_block_type in ("UNetMidBlock2D", None) and cfg.mid_block_num_layers == 1)
+    common = {
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": int(sample_size), "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "block_out_channels": list(cfg.block_out_channels),
+        "down_block_types": list(cfg.down_block_types), "up_block_types": list(cfg.up_block_types),
+        "mid_block_type": cfg.mid_block_type,
+        "layers_per_block": _collapse(cfg.per_block("layers_per_block")),
+        "norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps,
+        "flip_sin_to_cos": cfg.flip_sin_to_cos, "freq_shift": cfg.freq_shift,
+        "time_embedding_dim": cfg.time_embedding_dim, "num_class_embeds": cfg.num_class_embeds,
+        "class_embed_type": cfg.class_embed_type, "center_input_sample": cfg.center_input_sample,
+        "downsample_padding": cfg.downsample_padding, "mid_block_scale_factor": cfg.mid_block_scale_factor,
+        "dropout": cfg.dropout, "act_fn": "silu", "resnet_time_scale_shift": "default",
+        "time_embedding_type": "positional",
+    }
+    if model_2d:
+        if cfg.mid_block_num_layers != 1 or cfg.time_embedding_act_fn is not None or cfg.class_embeddings_concat:
+            raise ValueError("save_diffusers: this UNet2DModel-style configuration has no diffusers equivalent")
+        dims = [c // cfg.heads(i) for i, c in enumerate(cfg.block_out_channels)]
+        head_dim = _collapse(dims)
+        if isinstance(head_dim, list):
+            raise ValueError(f"save_diffusers: channels per head differ between blocks ({dims}); diffusers' "
+                             "UNet2DModel takes one attention_head_dim")
+        if all(cfg.heads(i) == 1 for i in range(n)) and cfg.head_dim is None:
+            head_dim = None  # one head of full width
+        return {"_class_name": "UNet2DModel", **common, "attention_head_dim": head_dim,
+                "add_attention": bool(cfg.mid_block_attention), "attn_norm_num_groups": cfg.attn_norm_num_groups,
+                "downsample_type": "conv", "upsample_type": "conv"}
+    expected_mid = 1 if cfg.mid_block_type == "UNetMidBlock2DCrossAttn" else 0
+    if cfg.mid_block_num_layers != expected_mid:
+        raise ValueError(f"save_diffusers: mid_block_num_layers={cfg.mid_block_num_layers} with "
+                         f"{cfg.mid_block_type} has no diffusers UNet2DConditionModel equivalent")
+    tl = cfg.transformer_layers_per_block
+    out = {"_class_name": "UNet2DConditionModel", **common,
+           "attention_head_dim": _collapse([cfg.heads(i) for i in range(n)]),  # heads (diffusers' misnomer)
+           "transformer_layers_per_block": list(tl) if isinstance(tl, tuple) else tl,
+           "reverse_transformer_layers_per_block": cfg.reverse_transformer_layers_per_block,
+           "only_cross_attention": (list(cfg.only_cross_attention) if isinstance(cfg.only_cross_attention, tuple)
+                                    else cfg.only_cross_attention),
+           "use_linear_projection": cfg.use_linear_projection, "upcast_attention": cfg.upcast_attention,
+           "time_embedding_act_fn": cfg.time_embedding_act_fn,
+           "class_embeddings_concat": cfg.class_embeddings_concat,
+           "conv_in_kernel": cfg.conv_in_kernel, "conv_out_kernel": cfg.conv_out_kernel}
+    if cfg.cross_attention_dim is not None:
+        cad = cfg.cross_attention_dim
+        out["cross_attention_dim"] = list(cad) if isinstance(cad, tuple) else cad
+    return out
+
+
+def vae_config_to_diffusers(cfg, sample_size: int) -> Dict[str, Any]:
+    """``AutoencoderConfig`` -> diffusers ``AutoencoderKL`` / ``VQModel`` config.json dict
+    (the inverse of ``vae_config_from_diffusers``)."""
+    n = len(cfg.block_out_channels)
+    common = {
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
+        "act_fn": "silu", "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.norm_num_groups,
+        "sample_size": int(sample_size), "scaling_factor": cfg.scaling_factor,
+        "mid_block_add_attention": cfg.mid_block_attention,
+    }
+    if cfg.kind == "kl":
+        return {"_class_name": "AutoencoderKL", **common, "shift_factor": cfg.shift_factor,
+                "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
+                "force_upcast": True}
+    return {"_class_name": "VQModel", **common, "num_vq_embeddings": cfg.num_vq_embeddings,
+            "vq_embed_dim": cfg.vq_embed_dim, "norm_type": "group", "lookup_from_codebook": False,
+            "force_upcast": False}
+
+
+def clip_config_to_transformers(cfg: CLIPTextConfig, pad_token_id: int) -> Dict[str, Any]:
+    """``CLIPTextConfig`` -> transformers ``CLIPTextConfig`` dict. A "penultimate" encoder is
+    written as diffusers does for SD 2.x: without its last block, read at the last layer."""
+    layers = cfg.context_layer
+    return {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "projection_dim": cfg.hidden_size,
+        "num_hidden_layers": layers, "num_attention_heads": cfg.num_heads,
+        "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": cfg.hidden_act,
+        "layer_norm_eps": cfg.layer_norm_eps, "attention_dropout": 0.0, "dropout": 0.0,
+        "initializer_factor": 1.0, "initializer_range": 0.02,
+        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": int(pad_token_id),
+        "torch_dtype": "float32",
+    }
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def save_unet(unet, params, folder: str, sample_size: int) -> str:
+    os.makedirs(folder, exist_ok=True)
+    sd = flax_to_torch_state_dict(params, UNET_LITERAL_NAMES)
+    _check_inverse(sd, params, source=os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    _write_json(os.path.join(folder, "config.json"), unet_config_to_diffusers(unet.config, sample_size))
+    return write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
+
+
+def save_vae(vae, params, folder: str, sample_size: int) -> str:
+    os.makedirs(folder, exist_ok=True)
+    sd = flax_to_torch_state_dict(params, VAE_LITERAL_NAMES)
+    _check_inverse(sd, params, source=os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    _write_json(os.path.join(folder, "config.json"), vae_config_to_diffusers(vae.config, sample_size))
+    return write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
+
+
+def save_text_encoder(text_encoder: CLIPTextModel, params, folder: str, pad_token_id: int) -> str:
+    """transformers ``CLIPTextModel`` folder; a penultimate-layer encoder loses its unused last block."""
+    os.makedirs(folder, exist_ok=True)
+    cfg = text_encoder.config
+    params = _unfreeze(params)
+    if cfg.context_layer != cfg.num_layers:
+        encoder = dict(_unfreeze(params["encoder"]))
+        encoder.pop(f"layers_{cfg.num_layers - 1}")
+        params = {**params, "encoder": encoder}
+        cfg = CLIPTextConfig(**{**cfg.__dict__, "num_layers": cfg.context_layer, "output_layer": "last"})
+    sd = flax_to_torch_state_dict(params, CLIP_LITERAL_NAMES, prefix="text_model.")
+    _check_inverse(sd, params, source=os.path.join(folder, "model.safetensors"), prefix="text_model.")
+    _write_json(os.path.join(folder, "config.json"), clip_config_to_transformers(cfg, pad_token_id))
+    return write_safetensors(os.path.join(folder, "model.safetensors"), sd)
+
+
+def save_tokenizer(tokenizer, folder: str) -> str:
+    """transformers ``CLIPTokenizer`` folder (vocab.json, merges.txt, configs) of an ldm_jax CLIPTokenizer."""
+    from ldm_jax.text.tokenizer import EOT_TOKEN, SOT_TOKEN
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer.encoder, f, ensure_ascii=False)
+    merges = sorted(tokenizer.bpe_ranks.items(), key=lambda item: item[1])
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair, _ in merges) + "\n")
+    pad = tokenizer.decoder[tokenizer.pad_token_id]
+    special = {"bos_token": SOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": pad}
+    _write_json(os.path.join(folder, "special_tokens_map.json"), special)
+    _write_json(os.path.join(folder, "tokenizer_config.json"),
+                {"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length,
+                 "do_lower_case": True, "errors": "replace", "add_prefix_space": False, **special})
+    return folder
+
+
+def save_diffusers(pipe, folder: str) -> str:
+    """Write ``pipe`` as a diffusers folder (see the module docstring); returns ``folder``."""
+    from ldm_jax.models.class_embedder import ClassEmbedder
+
+    if isinstance(pipe.text_encoder, ClassEmbedder):
+        raise ValueError("save_diffusers: class-conditional LDMs with a ClassEmbedder have no diffusers pipeline "
+                         "or text-encoder class to hold the label table")
+    if pipe.text_encoder is not None and not isinstance(pipe.text_encoder, CLIPTextModel):
+        raise ValueError(f"save_diffusers: unsupported text encoder {type(pipe.text_encoder).__name__}")
+    os.makedirs(folder, exist_ok=True)
+    save_unet(pipe.unet, pipe.params["unet"], os.path.join(folder, "unet"), pipe.sample_size)
+    save_vae(pipe.vae, pipe.params["vae"], os.path.join(folder, "vae"), pipe.default_size)
+    scheduler = {"_class_name": "DDIMScheduler", **dict(pipe.scheduler_config),
+                 "_diffusers_version": DIFFUSERS_VERSION}
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
+    vae_class = "AutoencoderKL" if pipe.vae.config.kind == "kl" else "VQModel"
+    unet_class = unet_config_to_diffusers(pipe.unet.config, pipe.sample_size)["_class_name"]
+    index: Dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION,
+                             "unet": ["diffusers", unet_class], "vae": ["diffusers", vae_class],
+                             "scheduler": ["diffusers", scheduler["_class_name"]]}
+    if pipe.text_encoder is not None:
+        save_text_encoder(pipe.text_encoder, pipe.params["text_encoder"], os.path.join(folder, "text_encoder"),
+                          pipe.tokenizer.pad_token_id)
+        save_tokenizer(pipe.tokenizer, os.path.join(folder, "tokenizer"))
+        inpaint = pipe.unet.config.in_channels == pipe.latent_channels + 5
+        index = {"_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline", **index,
+                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+                 "requires_safety_checker": False}
+    else:
+        # No diffusers pipeline class matches (LDMPipeline names the autoencoder "vqvae");
+        # the components load one by one, the folder with ldm_jax.load_pipeline.
+        index = {"_class_name": "ldm_jax.Pipeline", **index}
+    _write_json(os.path.join(folder, "model_index.json"), index)
+    return folder
+
+
+__all__ = ["save_diffusers", "save_unet", "save_vae", "save_text_encoder", "save_tokenizer",
+           "flax_to_torch_state_dict", "write_safetensors", "unet_config_to_diffusers",
+           "vae_config_to_diffusers", "clip_config_to_transformers"]

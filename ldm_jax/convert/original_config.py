@@ -1,0 +1,403 @@
+"""Model configuration of an original CompVis / Stability checkpoint.
+
+Latent diffusion checkpoints (Rombach et al. 2022, arXiv:2112.10752) are
+described by the YAML they were trained with (``v1-inference.yaml``,
+``v2-inference-v.yaml``, ``cin256-v2.yaml``, ...)::
+
+    model.params.{linear_start, linear_end, timesteps, beta_schedule, parameterization,
+                  scale_factor, conditioning_key, image_size}
+    model.params.unet_config.params         openaimodel.UNetModel arguments
+    model.params.first_stage_config         AutoencoderKL / VQModelInterface (+ ddconfig)
+    model.params.cond_stage_config          FrozenCLIPEmbedder / FrozenOpenCLIPEmbedder /
+                                            ClassEmbedder / __is_unconditional__ / __is_first_stage__
+
+That YAML is read with ``yaml.safe_load`` (``read_original_yaml``); without
+one, a YAML-shaped dict is inferred from the checkpoint's keys and shapes
+(``original_infer.infer_original_config``). Either way the same translation
+(``spec_from_original_config``) turns it into diffusers-style config dicts
+which the existing ``unet_config_from_diffusers`` / ``vae_config_from_diffusers``
+turn into model configurations, so there is one source of truth for model
+construction.
+
+What cannot be inferred from the weights (pass the YAML, or the override):
+
+* the attention head count: SD 1.x (1x1-conv projections) -> 8 heads, SD 2.x
+  (linear projections) -> 64 channels per head, other LDMs without a spatial
+  transformer -> 32 channels per head (the LDM celeba/ffhq/lsun configs);
+* eps- vs v-prediction of SD 2.x: the 512-base (eps) and 768-v (v) models
+  have identical keys. The default is eps (with a warning);
+  ``prediction_type="v_prediction"`` or ``v2-inference-v.yaml`` selects v.
+  (diffusers guesses from ``global_step == 875000``, which misreads
+  SD 2.1-512; it is not used here.)
+* the noise schedule, when the checkpoint lacks the ``betas`` buffer;
+* ``scale_factor`` without a ``scale_factor`` buffer: 0.18215 (SD) for KL,
+  1.0 (LatentDiffusion's default) for VQ first stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+
+from ldm_jax.convert.errors import CheckpointError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+COND_PREFIX = "cond_stage_model."
+CLIP_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+
+# CompVis names of the conditioning models this project loads.
+COND_STAGES = {
+    "FrozenCLIPEmbedder": "clip",
+    "FrozenOpenCLIPEmbedder": "open_clip",
+    "ClassEmbedder": "class",
+}
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+# Defaults of ldm.models.diffusion.ddpm.DDPM / LatentDiffusion.
+_LDM_DEFAULTS = dict(linear_start=1e-4, linear_end=2e-2, timesteps=1000, beta_schedule="linear",
+                     parameterization="eps", cosine_s=8e-3, scale_factor=1.0)
+_UNSUPPORTED_HINT = "this option is not implemented by ldm_jax's U-Net"
+
+
+@dataclasses.dataclass
+class OriginalSpec:
+    """Everything needed to build the models of one original checkpoint."""
+
+    unet: Dict[str, Any]          # diffusers unet config.json (UNet2DConditionModel or UNet2DModel)
+    vae: Dict[str, Any]           # diffusers vae config.json (AutoencoderKL or VQModel)
+    cond_stage: str               # "clip" | "open_clip" | "class" | "none" | "first_stage" | "identity"
+    cond_stage_params: Dict[str, Any]  # YAML params of the conditioning model
+    conditioning_key: Optional[str]    # crossattn | concat | hybrid | adm | None
+    scheduler: Dict[str, Any]     # diffusers scheduler_config.json
+    sample_size: int              # default latent side (model.params.image_size)
+    source: str                   # the YAML path, or "<file> (inferred from keys)"
+    qkv_new_order: bool = False   # AttentionBlock use_new_attention_order (q/k/v split before heads)
+
+
+def _num(value, key: str, source: str) -> float:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; accept it as a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: {key}={value!r} is not a number") from None
+
+
+def _target_name(cfg: Mapping, what: str, source: str) -> str:
+    if isinstance(cfg, str):  # "__is_unconditional__" / "__is_first_stage__"
+        return cfg
+    if not isinstance(cfg, Mapping) or "target" not in cfg:
+        raise CheckpointError(f"{source}: {what} has no 'target'")
+    return str(cfg["target"])
+
+
+def read_original_yaml(path: str) -> Dict[str, Any]:
+    """The original inference YAML, parsed with ``yaml.safe_load`` and checked for
+    ``model.params.unet_config`` and ``model.params.first_stage_config``."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such YAML file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            cfg = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise CheckpointError(f"{path}: not valid YAML ({e})") from None
+    params = cfg.get("model", {}).get("params") if isinstance(cfg, dict) else None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path}: not an original latent-diffusion config (no model.params)")
+    for key in ("unet_config", "first_stage_config"):
+        if not isinstance(params.get(key), dict):
+            raise CheckpointError(f"{path}: model.params.{key} is missing; this loader needs a latent "
+                                  "diffusion config (U-Net + first stage)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def ldm_betas(schedule: str, timesteps: int, linear_start: float, linear_end: float,
+              cosine_s: float = 8e-3) -> np.ndarray:
+    """CompVis ``make_beta_schedule`` in float64 (ldm/modules/diffusionmodules/util.py)."""
+    T = int(timesteps)
+    if schedule == "linear":  # diffusers "scaled_linear"
+        return np.linspace(linear_start ** 0.5, linear_end ** 0.5, T, dtype=np.float64) ** 2
+    if schedule == "sqrt_linear":  # diffusers "linear"
+        return np.linspace(linear_start, linear_end, T, dtype=np.float64)
+    if schedule == "sqrt":
+        return np.linspace(linear_start, linear_end, T, dtype=np.float64) ** 0.5
+    if schedule == "cosine":  # Nichol & Dhariwal 2021 Eq. 17, normalised by alphas[0], clipped at 0.999
+        steps = np.arange(T + 1, dtype=np.float64) / T + cosine_s
+        alphas = np.cos(steps / (1 + cosine_s) * np.pi / 2) ** 2
+        alphas = alphas / alphas[0]
+        return np.clip(1 - alphas[1:] / alphas[:-1], 0, 0.999)
+    raise CheckpointError(f"unknown beta_schedule {schedule!r} (CompVis schedules: linear, sqrt_linear, "
+                          "sqrt, cosine)")
+
+
+def scheduler_config_from_ldm(params: Mapping, source: str, prediction_type: Optional[str] = None) -> Dict:
+    """diffusers scheduler config from ``model.params`` (linear_start, linear_end,
+    timesteps, beta_schedule, parameterization).
+
+    CompVis "linear" is linspace of sqrt(beta) squared, i.e. diffusers
+    "scaled_linear"; "sqrt_linear" is diffusers "linear"; the other CompVis
+    schedules are written as ``trained_betas``. ``steps_offset=1`` reproduces
+    the CompVis DDIM/PLMS timesteps (``make_ddim_timesteps`` adds 1).
+    """
+    get = lambda k: params.get(k, _LDM_DEFAULTS[k])  # noqa: E731
+    T = int(get("timesteps"))
+    start, end = _num(get("linear_start"), "linear_start", source), _num(get("linear_end"), "linear_end", source)
+    schedule = str(get("beta_schedule"))
+    config: Dict[str, Any] = {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": T, "beta_start": start, "beta_end": end,
+        "beta_schedule": "scaled_linear", "trained_betas": None,
+        "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "timestep_spacing": "leading",
+    }
+    given = params.get("given_betas")
+    if given is not None:
+        config["trained_betas"] = [float(b) for b in given]
+    elif schedule == "sqrt_linear":
+        config["beta_schedule"] = "linear"
+    elif schedule != "linear":
+        cosine_s = _num(get("cosine_s"), "cosine_s", source)
+        config["trained_betas"] = ldm_betas(schedule, T, start, end, cosine_s).tolist()
+    parameterization = str(get("parameterization"))
+    if parameterization not in PREDICTION_TYPES:
+        raise CheckpointError(f"{source}: unsupported parameterization {parameterization!r} "
+                              f"(expected one of {sorted(PREDICTION_TYPES)})")
+    config["prediction_type"] = prediction_type or PREDICTION_TYPES[parameterization]
+    if config["prediction_type"] not in PREDICTION_TYPES.values():
+        raise ValueError(f"prediction_type must be one of {sorted(PREDICTION_TYPES.values())}, "
+                         f"got {config['prediction_type']!r}")
+    return config
+
+
+# ----------------------------------------------------------------------------- U-Net
+
+
+def _per_level(value, n: int, key: str, source: str) -> List:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise CheckpointError(f"{source}: unet_config {key} has {len(value)} entries for {n} levels")
+        return list(value)
+    return [value] * n
+
+
+def _collapse(values: List):
+    return values[0] if all(v == values[0] for v in values) else list(values)
+
+
+def unet_config_from_ldm(unet_params: Mapping, sample_size: int, source: str) -> Dict[str, Any]:
+    """openaimodel ``UNetModel`` arguments -> a diffusers U-Net config.json dict.
+
+    Spatial-transformer U-Nets become ``UNet2DConditionModel`` (``attention_head_dim``
+    there is the number of heads per block); U-Nets with the older
+    ``AttentionBlock`` become ``UNet2DModel`` (channels per head).
+    """
+    p = dict(unet_params)
+    bad = lambda key, value, why=_UNSUPPORTED_HINT: CheckpointError(  # noqa: E731
+        f"{source}: unet_config {key}={value!r} is not supported ({why})")
+    for key, ok in (("dims", (2,)), ("conv_resample", (True,)), ("resblock_updown", (False,)),
+                    ("use_scale_shift_norm", (False,)), ("n_embed", (None,)),
+                    ("num_attention_blocks", (None,)), ("disable_middle_self_attn", (False,)),
+                    ("adm_in_channels", (None,))):
+        if key in p and p[key] not in ok:
+            raise bad(key, p[key])
+    mc = int(p["model_channels"])
+    mult = [int(m) for m in p["channel_mult"]]
+    n = len(mult)
+    channels = [mc * m for m in mult]
+    num_res = _per_level(p["num_res_blocks"], n, "num_res_blocks", source)
+    attn_res = set(int(r) for r in p.get("attention_resolutions") or ())
+    has_attn = [2 ** i in attn_res for i in range(n)]
+    spatial = bool(p.get("use_spatial_transformer", False))
+    num_heads = int(p.get("num_heads", -1))
+    head_channels = int(p.get("num_head_channels", -1))
+    if num_heads == -1 and head_channels == -1:
+        raise CheckpointError(f"{source}: unet_config needs num_heads or num_head_channels")
+
+    def heads(ch: int) -> int:  # openaimodel: num_head_channels wins over num_heads
+        if head_channels != -1:
+            if ch % head_channels:
+                raise CheckpointError(f"{source}: unet_config: {ch} channels are not divisible by "
+                                      f"num_head_channels={head_channels}")
+            return ch // head_channels
+        return num_heads
+
+    up_heads = int(p.get("num_heads_upsample", -1))
+    if not spatial and head_channels == -1 and up_heads not in (-1, num_heads):
+        raise bad("num_heads_upsample", up_heads, "different head counts on the up path")
+    num_classes = p.get("num_classes")
+    if num_classes is not None and not isinstance(num_classes, int):
+        raise bad("num_classes", num_classes, "only an int (a label table) is implemented")
+    common = {
+        "sample_size": int(sample_size),
+        "in_channels": int(p["in_channels"]),
+        "out_channels": int(p["out_channels"]),
+        "block_out_channels": channels,
+        "layers_per_block": _collapse(num_res),
+        "norm_num_groups": 32, "norm_eps": 1e-5,  # openaimodel normalization(): GroupNorm32(32, ch)
+        "flip_sin_to_cos": True, "freq_shift": 0,  # timestep_embedding: [cos, sin], exponent / half
+        "downsample_padding": 1, "act_fn": "silu",
+        "num_class_embeds": num_classes,
+        "dropout": float(p.get("dropout", 0.0)),
+    }
+    if spatial:
+        context_dim = p.get("context_dim")
+        if context_dim is None:
+            raise CheckpointError(f"{source}: unet_config use_spatial_transformer needs context_dim")
+        if isinstance(context_dim, (list, tuple)):
+            if len(set(context_dim)) != 1:
+                raise bad("context_dim", context_dim, "one context width for all blocks")
+            context_dim = context_dim[0]
+        depth = p.get("transformer_depth", 1)
+        disable_sa = p.get("disable_self_attentions")
+        config = {
+            "_class_name": "UNet2DConditionModel", **common,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "attention_head_dim": _collapse([heads(c) for c in channels]),  # = heads (diffusers misnomer)
+            "cross_attention_dim": int(context_dim),
+            "use_linear_projection": bool(p.get("use_linear_in_transformer", False)),
+            "transformer_layers_per_block": _collapse(
+                [int(d) for d in _per_level(depth, n, "transformer_depth", source)]),
+            "only_cross_attention": (False if disable_sa is None else
+                                     _collapse([bool(d) for d in _per_level(disable_sa, n, "disable_self_attentions",
+                                                                              source)])),
+            "upcast_attention": False,  # softmax is float32 in ldm_jax whatever this says
+        }
+    else:
+        if p.get("context_dim") is not None:
+            raise bad("context_dim", p["context_dim"], "cross-attention needs use_spatial_transformer")
+        # AttentionBlock: channels per head (diffusers UNet2DModel attention_head_dim).
+        dims = [c // heads(c) for c in channels]
+        config = {
+            "_class_name": "UNet2DModel", **common,
+            "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
+            "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
+            "mid_block_type": "UNetMidBlock2D", "add_attention": True,
+            "attention_head_dim": _collapse(dims),
+        }
+    return config
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+
+def vae_config_from_ldm(first_stage_config: Mapping, scale_factor: float, sample_size: int,
+                        source: str) -> Dict[str, Any]:
+    """``first_stage_config`` (AutoencoderKL / VQModelInterface + ddconfig) -> diffusers vae config dict."""
+    target = _target_name(first_stage_config, "first_stage_config", source)
+    params = dict(first_stage_config.get("params") or {})
+    dd = dict(params.get("ddconfig") or {})
+    if not dd:
+        raise CheckpointError(f"{source}: first_stage_config has no params.ddconfig")
+    name = target.rsplit(".", 1)[-1]
+    if name == "AutoencoderKL":
+        kind = "kl"
+    elif name in ("VQModelInterface", "VQModel"):
+        kind = "vq"
+    else:
+        raise CheckpointError(f"{source}: first stage {target!r} is not supported (AutoencoderKL, VQModelInterface)")
+    bad = lambda key, value, why: CheckpointError(  # noqa: E731
+        f"{source}: first_stage_config ddconfig {key}={value!r} is not supported ({why})")
+    if dd.get("attn_resolutions"):
+        raise bad("attn_resolutions", dd["attn_resolutions"],
+                  "attention inside the encoder/decoder levels is not implemented; only the middle block's")
+    for key, ok in (("resamp_with_conv", True), ("give_pre_end", False), ("tanh_out", False),
+                    ("use_linear_attn", False)):
+        if key in dd and dd[key] != ok:
+            raise bad(key, dd[key], f"only {ok} is implemented")
+    attn_type = dd.get("attn_type", "vanilla")
+    if attn_type not in ("vanilla", "vanilla-xformers", "none"):
+        raise bad("attn_type", attn_type, "only vanilla softmax attention or none")
+    z = int(dd["z_channels"])
+    embed_dim = int(params.get("embed_dim", z))
+    ch = int(dd["ch"])
+    config = {
+        "in_channels": int(dd.get("in_channels", 3)),
+        "out_channels": int(dd.get("out_ch", 3)),
+        "block_out_channels": [ch * int(m) for m in dd["ch_mult"]],
+        "down_block_types": ["DownEncoderBlock2D"] * len(dd["ch_mult"]),
+        "up_block_types": ["UpDecoderBlock2D"] * len(dd["ch_mult"]),
+        "layers_per_block": int(dd["num_res_blocks"]),
+        "act_fn": "silu", "norm_num_groups": 32,  # ldm Normalize(): GroupNorm(32, eps=1e-6)
+        "latent_channels": z,
+        "sample_size": int(dd.get("resolution", sample_size * 2 ** (len(dd["ch_mult"]) - 1))),
+        "scaling_factor": float(scale_factor),
+        "mid_block_add_attention": attn_type != "none",
+    }
+    if kind == "kl":
+        if not dd.get("double_z", True):
+            raise bad("double_z", False, "a KL autoencoder outputs mean and log-variance")
+        if embed_dim != z:
+            raise CheckpointError(f"{source}: first_stage_config embed_dim={embed_dim} differs from z_channels={z}; "
+                                  "only embed_dim == z_channels is implemented for AutoencoderKL")
+        return {"_class_name": "AutoencoderKL", **config, "use_quant_conv": True, "use_post_quant_conv": True}
+    if dd.get("double_z", False):
+        raise bad("double_z", True, "a VQ encoder outputs z_channels")
+    if params.get("remap") is not None:
+        raise CheckpointError(f"{source}: first_stage_config remap={params['remap']!r} (codebook index "
+                              "remapping) is not supported")
+    if "n_embed" not in params:
+        raise CheckpointError(f"{source}: VQ first_stage_config needs params.n_embed")
+    return {"_class_name": "VQModel", **config, "num_vq_embeddings": int(params["n_embed"]),
+            "vq_embed_dim": embed_dim, "norm_type": "group", "lookup_from_codebook": False}
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+def spec_from_original_config(cfg: Mapping, source: str, prediction_type: Optional[str] = None,
+                              scale_factor: Optional[float] = None) -> OriginalSpec:
+    """A parsed original YAML (or an inferred YAML-shaped dict) -> ``OriginalSpec``.
+
+    ``scale_factor``: the checkpoint's ``scale_factor`` buffer (scale_by_std
+    models), which wins over the YAML value.
+    """
+    p = cfg["model"]["params"]
+    sample_size = int(p.get("image_size", 64))
+    unet_cfg = p["unet_config"]
+    unet_target = _target_name(unet_cfg, "unet_config", source)
+    if not unet_target.endswith("UNetModel"):
+        raise CheckpointError(f"{source}: unet_config target {unet_target!r} is not supported "
+                              "(ldm.modules.diffusionmodules.openaimodel.UNetModel)")
+    unet_params = unet_cfg.get("params") or {}
+    if scale_factor is None:
+        scale_factor = _num(p.get("scale_factor", _LDM_DEFAULTS["scale_factor"]), "scale_factor", source)
+    vae = vae_config_from_ldm(p["first_stage_config"], scale_factor, sample_size, source)
+    scheduler = scheduler_config_from_ldm(p, source, prediction_type)
+    cond = p.get("cond_stage_config", "__is_unconditional__")
+    cond_target = _target_name(cond, "cond_stage_config", source)
+    cond_name = cond_target.rsplit(".", 1)[-1]
+    cond_params = dict(cond.get("params") or {}) if isinstance(cond, Mapping) else {}
+    if cond_target == "__is_unconditional__":
+        cond_stage = "none"
+    elif cond_target == "__is_first_stage__":
+        cond_stage = "first_stage"
+    elif cond_name in COND_STAGES:
+        cond_stage = COND_STAGES[cond_name]
+    elif cond_name in ("Identity", "IdentityEncoder"):
+        cond_stage = "identity"
+    else:
+        raise CheckpointError(f"{source}: cond_stage_config target {cond_target!r} is not supported "
+                              f"(supported: {', '.join(COND_STAGES)}, __is_unconditional__, __is_first_stage__)")
+    if cond_stage == "clip" and cond_params.get("layer", "last") != "last":
+        raise CheckpointError(f"{source}: FrozenCLIPEmbedder layer={cond_params['layer']!r} is not supported "
+                              "(only 'last')")
+    if cond_stage == "open_clip" and cond_params.get("layer", "last") not in ("last", "penultimate"):
+        raise CheckpointError(f"{source}: FrozenOpenCLIPEmbedder layer={cond_params['layer']!r} is not supported")
+    if scheduler["prediction_type"] == "v_prediction" and unet_params.get("context_dim") == 1024:
+        sample_size = max(sample_size, 96)  # SD 2.x 768-v: diffusers' default 768 px
+    return OriginalSpec(
+        unet=unet_config_from_ldm(unet_params, sample_size, source),
+        vae=vae, cond_stage=cond_stage, cond_stage_params=cond_params,
+        conditioning_key=p.get("conditioning_key"), scheduler=scheduler, sample_size=sample_size,
+        source=source, qkv_new_order=bool(unet_params.get("use_new_attention_order", False)),
+    )

@@ -1,0 +1,224 @@
+"""Inferring an original LDM configuration from a checkpoint's keys and shapes.
+
+``infer_original_config(state_dict, source)`` returns a YAML-shaped dict
+(``{"model": {"params": ...}}``, the schema of ``v1-inference.yaml``) that
+``original_config.spec_from_original_config`` translates like a real YAML.
+What the weights cannot tell (head counts, eps vs v for SD 2.x, the schedule
+without a ``betas`` buffer) is listed in ``original_config``'s docstring.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Dict, List, Mapping
+
+import numpy as np
+
+from ldm_jax.convert.errors import CheckpointError
+from ldm_jax.convert.original_config import (
+    CLIP_PREFIXES, COND_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_betas,
+)
+
+_SD_SCALE_FACTOR = 0.18215
+
+
+def _collapse(values: List):
+    return values[0] if all(v == values[0] for v in values) else list(values)
+
+def _sub(state_dict: Mapping[str, np.ndarray], prefix: str) -> Dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _transformer_depth(unet: Mapping, block: str) -> int:
+    pat = re.compile(rf"^{re.escape(block)}\.transformer_blocks\.(\d+)\.")
+    return 1 + max((int(m.group(1)) for k in unet for m in [pat.match(k)] if m), default=-1)
+
+
+def infer_unet_params(unet: Mapping[str, np.ndarray], source: str) -> Dict[str, Any]:
+    """openaimodel ``UNetModel`` arguments from ``model.diffusion_model.*`` (prefix removed)."""
+    def need(key):
+        if key not in unet:
+            raise CheckpointError(f"{source}: cannot infer the U-Net: no {UNET_PREFIX}{key}")
+        return unet[key]
+
+    conv_in = need("input_blocks.0.0.weight")
+    mc, in_ch = int(conv_in.shape[0]), int(conv_in.shape[1])
+    out_ch = int(need("out.2.weight").shape[0])
+    levels: List[List[int]] = [[]]  # input block indices of the resnets of each level
+    level_channels: List[int] = []
+    k = 1
+    while True:
+        if f"input_blocks.{k}.0.op.weight" in unet:
+            levels.append([])
+        elif f"input_blocks.{k}.0.in_layers.2.weight" in unet:
+            ch = int(unet[f"input_blocks.{k}.0.in_layers.2.weight"].shape[0])
+            if not levels[-1]:
+                level_channels.append(ch)
+            levels[-1].append(k)
+        else:
+            break
+        k += 1
+    if not levels[-1] or len(level_channels) != len(levels):
+        raise CheckpointError(f"{source}: cannot infer the U-Net levels from the input_blocks keys")
+    mult = []
+    for ch in level_channels:
+        if ch % mc:
+            raise CheckpointError(f"{source}: level width {ch} is not a multiple of model_channels {mc}")
+        mult.append(ch // mc)
+    attn_levels, only_cross, depths = [], [], []
+    spatial = "middle_block.1.proj_in.weight" in unet
+    if not spatial and "middle_block.1.qkv.weight" not in unet:
+        raise CheckpointError(f"{source}: cannot infer the U-Net: the middle block has no attention")
+    context_dim = None
+    for i, ks in enumerate(levels):
+        with_attn = [any(key.startswith(f"input_blocks.{b}.1.") for key in unet) for b in ks]
+        if any(with_attn) and not all(with_attn):
+            raise CheckpointError(f"{source}: level {i} has attention on some blocks only (num_attention_blocks); "
+                                  "not supported")
+        if with_attn[0]:
+            attn_levels.append(2 ** i)
+            if spatial:
+                block = f"input_blocks.{ks[0]}.1"
+                depths.append(_transformer_depth(unet, block))
+                context_dim = int(need(f"{block}.transformer_blocks.0.attn2.to_k.weight").shape[1])
+                attn1_in = int(need(f"{block}.transformer_blocks.0.attn1.to_k.weight").shape[1])
+                only_cross.append(attn1_in != level_channels[i])
+                continue
+        depths.append(_transformer_depth(unet, "middle_block.1") if spatial else 1)
+        only_cross.append(False)
+    num_res = [len(ks) for ks in levels]
+    params: Dict[str, Any] = {
+        "image_size": 32, "in_channels": in_ch, "out_channels": out_ch, "model_channels": mc,
+        "attention_resolutions": attn_levels, "num_res_blocks": _collapse(num_res), "channel_mult": mult,
+        "use_spatial_transformer": spatial, "legacy": False,
+    }
+    if spatial:
+        context_dim = int(need("middle_block.1.transformer_blocks.0.attn2.to_k.weight").shape[1])
+        linear = np.ndim(unet["middle_block.1.proj_in.weight"]) == 2
+        params.update(context_dim=context_dim, use_linear_in_transformer=linear,
+                      transformer_depth=_collapse(depths))
+        if any(only_cross):
+            params["disable_self_attentions"] = only_cross
+        if linear:  # SD 2.x: 64 channels per head
+            params["num_head_channels"] = 64
+        else:  # SD 1.x: 8 heads
+            params["num_heads"] = 8
+    else:
+        params["num_head_channels"] = 32  # LDM celeba/ffhq/lsun configs
+    if "label_emb.weight" in unet:
+        params["num_classes"] = int(unet["label_emb.weight"].shape[0])
+    elif any(key.startswith("label_emb.") for key in unet):
+        raise CheckpointError(f"{source}: U-Net label_emb {sorted(k for k in unet if k.startswith('label_emb.'))[:3]} "
+                              "(a projection of continuous labels) is not supported")
+    return params
+
+
+def infer_first_stage_config(vae: Mapping[str, np.ndarray], source: str) -> Dict[str, Any]:
+    """``first_stage_config`` (target + params + ddconfig) from ``first_stage_model.*`` (prefix removed)."""
+    def need(key):
+        if key not in vae:
+            raise CheckpointError(f"{source}: cannot infer the autoencoder: no {VAE_PREFIX}{key}")
+        return vae[key]
+
+    conv_in = need("encoder.conv_in.weight")
+    ch = int(conv_in.shape[0])
+    n = 1 + max(int(m.group(1)) for k in vae for m in [re.match(r"^encoder\.down\.(\d+)\.", k)] if m)
+    mult = []
+    for i in range(n):
+        width = int(need(f"encoder.down.{i}.block.0.conv1.weight").shape[0])
+        if width % ch:
+            raise CheckpointError(f"{source}: encoder level width {width} is not a multiple of ch {ch}")
+        mult.append(width // ch)
+    num_res = 1 + max(int(m.group(1)) for k in vae for m in [re.match(r"^encoder\.down\.0\.block\.(\d+)\.", k)] if m)
+    z = int(need("decoder.conv_in.weight").shape[1])
+    enc_out = int(need("encoder.conv_out.weight").shape[0])
+    attn = sorted(k for k in vae if re.match(r"^(encoder\.down|decoder\.up)\.\d+\.attn\.", k))
+    if attn:
+        raise CheckpointError(f"{source}: autoencoder with attention inside its levels ({VAE_PREFIX}{attn[0]}, "
+                              "ddconfig attn_resolutions) is not supported; only the middle block's")
+    ddconfig = {
+        "double_z": enc_out == 2 * z, "z_channels": z, "resolution": 256,
+        "in_channels": int(conv_in.shape[1]), "out_ch": int(need("decoder.conv_out.weight").shape[0]),
+        "ch": ch, "ch_mult": mult, "num_res_blocks": num_res,
+        "attn_resolutions": [],
+        "attn_type": "vanilla" if "encoder.mid.attn_1.q.weight" in vae else "none",
+    }
+    if "quantize.embedding.weight" in vae:
+        codebook = vae["quantize.embedding.weight"]
+        return {"target": "ldm.models.autoencoder.VQModelInterface",
+                "params": {"embed_dim": int(codebook.shape[1]), "n_embed": int(codebook.shape[0]),
+                           "ddconfig": ddconfig}}
+    embed_dim = int(need("quant_conv.weight").shape[0]) // 2
+    return {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {"embed_dim": embed_dim, "ddconfig": ddconfig}}
+
+
+def infer_cond_stage_config(state_dict: Mapping[str, np.ndarray], source: str):
+    """``cond_stage_config`` from the ``cond_stage_model.*`` keys."""
+    if any(k.startswith(p + "embeddings.token_embedding.weight") for p in CLIP_PREFIXES for k in state_dict):
+        return {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+    if OPEN_CLIP_PREFIX + "token_embedding.weight" in state_dict:
+        # Every released SD 2.x model uses the penultimate layer.
+        return {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                "params": {"layer": "penultimate"}}
+    if COND_PREFIX + "embedding.weight" in state_dict:
+        n_classes, dim = state_dict[COND_PREFIX + "embedding.weight"].shape
+        return {"target": "ldm.modules.encoders.modules.ClassEmbedder",
+                "params": {"embed_dim": int(dim), "n_classes": int(n_classes)}}
+    other = sorted(k for k in state_dict if k.startswith(COND_PREFIX))
+    if other:
+        raise CheckpointError(f"{source}: unknown conditioning model weights (e.g. {other[:3]}); pass the "
+                              "original YAML (supported: FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, ClassEmbedder)")
+    return "__is_unconditional__"
+
+
+def _schedule_from_betas(betas: np.ndarray) -> Dict[str, Any]:
+    """linear_start / linear_end / timesteps / beta_schedule from the ``betas`` buffer."""
+    stored = np.asarray(betas)
+    betas = stored.astype(np.float64)
+    T, start, end = len(betas), float(betas[0]), float(betas[-1])
+    if stored.dtype == np.float32:  # the YAML's decimal (0.00085), not its float32 rounding
+        start, end = float(str(stored[0])), float(str(stored[-1]))
+    for schedule in ("linear", "sqrt_linear"):
+        if np.allclose(ldm_betas(schedule, T, start, end), betas, rtol=1e-5, atol=1e-9):
+            return {"timesteps": T, "linear_start": start, "linear_end": end, "beta_schedule": schedule}
+    return {"timesteps": T, "linear_start": start, "linear_end": end, "given_betas": betas.tolist()}
+
+
+def infer_original_config(state_dict: Mapping[str, np.ndarray], source: str) -> Dict[str, Any]:
+    """A YAML-shaped config ({"model": {"params": ...}}) inferred from the keys and shapes.
+
+    See the module docstring for what cannot be inferred and the defaults used.
+    """
+    unet = _sub(state_dict, UNET_PREFIX)
+    if not unet:
+        if any(k.startswith("model_ema.") for k in state_dict):
+            raise CheckpointError(f"{source}: only EMA weights (model_ema.*) and no {UNET_PREFIX}* keys; their "
+                                  "names cannot be recovered without the non-EMA keys")
+        raise CheckpointError(f"{source}: not an original latent-diffusion checkpoint (no {UNET_PREFIX}* keys)")
+    vae = {k: v for k, v in _sub(state_dict, VAE_PREFIX).items() if not k.startswith("loss.")}
+    if not vae:
+        raise CheckpointError(f"{source}: no first-stage autoencoder weights ({VAE_PREFIX}*)")
+    unet_params = infer_unet_params(unet, source)
+    first_stage = infer_first_stage_config(vae, source)
+    cond = infer_cond_stage_config(state_dict, source)
+    cond_name = cond if isinstance(cond, str) else cond["target"].rsplit(".", 1)[-1]
+    latent_ch = first_stage["params"]["embed_dim"]
+    if cond_name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "ClassEmbedder"):
+        key = "hybrid" if unet_params["in_channels"] != latent_ch else "crossattn"
+    else:
+        key = "concat" if unet_params["in_channels"] != latent_ch else None
+    params: Dict[str, Any] = {
+        "image_size": 64, "channels": latent_ch, "conditioning_key": key,
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+        "first_stage_config": first_stage, "cond_stage_config": cond,
+        "scale_factor": _SD_SCALE_FACTOR if first_stage["target"].endswith("AutoencoderKL") else 1.0,
+    }
+    if "betas" in state_dict:
+        params.update(_schedule_from_betas(state_dict["betas"]))
+    elif cond_name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"):
+        params.update(linear_start=0.00085, linear_end=0.012, timesteps=1000)  # Stable Diffusion
+    else:
+        params.update(linear_start=0.0015, linear_end=0.0195, timesteps=1000)  # LDM configs
+        warnings.warn(f"{source}: no 'betas' buffer; assuming the LDM schedule linear 0.0015..0.0195, "
+                      "pass the original YAML if that is wrong")
+    return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}

@@ -1,0 +1,246 @@
+"""An original CompVis / Stability single-file checkpoint -> ``ldm_jax.Pipeline``.
+
+    pipe = load_original_pipeline("v1-5-pruned-emaonly.safetensors")              # inferred config
+    pipe = load_original_pipeline("768-v-ema.ckpt", config="v2-inference-v.yaml")  # its YAML
+    pipe = load_original_pipeline("sd.ckpt", use_ema=True)                        # model_ema.* weights
+
+Families (``cond_stage_config``):
+
+* FrozenCLIPEmbedder (SD 1.x): transformers CLIP names under
+  ``cond_stage_model.transformer.``; tokenizer pads with EOT (49407).
+* FrozenOpenCLIPEmbedder (SD 2.x): open_clip names under
+  ``cond_stage_model.model.``, context from the ``layer`` of the YAML
+  ("penultimate" for every released model); tokenizer pads with 0.
+* ClassEmbedder (class-conditional LDMs): ``text_encoder`` is a
+  ``ClassEmbedder`` giving a (B, 1, D) context and ``tokenizer`` a
+  ``ClassLabelTokenizer``: prompts are class indices, "" the unconditional class.
+* __is_unconditional__ (and __is_first_stage__ / Identity concat
+  conditioning): no text encoder; an unconditional model samples with
+  ``pipe([""] * batch)``. Concat-conditioned models (super-resolution,
+  LDM inpainting) load, but ``Pipeline.__call__`` does not build their
+  conditioning.
+
+Inpainting models (9 input channels, ``conditioning_key: hybrid``) run through
+``Pipeline``'s inpaint mode as the diffusers ones do.
+
+The CLIP head count is ``hidden_size // 64`` (OpenAI CLIP and OpenCLIP both
+use 64-channel heads); the YAML does not carry it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from ldm_jax.convert.clip_transformers import clip_config_from_transformers, clip_params_from_open_clip
+from ldm_jax.convert.errors import CheckpointError
+from ldm_jax.convert.export import UNET_LITERAL_NAMES, torch_name
+from ldm_jax.convert.mapping import convert_state_dict
+from ldm_jax.convert.original_config import (
+    CLIP_PREFIXES, COND_PREFIX, OPEN_CLIP_PREFIX, VAE_PREFIX, OriginalSpec, read_original_yaml,
+    spec_from_original_config,
+)
+from ldm_jax.convert.original_infer import infer_original_config
+from ldm_jax.convert.original_keys import (
+    prepare_unet, prepare_vae, select_unet_weights, unet_original_name, vae_original_name,
+)
+from ldm_jax.convert.unet_diffusers import unet_abstract_params, unet_config_from_diffusers
+from ldm_jax.convert.vae_diffusers import vae_config_from_diffusers
+from ldm_jax.convert.weights_io import read_safetensors, unwrap_state_dict
+from ldm_jax.models.autoencoder import abstract_params as vae_abstract_params
+from ldm_jax.models.autoencoder import build_autoencoder
+from ldm_jax.models.class_embedder import ClassEmbedder, ClassLabelTokenizer
+from ldm_jax.models.clip import CLIPTextModel
+from ldm_jax.models.unet import UNet
+from ldm_jax.text.tokenizer import CLIPTokenizer
+
+_DTYPES = ("float32", "bfloat16", "float16")
+SD1_PAD_TOKEN = 49407  # transformers' openai/clip-vit-large-patch14 tokenizer pads with <|endoftext|>
+SD2_PAD_TOKEN = 0  # open_clip.tokenize pads with 0
+_CLIP_HEAD_DIM = 64
+
+
+def read_original_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[int]]:
+    """(tensors, global_step or None) of a .ckpt / .safetensors file, read without running code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path), None
+    from ldm_jax.convert.torch_pickle import load_torch_pickle
+
+    obj = load_torch_pickle(path)
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    return unwrap_state_dict(obj, path), step if isinstance(step, int) else None
+
+
+def _convert(weights, target, *, rename, source: str, config_source: str, ignore=(), original_name=None,
+             literal_names=frozenset()):
+    """``convert_state_dict`` with a hint about the configuration on mismatch.
+
+    ``original_name`` (diffusers key -> original key) lets a missing weight be
+    reported under the name the checkpoint should have had.
+    """
+    hint = (f"\n  The model configuration ({config_source}) does not fit this checkpoint: pass the original YAML "
+            "the checkpoint was made with (config=...), or check that it is the right file.")
+    try:
+        return convert_state_dict(weights, target, source=source, rename=rename, ignore=ignore)
+    except CheckpointError as e:
+        error = e
+    if original_name is not None and "has shape" not in str(error):
+        # Missing / unexpected weights: name the missing ones as the checkpoint should have them.
+        present = {k.split("#", 1)[0] for k in weights}
+        expected = sorted({original_name(torch_name(path, literal_names))
+                           for path in traverse_util.flatten_dict(_unfreeze(target))})
+        missing = [k for k in expected if k not in present]
+        if missing:
+            raise CheckpointError(f"{source}: {len(missing)} weights the model needs are missing from the "
+                                  f"checkpoint, e.g. {missing[:5]}\n  ({error}){hint}") from None
+    raise CheckpointError(f"{error}{hint}") from None
+
+
+def _unfreeze(tree):
+    return tree.unfreeze() if hasattr(tree, "unfreeze") else dict(tree)
+
+
+def _clip_text_config(weights: Mapping[str, np.ndarray], prefix: str, open_clip: bool, output_layer: str,
+                      source: str):
+    """CLIPTextConfig from the text-tower shapes (the YAML only names a pretrained version)."""
+    def need(key):
+        if prefix + key not in weights:
+            raise CheckpointError(f"{source}: text encoder weight {prefix + key!r} is missing")
+        return np.shape(weights[prefix + key])
+
+    if open_clip:
+        vocab, width = need("token_embedding.weight")
+        positions = need("positional_embedding")[0]
+        layer_re, fc1 = r"transformer\.resblocks\.(\d+)\.", "transformer.resblocks.0.mlp.c_fc.weight"
+    else:
+        vocab, width = need("embeddings.token_embedding.weight")
+        positions = need("embeddings.position_embedding.weight")[0]
+        layer_re, fc1 = r"encoder\.layers\.(\d+)\.", "encoder.layers.0.mlp.fc1.weight"
+    pattern = re.compile("^" + re.escape(prefix) + layer_re)
+    layers = 1 + max((int(m.group(1)) for k in weights for m in [pattern.match(k)] if m), default=-1)
+    if width % _CLIP_HEAD_DIM and width > _CLIP_HEAD_DIM:
+        raise CheckpointError(f"{source}: text width {width} is not a multiple of CLIP's 64-channel heads")
+    return clip_config_from_transformers({
+        "vocab_size": vocab, "hidden_size": width, "intermediate_size": need(fc1)[0],
+        "num_hidden_layers": layers, "num_attention_heads": max(1, width // _CLIP_HEAD_DIM),
+        "max_position_embeddings": positions, "hidden_act": "gelu" if open_clip else "quick_gelu",
+        "layer_norm_eps": 1e-5,
+    }, output_layer=output_layer)
+
+
+def _text_abstract_params(model: CLIPTextModel):
+    ids = jax.ShapeDtypeStruct((1, model.config.max_position_embeddings), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
+
+
+def _load_cond_stage(spec: OriginalSpec, state: Mapping[str, np.ndarray], source: str, kw: dict):
+    """(text_encoder, params, tokenizer) for the conditioning model, or (None, None, None)."""
+    if spec.cond_stage == "clip":
+        prefix = next((p for p in CLIP_PREFIXES if p + "embeddings.token_embedding.weight" in state), None)
+        if prefix is None:
+            raise CheckpointError(f"{source}: the configuration ({spec.source}) has a FrozenCLIPEmbedder but the "
+                                  f"checkpoint has no {CLIP_PREFIXES[0]}* weights")
+        config = _clip_text_config(state, prefix, False, "last", source)
+        model = CLIPTextModel(config, **kw)
+        weights = {k: v for k, v in state.items() if k.startswith(prefix)}
+        params = _convert(weights, _text_abstract_params(model), rename=lambda k: k[len(prefix):], source=source,
+                          config_source=spec.source, ignore=(r"(^|\.)position_ids$",),
+                          original_name=lambda k: prefix + k)
+        return model, params, CLIPTokenizer(pad_token_id=SD1_PAD_TOKEN, max_length=config.max_position_embeddings)
+    if spec.cond_stage == "open_clip":
+        if OPEN_CLIP_PREFIX + "token_embedding.weight" not in state:
+            raise CheckpointError(f"{source}: the configuration ({spec.source}) has a FrozenOpenCLIPEmbedder but "
+                                  f"the checkpoint has no {OPEN_CLIP_PREFIX}* weights")
+        layer = spec.cond_stage_params.get("layer", "last")
+        config = _clip_text_config(state, OPEN_CLIP_PREFIX, True, layer, source)
+        model = CLIPTextModel(config, **kw)
+        try:
+            params = clip_params_from_open_clip(state, config, source=source, prefix=OPEN_CLIP_PREFIX)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{e}\n  The model configuration ({spec.source}) does not fit this checkpoint.") from None
+        return model, params, CLIPTokenizer(pad_token_id=SD2_PAD_TOKEN, max_length=config.max_position_embeddings)
+    if spec.cond_stage == "class":
+        key = COND_PREFIX + "embedding.weight"
+        if key not in state:
+            raise CheckpointError(f"{source}: the configuration ({spec.source}) has a ClassEmbedder but the "
+                                  f"checkpoint has no {key!r}")
+        p = spec.cond_stage_params
+        model = ClassEmbedder(int(p.get("n_classes", 1000)), int(p["embed_dim"]), **kw)
+        target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))["params"]
+        weights = {k: v for k, v in state.items() if k.startswith(COND_PREFIX)}
+        params = _convert(weights, target, rename=lambda k: k[len(COND_PREFIX):], source=source,
+                          config_source=spec.source, original_name=lambda k: COND_PREFIX + k)
+        return model, params, ClassLabelTokenizer(model.num_classes)
+    return None, None, None
+
+
+def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32", use_ema: bool = False,
+                           prediction_type: Optional[str] = None, attention_impl: str = "xla"):
+    """A ``Pipeline`` from an original single-file checkpoint (.ckpt / .safetensors).
+
+    Args:
+      path: the checkpoint (``state_dict`` wrapper or a plain state dict).
+      config: its original inference YAML; None infers the configuration from the keys
+        and shapes (see ``original_config`` for what that cannot know).
+      dtype: compute dtype ("float32", "bfloat16", "float16"); parameters stay float32.
+      use_ema: take the U-Net weights from ``model_ema.*`` (error if the file has none).
+      prediction_type: "epsilon" / "v_prediction" / "sample", overriding the YAML's
+        ``parameterization`` (needed for SD 2.x 768-v files loaded without a YAML).
+    Raises:
+      CheckpointError: unreadable / truncated file, unsupported configuration, or
+        weights that do not fit it (naming the key and both shapes).
+    """
+    from ldm_jax.pipeline import Pipeline
+
+    if str(dtype) not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    state, global_step = read_original_checkpoint(path)
+    scale_buffer = state.get("scale_factor")
+    scale_factor = None if scale_buffer is None or np.size(scale_buffer) != 1 else float(np.asarray(scale_buffer))
+    if config is None:
+        cfg = infer_original_config(state, path)
+        config_source = f"inferred from the keys of {os.path.basename(path)}"
+    else:
+        cfg = read_original_yaml(config)
+        config_source = config
+    spec = spec_from_original_config(cfg, config_source, prediction_type=prediction_type, scale_factor=scale_factor)
+    if config is None and spec.cond_stage == "open_clip" and prediction_type is None:
+        step = "" if global_step is None else f" (global_step {global_step})"
+        warnings.warn(f"{path}{step}: SD 2.x checkpoint loaded without its YAML: assuming eps-prediction (the "
+                      "512-base models). For the 768-v models pass prediction_type='v_prediction' or "
+                      "config='v2-inference-v.yaml'.")
+
+    kw = dict(dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
+    unet = UNet(unet_config_from_diffusers(spec.unet, source=config_source), attention_impl=attention_impl, **kw)
+    weights, rename = prepare_unet(select_unet_weights(state, use_ema, path), spec.unet,
+                                   qkv_new_order=spec.qkv_new_order, source=path)
+    if not weights:
+        raise CheckpointError(f"{path}: no U-Net weights (model.diffusion_model.*)")
+    params: Dict[str, Any] = {"unet": _convert(
+        weights, unet_abstract_params(unet), rename=rename, source=path, config_source=config_source,
+        original_name=unet_original_name(spec.unet), literal_names=UNET_LITERAL_NAMES)}
+
+    vae = build_autoencoder(vae_config_from_diffusers(spec.vae, source=config_source),
+                            attention_impl=attention_impl, **kw)
+    vae_weights = {k: v for k, v in state.items()
+                   if k.startswith(VAE_PREFIX) and not k.startswith(VAE_PREFIX + "loss.")}
+    vae_weights, vae_rename = prepare_vae(vae_weights, len(vae.config.block_out_channels))
+    params["vae"] = _convert(vae_weights, vae_abstract_params(vae), rename=vae_rename, source=path,
+                             config_source=config_source,
+                             original_name=vae_original_name(len(vae.config.block_out_channels)))
+
+    text_encoder, text_params, tokenizer = _load_cond_stage(spec, state, path, kw)
+    if text_encoder is not None:
+        params["text_encoder"] = text_params
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
+                    scheduler_config=spec.scheduler, source=path, sample_size=spec.sample_size)

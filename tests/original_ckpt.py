@@ -1,0 +1,191 @@
+"""Tiny random-weight checkpoints in the original CompVis / Stability single-file format.
+
+Every model is built from the original modules that stable-diffusion-sdkit ships
+(``ldm.modules.diffusionmodules.openaimodel.UNetModel``,
+``ldm.modules.diffusionmodules.model.Encoder/Decoder``) or, for the text
+encoders, from transformers / open_clip's TextTransformer; the state dicts are
+laid out under the prefixes ``LatentDiffusion`` uses. ``ldm.models.*`` is not
+imported (it needs pytorch_lightning). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(HERE, "original_configs")
+
+
+def perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Add noise to every parameter (zero-initialised out layers and norm gains included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def unet_model(seed: int, **kwargs) -> torch.nn.Module:
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(seed)
+    model = UNetModel(**kwargs).eval()
+    perturb(model, seed + 1)
+    return model
+
+
+class FirstStage(torch.nn.Module):
+    """The parameter layout of ldm.models.autoencoder.AutoencoderKL / VQModelInterface
+    (encoder, decoder, quant_conv, post_quant_conv[, quantize.embedding]) with the
+    inference math of both (LatentDiffusion.encode_first_stage / decode_first_stage)."""
+
+    def __init__(self, ddconfig: dict, embed_dim: int, n_embed: Optional[int] = None):
+        super().__init__()
+        from ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        z = ddconfig["z_channels"]
+        self.kind = "kl" if n_embed is None else "vq"
+        if self.kind == "kl":
+            self.quant_conv = torch.nn.Conv2d(2 * z, 2 * embed_dim, 1)
+        else:
+            self.quantize = torch.nn.Module()
+            self.quantize.embedding = torch.nn.Embedding(n_embed, embed_dim)
+            self.quant_conv = torch.nn.Conv2d(z, embed_dim, 1)
+        self.post_quant_conv = torch.nn.Conv2d(embed_dim, z, 1)
+
+    def encode(self, x):
+        """KL: (mean, logvar clamped to [-30, 20]); VQ: the pre-quantisation latents."""
+        h = self.quant_conv(self.encoder(x))
+        if self.kind == "vq":
+            return h
+        mean, logvar = torch.chunk(h, 2, dim=1)
+        return mean, torch.clamp(logvar, -30.0, 20.0)
+
+    def quantize_latents(self, h):
+        """taming VectorQuantizer2 (legacy) forward value: nearest codebook entry by
+        ||z||^2 + ||e||^2 - 2 z.e, returned with the indices."""
+        b, c, hh, ww = h.shape
+        z = h.permute(0, 2, 3, 1).reshape(-1, c)
+        e = self.quantize.embedding.weight
+        d = (z ** 2).sum(1, keepdim=True) + (e ** 2).sum(1) - 2 * z @ e.t()
+        idx = torch.argmin(d, dim=1)
+        zq = e[idx].reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+        return zq, idx.reshape(b, hh, ww)
+
+    def decode(self, z):
+        if self.kind == "vq":  # VQModelInterface.decode(force_not_quantize=False)
+            z, _ = self.quantize_latents(z)
+        return self.decoder(self.post_quant_conv(z))
+
+
+def first_stage(seed: int, ddconfig: dict, embed_dim: int, n_embed: Optional[int] = None) -> FirstStage:
+    torch.manual_seed(seed)
+    model = FirstStage(ddconfig, embed_dim, n_embed).eval()
+    perturb(model, seed + 1)
+    if n_embed is not None:  # codebook on the scale of the latents, so every code can win
+        with torch.no_grad():
+            model.quantize.embedding.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed + 2))
+    return model
+
+
+def clip_text_model(seed: int, hidden: int = 64, layers: int = 2, quick_gelu: bool = True):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    model = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), max_position_embeddings=77,
+        hidden_act="quick_gelu" if quick_gelu else "gelu", bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=1)).eval()
+    perturb(model, seed + 1)
+    return model
+
+
+def load_open_clip_transformer():
+    """open_clip/transformer.py loaded by file path (the package imports torchvision)."""
+    name = "_open_clip_original_ref"
+    if name + ".transformer" in sys.modules:
+        return sys.modules[name + ".transformer"]
+    root = os.path.dirname(importlib.util.find_spec("open_clip").origin)
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [root]
+    utils = types.ModuleType(name + ".utils")
+
+    def _unused(*args, **kwargs):
+        raise NotImplementedError("stand-in for open_clip.utils")
+
+    utils.to_2tuple = utils.feature_take_indices = _unused
+    sys.modules[name] = pkg
+    sys.modules[name + ".utils"] = utils
+    for sub in ("pos_embed", "transformer"):
+        spec = importlib.util.spec_from_file_location(f"{name}.{sub}", os.path.join(root, sub + ".py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name + ".transformer"]
+
+
+def open_clip_text_model(seed: int, width: int = 128, layers: int = 3):
+    """An open_clip TextTransformer as FrozenOpenCLIPEmbedder holds it (ViT-H-14 layout, tiny)."""
+    oc = load_open_clip_transformer()
+    torch.manual_seed(seed)
+    model = oc.TextTransformer(context_length=77, vocab_size=49408, width=width, heads=width // 64, layers=layers,
+                               mlp_ratio=2.0, output_dim=width, output_tokens=True).eval()
+    perturb(model, seed + 1)
+    return model
+
+
+def open_clip_context(model, ids: np.ndarray, layer: str = "penultimate") -> np.ndarray:
+    """FrozenOpenCLIPEmbedder.encode_with_transformer (batch-first blocks of current open_clip)."""
+    text = torch.from_numpy(np.asarray(ids)).long()
+    skip = 1 if layer == "penultimate" else 0
+    with torch.no_grad():
+        x = model.token_embedding(text) + model.positional_embedding
+        for block in model.transformer.resblocks[:len(model.transformer.resblocks) - skip]:
+            x = block(x, attn_mask=model.attn_mask)
+        return model.ln_final(x).numpy()
+
+
+def ldm_state_dict(unet=None, first=None, cond=None, cond_prefix: str = "cond_stage_model.",
+                   betas: Optional[np.ndarray] = None, ema_seed: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """A LatentDiffusion state dict: model.diffusion_model.*, first_stage_model.*,
+    cond_stage_model.*, the schedule buffers, and optional model_ema.* copies
+    (the U-Net weights plus noise, keyed with the dots removed, as LitEma stores them)."""
+    sd: Dict[str, np.ndarray] = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", first), (cond_prefix, cond)):
+        if module is not None:
+            sd.update({prefix + k: v.detach().numpy().copy() for k, v in module.state_dict().items()})
+    if betas is not None:
+        sd["betas"] = betas.astype(np.float32)
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        sd["alphas_cumprod"] = alphas_cumprod.astype(np.float32)
+        sd["sqrt_alphas_cumprod"] = np.sqrt(alphas_cumprod).astype(np.float32)
+    if ema_seed is not None:
+        rng = np.random.default_rng(ema_seed)
+        for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
+            sd["model_ema." + k[len("model."):].replace(".", "")] = (
+                sd[k] + 0.05 * rng.standard_normal(sd[k].shape)).astype(np.float32)
+        sd["model_ema.decay"] = np.asarray(0.9999, np.float32)
+        sd["model_ema.num_updates"] = np.asarray(1000, np.int32)
+    return sd
+
+
+def save_ckpt(path: str, state_dict: Dict[str, np.ndarray], global_step: int = 1000) -> str:
+    """torch.save in the LatentDiffusion/Lightning layout: {"state_dict": ..., "global_step": ...}."""
+    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
+                "global_step": global_step, "epoch": 3}, path)
+    return path
+
+
+def save_safetensors(path: str, state_dict: Dict[str, np.ndarray]) -> str:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
+    return path

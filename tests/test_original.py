@@ -1,0 +1,534 @@
+"""Original CompVis / Stability single-file checkpoints: loading (with the original YAML and
+inferred from the keys), parity with the original ``ldm`` modules, export to diffusers, errors.
+
+The checkpoints are built from the original modules (``tests/original_ckpt.py``) with random
+weights (every parameter perturbed), saved with torch.save / safetensors; the YAMLs are tiny
+versions of the original ones in ``tests/original_configs/``.
+"""
+import functools
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import ldm_jax
+from ldm_jax.convert.errors import CheckpointError, UnsafePickleError
+from ldm_jax.convert.export import save_diffusers
+from ldm_jax.convert.original_config import read_original_yaml, scheduler_config_from_ldm, spec_from_original_config
+from ldm_jax.convert.original_pipeline import load_original_pipeline
+from original_ckpt import (
+    CONFIGS, clip_text_model, first_stage, ldm_state_dict, open_clip_context, open_clip_text_model, save_ckpt,
+    save_safetensors, unet_model,
+)
+from tiny_sd import nchw, nhwc
+
+TOL = 1e-4  # issue 4: float32 parity, max abs
+IMAGE_TOL = 2e-3  # end-to-end images against diffusers
+AE = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+          num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+SD1_UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1],
+                num_res_blocks=1, channel_mult=[1, 2], num_heads=8, use_spatial_transformer=True,
+                transformer_depth=1, context_dim=64, legacy=False)
+SD2_UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=64, attention_resolutions=[2, 1],
+                num_res_blocks=1, channel_mult=[1, 2], num_head_channels=64, use_spatial_transformer=True,
+                use_linear_in_transformer=True, transformer_depth=1, context_dim=128, legacy=False)
+CIN_UNET = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2, 1],
+                num_res_blocks=1, channel_mult=[1, 2], num_heads=1, use_spatial_transformer=True,
+                transformer_depth=1, context_dim=32)
+LABEL_UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[2, 1],
+                  num_res_blocks=1, channel_mult=[1, 2], num_head_channels=32, num_classes=5)
+PROMPTS = ["a red apple on a table", "a blue car"]
+
+
+def yaml_path(name):
+    return os.path.join(CONFIGS, name)
+
+
+def ldm_betas(start=0.00085, end=0.012):
+    from ldm.modules.diffusionmodules.util import make_beta_schedule
+
+    return np.asarray(make_beta_schedule("linear", 1000, linear_start=start, linear_end=end), np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def jit_apply(module, method=None):
+    """``module.apply`` under jit, one per (module, method): a compilation is cheaper on CPU
+    than op-by-op dispatch, and pipelines with the same configuration share it."""
+    return jax.jit(lambda params, *args: module.apply({"params": params}, *args, method=method))
+
+
+def max_err(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def unet_outputs(pipe, unet, in_channels, context_dim=None, labels=None, seed=0):
+    """(ours, original) U-Net outputs, NCHW, for two timesteps."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, in_channels, 8, 8)).astype(np.float32)
+    t = np.array([10, 800])
+    ctx = None if context_dim is None else rng.standard_normal((2, 7, context_dim)).astype(np.float32)
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(x), torch.from_numpy(t), context=None if ctx is None else torch.from_numpy(ctx),
+                   y=None if labels is None else torch.from_numpy(labels)).numpy()
+    got = jit_apply(pipe.unet)(pipe.params["unet"], nhwc(x), t, ctx, labels)
+    return np.asarray(got).transpose(0, 3, 1, 2), ref
+
+
+def check_kl_autoencoder(pipe, first, name):
+    image = np.random.default_rng(1).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        mean, logvar = first.encode(torch.from_numpy(image))
+        decoded = first.decode(mean)
+    post = jit_apply(pipe.vae, "encode")(pipe.params["vae"], nhwc(image))
+    dec = jit_apply(pipe.vae, "decode")(pipe.params["vae"], post.mean)
+    errs = (max_err(nchw(post.mean), mean), max_err(nchw(post.logvar), logvar), max_err(nchw(dec), decoded))
+    print(f"{name} KL autoencoder: mean {errs[0]:.2e}, logvar {errs[1]:.2e}, decode {errs[2]:.2e}")
+    assert max(errs) < TOL
+
+
+def assert_same_params(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """SD 1.x layout: crossattn U-Net (8 heads, conv projections), KL-f2, transformers CLIP, EMA copies; .ckpt."""
+    unet, first, text = unet_model(0, **SD1_UNET), first_stage(10, AE, 4), clip_text_model(20)
+    # the layout of the released files (transformers 4 kept the "text_model." level)
+    sd = ldm_state_dict(unet, first, text, "cond_stage_model.transformer.text_model.", betas=ldm_betas(), ema_seed=5)
+    # buffers the released SD 1.x files carry next to the weights
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
+    sd["lvlb_weights"] = np.ones(1000, np.float32)
+    path = save_ckpt(str(tmp_path_factory.mktemp("sd1") / "sd1.ckpt"), sd)
+    pipe = ldm_jax.load_pipeline(path, config=yaml_path("tiny-v1-inference.yaml"))
+    return dict(path=path, sd=sd, unet=unet, first=first, text=text, pipe=pipe)
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    """SD 2.x-v layout: linear projections, 64-channel heads, open_clip text tower (penultimate); .safetensors."""
+    unet, first, text = unet_model(1, **SD2_UNET), first_stage(11, AE, 4), open_clip_text_model(21)
+    sd = ldm_state_dict(unet, first, text, "cond_stage_model.model.", betas=ldm_betas())
+    path = save_safetensors(str(tmp_path_factory.mktemp("sd2") / "sd2-v.safetensors"), sd)
+    pipe = ldm_jax.load_pipeline(path, config=yaml_path("tiny-v2-inference-v.yaml"))
+    return dict(path=path, sd=sd, unet=unet, first=first, text=text, pipe=pipe)
+
+
+# ----------------------------------------------------------------------------- SD 1.x
+
+
+def test_sd1_matches_original_modules(sd1):
+    pipe = sd1["pipe"]
+    got, ref = unet_outputs(pipe, sd1["unet"], 4, 64)
+    print(f"SD1 UNet: max abs err {max_err(got, ref):.2e} (output scale {np.abs(ref).max():.2f})")
+    assert max_err(got, ref) < TOL
+    check_kl_autoencoder(pipe, sd1["first"], "SD1")
+    ids = pipe.tokenize(PROMPTS)
+    assert ids[1, -1] == 49407  # SD1 pads with <|endoftext|>, like its transformers tokenizer
+    with torch.no_grad():
+        want = sd1["text"](torch.from_numpy(ids).long()).last_hidden_state.numpy()
+    context = jit_apply(pipe.text_encoder)(pipe.params["text_encoder"], ids)
+    print(f"SD1 CLIP text encoder: max abs err {max_err(context, want):.2e}")
+    assert max_err(context, want) < TOL
+
+
+def test_sd1_schedule_and_settings_from_yaml(sd1):
+    pipe = sd1["pipe"]
+    cfg = pipe.scheduler_config
+    assert (cfg["beta_schedule"], cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"]) == (
+        "scaled_linear", 0.00085, 0.012, 1000)
+    assert cfg["prediction_type"] == "epsilon" and cfg["steps_offset"] == 1
+    # CompVis make_beta_schedule("linear") == diffusers "scaled_linear"
+    want = np.cumprod(1.0 - ldm_betas())
+    np.testing.assert_allclose(pipe.schedule.alphas_cumprod64, want, rtol=1e-12)
+    assert pipe.scaling_factor == 0.18215 and pipe.sample_size == 8 and pipe.vae_scale_factor == 2
+
+
+def test_sd1_inferred_config_gives_the_same_model(sd1):
+    inferred = load_original_pipeline(sd1["path"])
+    assert_same_params(inferred.params, sd1["pipe"].params)
+    assert inferred.unet.config == sd1["pipe"].unet.config
+    assert inferred.vae.config == sd1["pipe"].vae.config
+    assert inferred.text_encoder.config == sd1["pipe"].text_encoder.config
+    for key in ("beta_schedule", "num_train_timesteps", "prediction_type"):
+        assert inferred.scheduler_config[key] == sd1["pipe"].scheduler_config[key]
+    # linear_start / linear_end recovered from the float32 "betas" buffer
+    assert (inferred.scheduler_config["beta_start"], inferred.scheduler_config["beta_end"]) == (0.00085, 0.012)
+
+
+def test_ema_weights(sd1):
+    pipe = load_original_pipeline(sd1["path"], config=yaml_path("tiny-v1-inference.yaml"), use_ema=True)
+    sd = sd1["sd"]
+    ema = {k[len("model.diffusion_model."):]: torch.from_numpy(sd["model_ema." + k[len("model."):].replace(".", "")])
+           for k in sd if k.startswith("model.diffusion_model.")}
+    reference = unet_model(0, **SD1_UNET)
+    reference.load_state_dict(ema)
+    got, ref = unet_outputs(pipe, reference, 4, 64)
+    print(f"SD1 UNet from model_ema.*: max abs err {max_err(got, ref):.2e}")
+    assert max_err(got, ref) < TOL
+    assert max_err(got, unet_outputs(sd1["pipe"], sd1["unet"], 4, 64)[0]) > 1e-2  # really the other weights
+    assert_same_params(pipe.params["vae"], sd1["pipe"].params["vae"])
+
+
+def test_bf16_compute_close_to_float32(sd1):
+    pipe = load_original_pipeline(sd1["path"], config=yaml_path("tiny-v1-inference.yaml"), dtype="bfloat16")
+    assert jax.tree_util.tree_leaves(pipe.params)[0].dtype == jnp.float32
+    got, ref = unet_outputs(pipe, sd1["unet"], 4, 64)
+    rel = max_err(got, ref) / np.abs(ref).max()
+    print(f"SD1 UNet bf16 compute: max abs err relative to the output scale {rel:.2e}")
+    assert rel < 5e-2  # bf16 has 8 mantissa bits; ~20 layers deep
+
+
+# ----------------------------------------------------------------------------- SD 2.x
+
+
+def test_sd2_v_matches_original_modules(sd2):
+    pipe = sd2["pipe"]
+    assert pipe.scheduler_config["prediction_type"] == "v_prediction"
+    assert pipe.text_encoder.config.output_layer == "penultimate" and pipe.text_encoder.config.num_heads == 2
+    got, ref = unet_outputs(pipe, sd2["unet"], 4, 128)
+    print(f"SD2-v UNet (linear projections, 64-ch heads): max abs err {max_err(got, ref):.2e}")
+    assert max_err(got, ref) < TOL
+    check_kl_autoencoder(pipe, sd2["first"], "SD2")
+    ids = pipe.tokenize(PROMPTS)
+    assert ids[1, -1] == 0  # open_clip pads with 0
+    context = jit_apply(pipe.text_encoder)(pipe.params["text_encoder"], ids)
+    want = open_clip_context(sd2["text"], ids, "penultimate")
+    print(f"SD2 OpenCLIP text tower (penultimate): max abs err {max_err(context, want):.2e}")
+    assert max_err(context, want) < TOL
+
+
+def test_sd2_inferred_defaults_to_eps_with_a_warning(sd2):
+    with pytest.warns(UserWarning, match="prediction_type='v_prediction'"):
+        inferred = ldm_jax.load_pipeline(sd2["path"])
+    assert inferred.scheduler_config["prediction_type"] == "epsilon"
+    assert_same_params(inferred.params, sd2["pipe"].params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v = ldm_jax.load_pipeline(sd2["path"], prediction_type="v_prediction")
+    assert v.scheduler_config["prediction_type"] == "v_prediction"
+
+
+# ----------------------------------------------------------------------------- other families
+
+
+def test_inpainting_9_channels(tmp_path):
+    unet = unet_model(4, **{**SD1_UNET, "in_channels": 9})
+    first, text = first_stage(14, AE, 4), clip_text_model(24)
+    # transformers-5 naming (no "text_model." level) is accepted as well
+    sd = ldm_state_dict(unet, first, text, "cond_stage_model.transformer.", betas=ldm_betas())
+    path = save_ckpt(str(tmp_path / "inpaint.ckpt"), sd)
+    pipe = ldm_jax.load_pipeline(path, config=yaml_path("tiny-v1-inpainting-inference.yaml"))
+    assert pipe.unet.config.in_channels == 9
+    got, ref = unet_outputs(pipe, unet, 9, 64)
+    print(f"inpainting UNet (9 channels): max abs err {max_err(got, ref):.2e}")
+    assert max_err(got, ref) < TOL
+    inferred = load_original_pipeline(path)
+    assert_same_params(inferred.params, pipe.params)
+    assert inferred.unet.config == pipe.unet.config
+
+
+def test_class_conditional_cin_with_vq_first_stage(tmp_path):
+    """cin256-v2 family: ClassEmbedder context through cross-attention, VQ first stage."""
+    unet = unet_model(2, **CIN_UNET)
+    first = first_stage(12, {**AE, "double_z": False, "z_channels": 3}, 3, n_embed=16)
+    torch.manual_seed(3)
+    embedder = torch.nn.Embedding(11, 32)
+    sd = ldm_state_dict(unet, first, embedder, "cond_stage_model.embedding.",
+                        betas=ldm_betas(0.0015, 0.0195))
+    path = save_ckpt(str(tmp_path / "cin.ckpt"), sd)
+    pipe = ldm_jax.load_pipeline(path, config=yaml_path("tiny-cin-ldm-vq.yaml"))
+    assert_same_params(load_original_pipeline(path).params, pipe.params)
+
+    got, ref = unet_outputs(pipe, unet, 3, 32)
+    print(f"class-conditional (cross-attention) UNet: max abs err {max_err(got, ref):.2e}")
+    assert max_err(got, ref) < TOL
+    labels = pipe.tokenize(["3", "", 7])  # "" = the unconditional class n_classes - 1
+    np.testing.assert_array_equal(labels, [[3], [10], [7]])
+    context = pipe.text_encoder.apply({"params": pipe.params["text_encoder"]}, labels)
+    with torch.no_grad():
+        want = embedder(torch.from_numpy(labels[:, 0]).long()[:, None]).numpy()  # ClassEmbedder: embedding(c[:, None])
+    assert context.shape == (3, 1, 32) and max_err(context, want) < TOL
+
+    image = np.random.default_rng(4).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        h = first.encode(torch.from_numpy(image))
+        _, indices = first.quantize_latents(h)
+        decoded = first.decode(h)
+    enc = jit_apply(pipe.vae, "encode")(pipe.params["vae"], nhwc(image))
+    dec = jit_apply(pipe.vae, "decode")(pipe.params["vae"], enc.pre_quant)
+    assert len(np.unique(indices.numpy())) > 4  # several codes in use
+    np.testing.assert_array_equal(enc.indices, indices.numpy())
+    errs = max_err(nchw(enc.pre_quant), h), max_err(nchw(dec), decoded)
+    print(f"VQ first stage: pre-quant {errs[0]:.2e}, quantise+decode {errs[1]:.2e}")
+    assert max(errs) < TOL
+    assert pipe.scaling_factor == 1.0  # LatentDiffusion's default scale_factor
+    with pytest.raises(ValueError, match="class indices"):
+        pipe.tokenize(["a cat"])
+    out = pipe(["3", "7"], num_inference_steps=2, guidance_scale=3.0, height=16, width=16)
+    assert out.shape == (2, 16, 16, 3) and np.isfinite(out).all()
+    with pytest.raises(ValueError, match="ClassEmbedder"):
+        save_diffusers(pipe, str(tmp_path / "out"))
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """openaimodel UNet with the older AttentionBlock (fused qkv, 2 heads) and a label table."""
+    unet, first = unet_model(3, **LABEL_UNET), first_stage(13, AE, 4)
+    sd = ldm_state_dict(unet, first, None, betas=ldm_betas(0.0015, 0.0195))
+    path = save_ckpt(str(tmp_path_factory.mktemp("labelled") / "labelled.ckpt"), sd)
+    pipe = ldm_jax.load_pipeline(path, config=yaml_path("tiny-uncond-ldm-kl.yaml"))
+    return dict(path=path, unet=unet, first=first, pipe=pipe)
+
+
+def test_label_table_and_attention_block_unet(labelled):
+    pipe = labelled["pipe"]
+    labels = np.array([1, 4])
+    got, ref = unet_outputs(pipe, labelled["unet"], 4, labels=labels)
+    print(f"AttentionBlock UNet with label_emb: max abs err {max_err(got, ref):.2e}")
+    assert max_err(got, ref) < TOL
+    check_kl_autoencoder(pipe, labelled["first"], "LDM")
+    assert pipe.text_encoder is None and pipe.scaling_factor == 0.5
+    inferred = load_original_pipeline(labelled["path"])
+    assert_same_params(inferred.params, pipe.params)
+    out = pipe([""] * 2, num_inference_steps=2, guidance_scale=1.0, class_labels=[1, 2], height=16, width=16)
+    assert out.shape == (2, 16, 16, 3) and np.isfinite(out).all()
+
+
+def test_unconditional_export_components_load_in_diffusers(labelled, tmp_path):
+    import diffusers
+
+    folder = save_diffusers(labelled["pipe"], str(tmp_path / "ldm"))
+    unet, info = diffusers.UNet2DModel.from_pretrained(folder, subfolder="unet", output_loading_info=True)
+    assert not any(info.values()), info
+    x = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t, labels = torch.tensor([10, 800]), torch.tensor([1, 4])
+    with torch.no_grad():
+        got = unet(torch.from_numpy(x), t, class_labels=labels).sample.numpy()
+        ref = labelled["unet"](torch.from_numpy(x), t, y=labels).numpy()
+    print(f"exported UNet2DModel (diffusers) vs original: max abs err {max_err(got, ref):.2e}")
+    assert max_err(got, ref) < TOL
+    back = ldm_jax.load_pipeline(folder)
+    assert_same_params(back.params, labelled["pipe"].params)
+
+
+# ----------------------------------------------------------------------------- agreement with diffusers' converter
+
+
+def test_key_mapping_agrees_with_diffusers_single_file_conversion(sd1, sd2):
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from ldm_jax.convert.mapping import convert_state_dict
+    from ldm_jax.convert.unet_diffusers import unet_abstract_params
+    from ldm_jax.models.autoencoder import abstract_params
+
+    for case, yaml_name in ((sd1, "tiny-v1-inference.yaml"), (sd2, "tiny-v2-inference-v.yaml")):
+        spec = spec_from_original_config(read_original_yaml(yaml_path(yaml_name)), yaml_name)
+        checkpoint = {k: torch.from_numpy(np.asarray(v)) for k, v in case["sd"].items()}
+        theirs = convert_ldm_unet_checkpoint(checkpoint, spec.unet)
+        pipe = case["pipe"]
+        params = convert_state_dict({k: v.numpy() for k, v in theirs.items()}, unet_abstract_params(pipe.unet),
+                                    source="diffusers")
+        assert_same_params(params, pipe.params["unet"])
+        theirs = convert_ldm_vae_checkpoint(checkpoint, spec.vae)
+        params = convert_state_dict({k: v.numpy() for k, v in theirs.items()}, abstract_params(pipe.vae),
+                                    source="diffusers")
+        assert_same_params(params, pipe.params["vae"])
+
+
+@pytest.mark.parametrize("name", ["v1-inference.yaml", "v2-inference-v.yaml", "x4-upscaling.yaml",
+                                  "cin256-v2.yaml"])
+def test_released_yaml_configs(name):
+    """The released YAMLs give the released architectures (diffusers' configs for SD 1.x / 2.x)."""
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm,
+    )
+
+    original = read_original_yaml(yaml_path(name))
+    spec = spec_from_original_config(original, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers' image_size deprecation
+        want_unet = create_unet_diffusers_config_from_ldm(original, {}, image_size=512)
+        want_vae = create_vae_diffusers_config_from_ldm(original, {}, image_size=256)
+    for key in ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                "layers_per_block", "cross_attention_dim", "use_linear_projection",
+                "transformer_layers_per_block", "num_class_embeds"):
+        assert spec.unet.get(key) == want_unet.get(key), key
+    assert spec.unet["only_cross_attention"] == want_unet.get("only_cross_attention", False)
+    assert spec.unet["attention_head_dim"] == want_unet["attention_head_dim"]  # heads per block
+    for key in ("in_channels", "out_channels", "block_out_channels", "latent_channels", "layers_per_block"):
+        assert spec.vae[key] == want_vae[key], key
+    if "scale_factor" in original["model"]["params"]:  # else LatentDiffusion's 1.0 (diffusers assumes 0.18215)
+        assert spec.vae["scaling_factor"] == want_vae["scaling_factor"]
+    expected = {
+        "v1-inference.yaml": ("clip", "epsilon", 8, 64, "AutoencoderKL"),
+        "v2-inference-v.yaml": ("open_clip", "v_prediction", [5, 10, 20, 20], 96, "AutoencoderKL"),
+        "x4-upscaling.yaml": ("open_clip", "v_prediction", 8, 128, "AutoencoderKL"),
+        "cin256-v2.yaml": ("class", "epsilon", 1, 64, "VQModel"),
+    }[name]
+    assert (spec.cond_stage, spec.scheduler["prediction_type"], spec.unet["attention_head_dim"], spec.sample_size,
+            spec.vae["_class_name"]) == expected
+
+
+def test_released_sd_architectures_have_the_released_sizes():
+    from ldm_jax.convert.unet_diffusers import unet_abstract_params, unet_config_from_diffusers
+    from ldm_jax.models.unet import UNet
+
+    for name, want in (("v1-inference.yaml", 859_520_964), ("v2-inference-v.yaml", 865_910_724)):
+        spec = spec_from_original_config(read_original_yaml(yaml_path(name)), name)
+        params = unet_abstract_params(UNet(unet_config_from_diffusers(spec.unet)))
+        assert sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params)) == want, name
+
+
+def test_ldm_beta_schedules():
+    from ldm.modules.diffusionmodules.util import make_beta_schedule
+
+    from ldm_jax.diffusion.schedule import NoiseSchedule
+
+    for schedule in ("linear", "sqrt_linear", "cosine", "sqrt"):
+        cfg = scheduler_config_from_ldm({"beta_schedule": schedule, "linear_start": 0.0015, "linear_end": 0.0195,
+                                         "timesteps": 1000, "parameterization": "v"}, "test.yaml")
+        want = np.asarray(make_beta_schedule(schedule, 1000, linear_start=0.0015, linear_end=0.0195), np.float64)
+        np.testing.assert_allclose(NoiseSchedule.from_diffusers_config(cfg).betas64, want, rtol=1e-12, atol=1e-15)
+        assert cfg["prediction_type"] == "v_prediction"
+
+
+# ----------------------------------------------------------------------------- export round trip
+
+
+@pytest.mark.parametrize("case,sampler", [("sd1", "ddim"), ("sd2", "dpmpp_2m")])
+def test_export_round_trip_matches_diffusers(case, sampler, sd1, sd2, tmp_path):
+    import diffusers
+    import transformers
+
+    from test_pipeline import DIFFUSERS_SCHEDULERS
+
+    ours = {"sd1": sd1, "sd2": sd2}[case]["pipe"]
+    folder = save_diffusers(ours, str(tmp_path / case))
+    for cls, sub in ((diffusers.UNet2DConditionModel, "unet"), (diffusers.AutoencoderKL, "vae")):
+        _, info = cls.from_pretrained(folder, subfolder=sub, output_loading_info=True)
+        assert not any(info.values()), (sub, info)
+    _, info = transformers.CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"),
+                                                         output_loading_info=True)
+    assert not any(info.values()), info
+
+    ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                                 requires_safety_checker=False)
+    ref_pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(ref_pipe.scheduler.config)
+    ref_pipe.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    with torch.no_grad():
+        ref = ref_pipe(PROMPTS, num_inference_steps=4, guidance_scale=7.5, height=16, width=16,
+                       latents=nchw(latents), output_type="np").images
+    got = ours(PROMPTS, num_inference_steps=4, guidance_scale=7.5, height=16, width=16, latents=latents,
+               sampler=sampler)
+    print(f"{case} -> diffusers folder, {sampler}: max abs image error {max_err(got, ref):.2e}")
+    assert max_err(got, ref) < IMAGE_TOL and got.std() > 1e-3
+
+    back = ldm_jax.load_pipeline(folder)
+    assert_same_params(back.params["unet"], ours.params["unet"])
+    assert_same_params(back.params["vae"], ours.params["vae"])
+    text = dict(ours.params["text_encoder"])
+    if ours.text_encoder.config.output_layer == "penultimate":  # written without its unused last block
+        last = f"layers_{ours.text_encoder.config.num_layers - 1}"
+        text["encoder"] = {k: v for k, v in text["encoder"].items() if k != last}
+    assert_same_params(back.params["text_encoder"], text)
+    assert back.tokenizer.pad_token_id == ours.tokenizer.pad_token_id
+    for key in ("beta_start", "beta_end", "beta_schedule", "prediction_type", "steps_offset", "num_train_timesteps"):
+        assert back.scheduler_config[key] == ours.scheduler_config[key]
+    np.testing.assert_array_equal(back.tokenize(PROMPTS), ours.tokenize(PROMPTS))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_wrong_yaml_names_key_and_shapes(sd1):
+    with pytest.raises(CheckpointError) as e:
+        ldm_jax.load_pipeline(sd1["path"], config=yaml_path("tiny-v2-inference-v.yaml"))
+    msg = str(e.value)
+    print(msg)
+    assert "model.diffusion_model." in msg and "shape" in msg and "does not fit" in msg
+    with pytest.raises(CheckpointError, match=r"(?s)'model\.diffusion_model\.input_blocks\.0\.0\.weight' has shape "
+                                              r"\(32, 4, 3, 3\).*\(3, 3, 9, 32\).*does not fit"):
+        ldm_jax.load_pipeline(sd1["path"], config=yaml_path("tiny-v1-inpainting-inference.yaml"))
+
+
+def test_missing_keys_are_named(sd1, tmp_path):
+    sd = dict(sd1["sd"])
+    del sd["model.diffusion_model.out.2.bias"]
+    del sd["first_stage_model.decoder.mid.attn_1.q.weight"]
+    path = save_safetensors(str(tmp_path / "missing.safetensors"), sd)
+    with pytest.raises(CheckpointError, match=r"missing.*model\.diffusion_model\.out\.2\.bias"):
+        ldm_jax.load_pipeline(path, config=yaml_path("tiny-v1-inference.yaml"))
+    sd["model.diffusion_model.out.2.bias"] = sd1["sd"]["model.diffusion_model.out.2.bias"]
+    path = save_safetensors(str(tmp_path / "missing_vae.safetensors"), sd)
+    with pytest.raises(CheckpointError, match=r"missing.*first_stage_model\.decoder\.mid\.attn_1\.q\.weight"):
+        ldm_jax.load_pipeline(path, config=yaml_path("tiny-v1-inference.yaml"))
+    text_only = {k: v for k, v in sd1["sd"].items() if not k.startswith(("cond_stage_model.", "model_ema."))}
+    path = save_safetensors(str(tmp_path / "no_text.safetensors"), text_only)
+    with pytest.raises(CheckpointError, match="FrozenCLIPEmbedder but the checkpoint has no"):
+        ldm_jax.load_pipeline(path, config=yaml_path("tiny-v1-inference.yaml"))
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        load_original_pipeline(path, config=yaml_path("tiny-v1-inference.yaml"), use_ema=True)
+
+
+def test_truncated_files(sd1, tmp_path):
+    data = open(sd1["path"], "rb").read()
+    for name in ("cut.ckpt", "cut.safetensors"):
+        path = str(tmp_path / name)
+        if name.endswith(".safetensors"):
+            save_safetensors(path, sd1["sd"])
+            data = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        with pytest.raises(CheckpointError) as e:
+            ldm_jax.load_pipeline(path)
+        print(f"{name}: {e.value}")
+
+
+def test_unsupported_options_are_named(sd1, tmp_path):
+    import yaml
+
+    cfg = read_original_yaml(yaml_path("tiny-v1-inference.yaml"))
+    cfg["model"]["params"]["unet_config"]["params"]["resblock_updown"] = True
+    path = str(tmp_path / "bad.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    with pytest.raises(CheckpointError, match="resblock_updown=True"):
+        ldm_jax.load_pipeline(sd1["path"], config=path)
+    cfg = read_original_yaml(yaml_path("tiny-v1-inference.yaml"))
+    cfg["model"]["params"]["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.BERTEmbedder"}
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    with pytest.raises(CheckpointError, match="BERTEmbedder"):
+        ldm_jax.load_pipeline(sd1["path"], config=path)
+    with open(path, "w") as f:
+        f.write("model: [unclosed")
+    with pytest.raises(CheckpointError, match="not valid YAML"):
+        ldm_jax.load_pipeline(sd1["path"], config=path)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_ckpt_is_refused(sd1, tmp_path):
+    marker = tmp_path / "pwned"
+    state = {k: torch.from_numpy(np.asarray(v)) for k, v in list(sd1["sd"].items())[:3]}
+    path = str(tmp_path / "evil.ckpt")
+    torch.save({"state_dict": state, "callbacks": _Exploit(str(marker))}, path)
+    with pytest.raises(UnsafePickleError):
+        ldm_jax.load_pipeline(path)
+    assert not marker.exists()
