@@ -104,3 +104,26 @@ def test_wrong_checkpoint_kind_is_one_line_error(tmp_path, capsys):
     bogus.write_text("not a model")
     code, cap = _run(["--checkpoint", str(bogus), "--prompt", "x"], capsys)
     assert code != 0 and cap.err.startswith("error: ") and len(cap.err.strip().splitlines()) == 1
+
+
+def test_class_label_sampling_from_original_checkpoint(tmp_path, capsys):
+    """A CompVis cin-style checkpoint (ClassEmbedder through cross-attention, VQ first stage)."""
+    import torch
+    from original_ckpt import first_stage, ldm_state_dict, save_ckpt, unet_model
+    from test_original import AE, CIN_UNET, ldm_betas, yaml_path
+
+    unet = unet_model(2, **CIN_UNET)
+    first = first_stage(12, {**AE, "double_z": False, "z_channels": 3}, 3, n_embed=16)
+    torch.manual_seed(3)
+    sd = ldm_state_dict(unet, first, torch.nn.Embedding(11, 32), "cond_stage_model.embedding.",
+                        betas=ldm_betas(0.0015, 0.0195))
+    path = save_ckpt(str(tmp_path / "cin.ckpt"), sd)
+    out = tmp_path / "cls"
+    code, cap = _run(["--checkpoint", path, "--config", yaml_path("tiny-cin-ldm-vq.yaml"), "--class_label", "7",
+                      "--n_samples", "2", "--steps", "2", "--scale", "3", "--outdir", str(out)], capsys)
+    assert code == 0, cap.err
+    meta = Image.open(out / "samples" / "00001.png").text
+    assert meta["class_label"] == "7"
+    code, cap = _run(["--checkpoint", path, "--config", yaml_path("tiny-cin-ldm-vq.yaml"), "--class_label", "11",
+                      "--steps", "1", "--outdir", str(tmp_path / "bad")], capsys)
+    assert code != 0 and "out of range" in cap.err
