@@ -1,0 +1,220 @@
+"""The latent-diffusion train step (Rombach et al. 2022, arXiv:2112.10752, Eq. 2):
+
+    L_LDM = E_{E(x), y, eps ~ N(0,1), t} || eps - eps_theta(z_t, t, tau(y)) ||^2
+
+with z = E(x) * scale_factor from the frozen first stage (a posterior sample for KL
+autoencoders, the pre-quantisation latents for VQ ones, as CompVis
+``get_first_stage_encoding``), tau the frozen text encoder (or a class-label table in
+the U-Net), and eps / v / x0 targets, min-SNR weights and offset noise from
+``ldm_jax.diffusion.losses``.
+
+``make_train_step(...)`` returns a pure function ``train_step(state, batch, frozen) ->
+(state, metrics)``:
+
+* ``batch``: ``"image"`` uint8 (B, H, W, 3) or float in [-1, 1]; or ``"latents"``
+  (B, h, w, c) precomputed, *unscaled* first-stage latents (scaled here). Text models
+  also take ``"input_ids"`` (B, L) int32, class-conditional ones ``"label"`` (B,) int32.
+* ``frozen``: ``{"vae": params | None, "text_encoder": params | None,
+  "scale_factor": () float32, "empty_ids": (1, L) int32 | None}``.
+
+All randomness is drawn for the whole global batch from ``fold_in(state.rng, state.step)``
+before the batch is split into micro-batches, so the result does not depend on the
+sharding nor (with U-Net dropout 0) on ``grad_accum_steps``.
+
+``jit_train_step`` wraps it with explicit in/out shardings and ``donate_argnums=(0,)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from ldm_jax.diffusion.losses import (
+    check_prediction_type, diffusion_loss, min_snr_weights, prediction_target, sample_training_inputs,
+)
+from ldm_jax.diffusion.schedule import NoiseSchedule, add_noise, snr
+from ldm_jax.training import optim
+from ldm_jax.training import sharding as shd
+from ldm_jax.training.state import TrainState
+
+CONDITIONINGS = ("text", "class", "none")
+# Streams folded into the step key.
+_POSTERIOR, _COND_DROP, _NOISE, _DROPOUT = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class LDMStepConfig:
+    """What the step computes (the optimizer lives in ``OptimizerConfig``)."""
+
+    prediction_type: str = "epsilon"       # "epsilon", "v_prediction" or "sample"
+    min_snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting (Hang et al. 2023); None = off
+    offset_noise: float = 0.0              # offset-noise strength (diffusers --noise_offset); 0 = off
+    conditioning: str = "text"             # "text" (cross-attention on tau(y)), "class" or "none"
+    cond_drop_prob: float = 0.1            # P(condition -> empty prompt / null class), for CFG
+    null_class: Optional[int] = None       # class id of "no label"; None = num_class_embeds - 1
+    sample_posterior: bool = True          # KL first stage: z ~ q(z|x) (CompVis) rather than its mean
+
+    def __post_init__(self):
+        check_prediction_type(self.prediction_type)
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"LDMStepConfig.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ValueError(f"LDMStepConfig.cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
+
+
+def images_to_float(image_bhwc: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1]; float input is taken as already in [-1, 1]."""
+    if image_bhwc.dtype == jnp.uint8:
+        return image_bhwc.astype(jnp.float32) / 127.5 - 1.0
+    return image_bhwc.astype(jnp.float32)
+
+
+def first_stage_latents(vae: nn.Module, vae_params, image_bhwc: jax.Array, eps_bhwc: Optional[jax.Array]):
+    """Unscaled first-stage latents z of images: mean + std * eps (KL; eps None: the mean),
+    or the pre-quantisation latents (VQ: the LDM works before the quantiser,
+    which is absorbed into the decoder). Gradient-free."""
+    enc = vae.apply({"params": vae_params}, images_to_float(image_bhwc), method="encode")
+    if hasattr(enc, "logvar"):  # DiagonalGaussianDistribution
+        z = enc.mean if eps_bhwc is None else enc.mean + enc.std * eps_bhwc.astype(enc.mean.dtype)
+    else:  # VQEncoding
+        z = enc.pre_quant
+    return jax.lax.stop_gradient(z.astype(jnp.float32))
+
+
+def latent_shape(vae: Optional[nn.Module], batch) -> tuple:
+    """(B, h, w, c) of the latents of ``batch`` (from "latents", or "image" and the VAE config)."""
+    if "latents" in batch:
+        return tuple(batch["latents"].shape)
+    if vae is None:
+        raise ValueError("batch has no 'latents' and no first-stage model was given to encode 'image'")
+    b, h, w, _ = batch["image"].shape
+    f = vae.config.downsample_factor
+    if h % f or w % f:
+        raise ValueError(f"image size {h}x{w} is not divisible by the first-stage factor {f}")
+    return (b, h // f, w // f, vae.config.embed_dim)
+
+
+def make_train_step(
+    unet: nn.Module,
+    schedule: NoiseSchedule,
+    tx: optax.GradientTransformation,
+    step_cfg: LDMStepConfig,
+    opt_cfg: optim.OptimizerConfig,
+    *,
+    vae: Optional[nn.Module] = None,
+    text_encoder: Optional[nn.Module] = None,
+    mesh: Optional[Mesh] = None,
+) -> Callable[[TrainState, Any, Any], tuple]:
+    """The pure LDM step for these (static) modules and settings; see the module docstring."""
+    cfg = step_cfg
+    k_accum = opt_cfg.grad_accum_steps
+    lr_fn = optim.learning_rate_schedule(opt_cfg)
+    use_text = cfg.conditioning == "text"
+    use_class = cfg.conditioning == "class"
+    if use_text and text_encoder is None:
+        raise ValueError("conditioning='text' needs a text encoder")
+    if use_class:
+        n_cls = unet.config.num_class_embeds
+        if n_cls is None:
+            raise ValueError("conditioning='class' needs a U-Net with num_class_embeds")
+        null_class = n_cls - 1 if cfg.null_class is None else int(cfg.null_class)
+
+    def loss_fn(params, mb, index, frozen, dropout_key):
+        # Frozen first stage (Sec. 3.1): z = E(x) * scale_factor.
+        if "latents" in mb:
+            z = mb["latents"].astype(jnp.float32)
+        else:
+            z = first_stage_latents(vae, frozen["vae"], mb["image"], mb.get("eps"))
+        x0 = z * frozen["scale_factor"]
+
+        context = labels = None
+        if use_text:
+            # Classifier-free guidance training (Ho & Salimans 2022, Sec. 3.2): dropped
+            # examples see the empty prompt's ids.
+            ids = jnp.where(mb["drop"][:, None], frozen["empty_ids"], mb["input_ids"])
+            context = jax.lax.stop_gradient(
+                text_encoder.apply({"params": frozen["text_encoder"]}, ids.astype(jnp.int32)))
+        elif use_class:
+            labels = jnp.where(mb["drop"], null_class, mb["label"]).astype(jnp.int32)
+
+        # Forward process q(z_t | z_0) (Ho et al. 2020 Eq. 4) and the regression target.
+        x_t = add_noise(schedule, x0, mb["noise"], mb["t"])
+        target = prediction_target(schedule, x0, mb["noise"], mb["t"], cfg.prediction_type)
+        out = unet.apply({"params": params}, x_t.astype(unet.dtype), mb["t"], context, labels, train=True,
+                         rngs={"dropout": jax.random.fold_in(dropout_key, index)})
+        weights = None
+        if cfg.min_snr_gamma is not None:
+            weights = min_snr_weights(snr(schedule, mb["t"]), float(cfg.min_snr_gamma), cfg.prediction_type)
+        loss = diffusion_loss(out, target, weights)
+        return loss, {"latent_std": jnp.std(x0)}
+
+    def train_step(state: TrainState, batch, frozen):
+        batch = dict(batch)
+        key = jax.random.fold_in(state.rng, state.step)
+        shape = latent_shape(vae, batch)
+        b = shape[0]
+
+        # Per-example randomness for the whole global batch.
+        extra = {}
+        t_b, noise = sample_training_inputs(jax.random.fold_in(key, _NOISE), jnp.zeros(shape, jnp.float32),
+                                            schedule, cfg.offset_noise)
+        extra["t"], extra["noise"] = t_b, noise
+        if "latents" not in batch and cfg.sample_posterior:
+            extra["eps"] = jax.random.normal(jax.random.fold_in(key, _POSTERIOR), shape, jnp.float32)
+        if use_text or use_class:
+            extra["drop"] = jax.random.bernoulli(jax.random.fold_in(key, _COND_DROP), cfg.cond_drop_prob, (b,))
+        if mesh is not None:
+            extra = jax.lax.with_sharding_constraint(extra, shd.batch_sharding(mesh))
+        batch.update(extra)
+        batch = {k: v for k, v in batch.items() if k in _STEP_KEYS}
+
+        def micro_loss(params, mb, index):
+            return loss_fn(params, mb, index, frozen, jax.random.fold_in(key, _DROPOUT))
+
+        loss, grads, aux = optim.accumulate_gradients(micro_loss, state.params, batch, k_accum, mesh)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        ema = state.ema_params
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step),
+                   "latent_std": aux["latent_std"]}
+        if ema is not None:
+            decay = optim.ema_decay_at(step, opt_cfg.ema_decay, opt_cfg.ema_warmup)
+            ema = optim.update_ema(ema, params, decay)
+            metrics["ema_decay"] = decay
+        new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema)
+        return new_state, metrics
+
+    return train_step
+
+
+_STEP_KEYS = ("image", "latents", "input_ids", "label", "t", "noise", "eps", "drop")
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings, frozen_shardings):
+    """``jax.jit`` with explicit shardings: state in/out in ``state_shardings`` (donated),
+    every batch leaf on ``P(("data", "fsdp"))``, metrics replicated."""
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, shd.batch_sharding(mesh), frozen_shardings),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_latent_std_fn(vae: nn.Module, mesh: Mesh, sample_posterior: bool = True):
+    """A jitted ``(vae_params, images, rng) -> std`` of the unscaled latents over the global
+    batch: LDM Sec. 4.3 / CompVis ``scale_by_std`` uses scale_factor = 1 / std of the
+    first batch's latents (torch's unbiased std)."""
+    def fn(vae_params, image_bhwc, rng):
+        shape = latent_shape(vae, {"image": image_bhwc})
+        eps = jax.random.normal(rng, shape, jnp.float32) if sample_posterior else None
+        z = first_stage_latents(vae, vae_params, image_bhwc, eps)
+        return jnp.std(z, ddof=1)
+
+    return jax.jit(fn, out_shardings=shd.replicated(mesh))

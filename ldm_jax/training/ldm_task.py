@@ -1,0 +1,311 @@
+"""The LDM training task: builds the trained U-Net, the frozen first stage and text encoder
+from a config, and implements the hooks the generic loop (``loop.py``) calls.
+
+Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
+
+* ``model.unet`` (UNetConfig fields), ``model.dtype`` ("float32" | "bfloat16": compute
+  dtype of all modules; parameters stay float32), ``model.attention_impl``, ``model.remat``;
+* ``first_stage.checkpoint`` (a diffusers ``vae/`` folder; "" = random init from
+  ``first_stage.autoencoder`` when ``first_stage.random_init``), ``first_stage.seed``,
+  ``first_stage.scale_by_std`` / ``first_stage.scale_factor``;
+* ``text_encoder.checkpoint`` (a transformers CLIPTextModel folder; "" = a seeded random
+  CLIP from ``text_encoder.clip``), ``text_encoder.tokenizer`` (folder; "" = vendored
+  CLIP BPE), ``text_encoder.max_length``, ``text_encoder.pad_token_id``, ``text_encoder.seed``;
+* ``diffusion.*`` (schedule, prediction type, min-SNR, offset noise, conditioning, CFG
+  dropout), ``train.*`` (OptimizerConfig fields + ``num_steps``), ``mesh.min_fsdp_size``,
+  ``mesh.rules``, ``sample.*``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ldm_jax.diffusion.schedule import NoiseSchedule
+from ldm_jax.models.unet import UNet, UNetConfig, unet_dummy_inputs
+from ldm_jax.training import ldm_step, optim
+from ldm_jax.training import sharding as shd
+from ldm_jax.training import state as state_lib
+
+log = logging.getLogger(__name__)
+
+# Loaders for first-stage checkpoints that are not diffusers folders, tried in order:
+# (predicate(path) -> bool, loader(path, dtype, attention_impl) -> (module, params)).
+# The autoencoder trainer registers its own workdir format here.
+_SCALE_BY_STD_STREAM = 2 ** 31 - 1  # fold_in(state.rng, .) for the scale-by-std posterior sample
+FIRST_STAGE_LOADERS: List[Tuple[Callable[[str], bool], Callable[..., Tuple[Any, Any]]]] = []
+
+
+def register_first_stage_loader(predicate: Callable[[str], bool], loader: Callable[..., Tuple[Any, Any]]) -> None:
+    FIRST_STAGE_LOADERS.append((predicate, loader))
+
+
+def _get(cfg, key: str, default=None):
+    """ConfigDict / dict lookup with a default (ConfigDict raises on missing keys)."""
+    try:
+        value = cfg[key]
+    except (KeyError, AttributeError, TypeError):
+        return default
+    return default if value is None and default is not None else value
+
+
+def _as_dict(cfg) -> Dict[str, Any]:
+    if cfg is None:
+        return {}
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _init_frozen(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, min_fsdp_size: int, rules):
+    """Seeded random init of a *frozen* model (demo / smoke runs only), then placed on its
+    shardings. It runs on one device, so the compiled initialiser is the same for every
+    mesh (and hits the compilation cache); trained state never goes this way."""
+    params = jax.jit(init_fn)(rng)
+    return shd.shard_tree(params, shd.tree_shardings(params, mesh, min_fsdp_size, rules))
+
+
+def build_first_stage(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size: int, rules):
+    """(autoencoder module, params) from ``config.first_stage``."""
+    from ldm_jax.models.autoencoder import AutoencoderConfig, build_autoencoder, init_params
+
+    path = _get(cfg, "checkpoint", "") or ""
+    if path:
+        for predicate, loader in FIRST_STAGE_LOADERS:
+            if predicate(path):
+                module, params = loader(path, dtype=dtype, attention_impl=attention_impl)
+                break
+        else:
+            if os.path.isfile(os.path.join(path, "config.json")):
+                from ldm_jax.convert import load_vae
+
+                module, params = load_vae(path, dtype=dtype, attention_impl=attention_impl)
+            elif os.path.isdir(os.path.join(path, "checkpoints")):
+                raise NotImplementedError(
+                    f"first_stage.checkpoint={path!r} looks like a train.py workdir; loading our own "
+                    "autoencoder checkpoints is added with the autoencoder trainer (register a loader with "
+                    "ldm_jax.training.ldm_task.register_first_stage_loader)")
+            else:
+                raise FileNotFoundError(
+                    f"first_stage.checkpoint={path!r}: expected a diffusers vae/ folder with config.json")
+        return module, shd.shard_tree(params, shd.tree_shardings(params, mesh, min_fsdp_size, rules))
+    if not _get(cfg, "random_init", False):
+        raise ValueError("config.first_stage: set checkpoint (a diffusers vae/ folder) or random_init=True")
+    ae_cfg = AutoencoderConfig(**_as_dict(_get(cfg, "autoencoder")))
+    module = build_autoencoder(ae_cfg, attention_impl=attention_impl, dtype=dtype)
+    params = _init_frozen(lambda k: init_params(module, k), jax.random.PRNGKey(int(_get(cfg, "seed", 0))),
+                           mesh, min_fsdp_size, rules)
+    return module, params
+
+
+def build_text_encoder(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size: int, rules):
+    """(CLIPTextModel, params, tokenizer) from ``config.text_encoder``."""
+    from ldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from ldm_jax.text.tokenizer import CLIPTokenizer
+
+    path = _get(cfg, "checkpoint", "") or ""
+    tok_path = _get(cfg, "tokenizer", "") or ""
+    if path:
+        from ldm_jax.convert import load_text_encoder
+
+        module, params = load_text_encoder(path, dtype=dtype, attention_impl=attention_impl)
+        params = shd.shard_tree(params, shd.tree_shardings(params, mesh, min_fsdp_size, rules))
+    else:
+        clip_cfg = CLIPTextConfig(**_as_dict(_get(cfg, "clip")))
+        module = CLIPTextModel(clip_cfg, dtype=dtype, attention_impl=attention_impl)
+        ids = jnp.zeros((1, clip_cfg.max_position_embeddings), jnp.int32)
+        params = _init_frozen(lambda k: module.init(k, ids)["params"],
+                               jax.random.PRNGKey(int(_get(cfg, "seed", 0))), mesh, min_fsdp_size, rules)
+    max_length = int(_get(cfg, "max_length", 0) or module.config.max_position_embeddings)
+    if tok_path:
+        tokenizer = CLIPTokenizer.from_pretrained(tok_path, max_length=max_length)
+    else:
+        tokenizer = CLIPTokenizer(pad_token_id=int(_get(cfg, "pad_token_id", 49407)), max_length=max_length)
+    return module, params, tokenizer
+
+
+class LDMTask:
+    """Hooks for ``loop.train``: init/abstract state, batch preparation, the jitted step,
+    scale-by-std at the start, metadata for checkpoints and sample grids."""
+
+    def __init__(self, config, mesh: Mesh):
+        self.config = config
+        self.mesh = mesh
+        model = config.model
+        self.dtype = jnp.dtype(_get(model, "dtype", "float32"))
+        attention_impl = _get(model, "attention_impl", "xla")
+        self.min_fsdp_size = int(_get(config.mesh, "min_fsdp_size", 2 ** 18))
+        self.rules = [tuple(r) for r in (_get(config.mesh, "rules", ()) or ())]
+        sharding_kw = dict(mesh=mesh, min_fsdp_size=self.min_fsdp_size, rules=self.rules)
+
+        unet_fields = _as_dict(model.unet)
+        unet_fields["remat_blocks"] = bool(_get(model, "remat", unet_fields.get("remat_blocks", False)))
+        self.unet = UNet(UNetConfig(**unet_fields), dtype=self.dtype, attention_impl=attention_impl)
+
+        diff = config.diffusion
+        conditioning = _get(diff, "conditioning", "text")
+        self.step_cfg = ldm_step.LDMStepConfig(
+            prediction_type=_get(diff, "prediction_type", "epsilon"),
+            min_snr_gamma=_get(diff, "min_snr_gamma", None) or None,
+            offset_noise=float(_get(diff, "offset_noise", 0.0)),
+            conditioning=conditioning,
+            cond_drop_prob=float(_get(diff, "cond_drop_prob", 0.1)),
+            null_class=_get(diff, "null_class", None),
+            sample_posterior=bool(_get(config.first_stage, "sample_posterior", True)),
+        )
+        self.schedule_config = dict(
+            num_train_timesteps=int(_get(diff, "num_train_timesteps", 1000)),
+            beta_schedule=_get(diff, "beta_schedule", "scaled_linear"),
+            beta_start=float(_get(diff, "beta_start", 0.00085)),
+            beta_end=float(_get(diff, "beta_end", 0.012)),
+            prediction_type=self.step_cfg.prediction_type,
+        )
+        self.schedule = NoiseSchedule.from_diffusers_config(self.schedule_config)
+
+        self.vae, vae_params = build_first_stage(config.first_stage, self.dtype, attention_impl, **sharding_kw)
+        self.text_encoder = self.tokenizer = None
+        te_params = empty_ids = None
+        if conditioning == "text":
+            self.text_encoder, te_params, self.tokenizer = build_text_encoder(
+                config.text_encoder, self.dtype, attention_impl, **sharding_kw)
+            empty_ids = jnp.asarray(self.tokenizer([""]))
+        ucfg = self.unet.config
+        ctx_dim = ucfg.per_block("cross_attention_dim")[-1] if ucfg.uses_cross_attention else None
+        if self.text_encoder is not None and ctx_dim != self.text_encoder.config.hidden_size:
+            raise ValueError(f"model.unet.cross_attention_dim={ctx_dim} does not match the text encoder width "
+                             f"{self.text_encoder.config.hidden_size}")
+
+        fixed = _get(config.first_stage, "scale_factor", None)
+        self.scale_by_std = bool(_get(config.first_stage, "scale_by_std", False))
+        self.scale_factor = float(np.float32(fixed if fixed is not None else self.vae.config.scaling_factor))
+        rep = shd.replicated(mesh)
+        frozen = {"vae": vae_params, "text_encoder": te_params,
+                  "scale_factor": jax.device_put(jnp.float32(self.scale_factor), rep),
+                  "empty_ids": None if empty_ids is None else shd.shard_tree(np.asarray(empty_ids), rep)}
+        self.frozen = frozen
+        self.frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+
+        train = config.train
+        opt_fields = _as_dict(train)
+        opt_fields.setdefault("num_steps", int(train.num_steps))
+        self.opt_cfg = optim.OptimizerConfig.from_mapping(opt_fields)
+        self.tx = optim.make_optimizer(self.opt_cfg)
+        self.global_batch_size = int(train.batch_size)
+
+        x, t, ctx, labels = unet_dummy_inputs(self.unet.config, batch=1, context_len=8)
+        dummy = [jnp.zeros(a.shape, a.dtype) if a is not None else None for a in (x, t, ctx, labels)]
+        unet = self.unet
+        self._init_fn = state_lib.make_init_fn(lambda k: unet.init(k, *dummy)["params"], self.tx,
+                                               use_ema=self.opt_cfg.ema_decay > 0)
+        self._abstract, self.state_shardings = state_lib.abstract_train_state(
+            self._init_fn, mesh, self.min_fsdp_size, self.rules)
+        step_fn = ldm_step.make_train_step(self.unet, self.schedule, self.tx, self.step_cfg, self.opt_cfg,
+                                           vae=self.vae, text_encoder=self.text_encoder, mesh=mesh)
+        self.step_fn = step_fn  # the pure function (tests compare it unjitted)
+        self._jitted = ldm_step.jit_train_step(step_fn, mesh, self.state_shardings, self.frozen_shardings)
+        self._pipeline = None
+        if jax.process_index() == 0:
+            n = state_lib.param_count(self._abstract.params)
+            log.info("U-Net: %.2fM trained parameters (%s compute); mesh %s", n / 1e6, self.dtype.name,
+                     dict(mesh.shape))
+
+    # ------------------------------------------------------------------ loop hooks
+    def init_state(self, rng: jax.Array):
+        return jax.jit(self._init_fn, out_shardings=self.state_shardings)(rng)
+
+    def abstract_state(self):
+        return self._abstract
+
+    def prepare_batch(self, host_batch: Dict[str, Any]) -> Dict[str, np.ndarray]:
+        """Process-local data-pipeline output -> numeric arrays for ``shard_batch``."""
+        out = {}
+        if "latents" in host_batch:
+            out["latents"] = np.asarray(host_batch["latents"], np.float32)
+        else:
+            out["image"] = np.asarray(host_batch["image"])
+        if self.step_cfg.conditioning == "text":
+            out["input_ids"] = self.tokenizer([str(c) for c in np.asarray(host_batch["caption"]).tolist()])
+        elif self.step_cfg.conditioning == "class":
+            if "label" not in host_batch:
+                raise KeyError("class-conditional training needs a 'label' field in the data")
+            out["label"] = np.asarray(host_batch["label"], np.int32)
+        return out
+
+    def on_first_batch(self, state, batch) -> None:
+        """scale_by_std (LDM Sec. 4.3): scale_factor = 1 / std(first batch's latents); only on
+        a fresh start (a resumed run restores it from the checkpoint metadata)."""
+        if not self.scale_by_std:
+            return
+        if "latents" in batch:
+            std = float(jax.jit(lambda z: jnp.std(z, ddof=1), out_shardings=shd.replicated(self.mesh))(
+                batch["latents"]))
+        else:
+            fn = ldm_step.make_latent_std_fn(self.vae, self.mesh, self.step_cfg.sample_posterior)
+            std = float(fn(self.frozen["vae"], batch["image"], jax.random.fold_in(state.rng, _SCALE_BY_STD_STREAM)))
+        self.set_scale_factor(1.0 / std)
+        if jax.process_index() == 0:
+            log.info("scale_by_std: latent std %.5f -> scale_factor %.5f", std, self.scale_factor)
+
+    def set_scale_factor(self, value: float) -> None:
+        self.scale_factor = float(np.float32(value))
+        self.frozen["scale_factor"] = jax.device_put(jnp.float32(self.scale_factor), shd.replicated(self.mesh))
+
+    def train_step(self, state, batch):
+        return self._jitted(state, batch, self.frozen)
+
+    def metadata(self) -> Dict[str, Any]:
+        return {"scale_factor": self.scale_factor}
+
+    def load_metadata(self, meta: Dict[str, Any]) -> None:
+        if meta.get("scale_factor") is not None:
+            self.set_scale_factor(meta["scale_factor"])
+
+    # ------------------------------------------------------------------ samples
+    def sample(self, state, step: int) -> Optional[np.ndarray]:
+        """Images (N, H, W, 3) in [0, 1] from the EMA weights (params without EMA) on the
+        fixed ``sample.prompts`` / ``sample.class_labels``, with few sampler steps."""
+        cfg = self.config.sample
+        pipe = self._sample_pipeline()
+        pipe.params["unet"] = state.ema_params if state.ema_params is not None else state.params
+        kw = dict(num_inference_steps=int(_get(cfg, "num_inference_steps", 20)),
+                  guidance_scale=float(_get(cfg, "guidance_scale", 3.0)), seed=int(_get(cfg, "seed", 0)),
+                  sampler=_get(cfg, "sampler", "ddim"), height=self._image_size(), width=self._image_size())
+        if self.step_cfg.conditioning == "text":
+            prompts = list(_get(cfg, "prompts", ["a red square"]))
+            return pipe(prompts, **kw)
+        if self.step_cfg.conditioning == "class":
+            labels = list(_get(cfg, "class_labels", [0, 1, 2, 3]))
+            return pipe([""] * len(labels), class_labels=labels, **kw)
+        n = int(_get(cfg, "num_images", 4))
+        return pipe([""] * n, **{**kw, "guidance_scale": 1.0})
+
+    def _image_size(self) -> int:
+        return int(_get(self.config.data, "image_size", 32))
+
+    def _sample_pipeline(self):
+        from ldm_jax.pipeline import Pipeline
+
+        mesh = self.mesh
+
+        class _MeshPipeline(Pipeline):
+            # Outputs replicated on the training mesh, so every process can read the images.
+            def _jit(self, key, fn):
+                if key not in self._jit_cache:
+                    self._jit_cache[key] = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+                return self._jit_cache[key]
+
+        vae = self.vae.clone(config=dataclasses.replace(self.vae.config, scaling_factor=self.scale_factor))
+        if self._pipeline is None or self._pipeline.scaling_factor != self.scale_factor:
+            params = {"vae": self.frozen["vae"]}
+            if self.text_encoder is not None:
+                params["text_encoder"] = self.frozen["text_encoder"]
+            self._pipeline = _MeshPipeline(
+                unet=self.unet, vae=vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, params=params,
+                scheduler_config={**self.schedule_config, "clip_sample": False, "set_alpha_to_one": False,
+                                  "steps_offset": 1},
+                source="training", sample_size=self._image_size() // self.vae.config.downsample_factor, mesh=mesh)
+        return self._pipeline

@@ -1,0 +1,308 @@
+"""The generic training loop behind ``train.py``.
+
+``train(config, workdir)`` builds the mesh, the task (``LDMTask`` unless one is given),
+the data iterator and the checkpoint manager; resumes from ``workdir/checkpoints`` when
+a checkpoint exists (state restored into its shardings, data-iterator state and task
+metadata such as ``scale_factor`` from the checkpoint's JSON); then runs
+``task.train_step`` until ``train.num_steps``, logging (tqdm on process 0, TensorBoard
+scalars in ``workdir/tb``, JSON lines in ``workdir/metrics.jsonl``), writing sample
+grids to ``workdir/samples`` every ``train.sample_every`` steps and checkpoints every
+``train.checkpoint_every`` steps, at the end and on SIGTERM.
+
+A task is any object with these hooks (``LDMTask`` is the latent-diffusion one; the
+first-stage trainer provides another):
+
+    init_state(rng) -> state            sharded, e.g. state.create_train_state
+    abstract_state() -> ShapeDtypeStructs with shardings (restore target)
+    prepare_batch(host_batch) -> {name: np.ndarray}   process-local, numeric
+    on_first_batch(state, device_batch)  fresh runs only (e.g. scale_by_std)
+    train_step(state, device_batch) -> (state, metrics)
+    metadata() -> JSON dict;  load_metadata(dict)
+    sample(state, step) -> images (N, H, W, 3) in [0, 1], or None
+    global_batch_size: int
+
+Determinism: the state carries the rng (step keys are fold_in(rng, step)), the data
+iterator state is checkpointed per process, so stopping at step k and rerunning to N
+reproduces an uninterrupted run bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, Optional, Protocol
+
+import jax
+import numpy as np
+
+from ldm_jax.training import checkpoint as ckpt_lib
+from ldm_jax.training import sharding as shd
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    """What ``train`` needs from a model-specific task (see the module docstring)."""
+
+    global_batch_size: int
+
+    def init_state(self, rng: jax.Array) -> Any: ...
+    def abstract_state(self) -> Any: ...
+    def prepare_batch(self, host_batch: Dict[str, Any]) -> Dict[str, np.ndarray]: ...
+    def on_first_batch(self, state: Any, batch: Dict[str, jax.Array]) -> None: ...
+    def train_step(self, state: Any, batch: Dict[str, jax.Array]) -> tuple: ...
+    def metadata(self) -> Dict[str, Any]: ...
+    def load_metadata(self, meta: Dict[str, Any]) -> None: ...
+    def sample(self, state: Any, step: int) -> Optional[np.ndarray]: ...
+
+
+# ------------------------------------------------------------------ data
+class SyntheticDataset:
+    """A built-in synthetic dataset with the ``ldm_jax.data`` iterator API (``data.name =
+    "synthetic"``): one coloured square (random size and position, seeded per example) on
+    a dark background; caption "a {colour} square", label = colour index. For smoke runs,
+    tests and benchmarks without data on disk."""
+
+    COLORS = (("red", (230, 40, 40)), ("green", (40, 200, 60)), ("blue", (50, 80, 230)), ("yellow", (230, 220, 40)))
+
+    def __init__(self, global_batch_size: int, image_size: int = 32, process_index: int = 0,
+                 process_count: int = 1, seed: int = 0):
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+        self.global_batch_size = int(global_batch_size)
+        self.local_batch_size = self.global_batch_size // process_count
+        self.image_size = int(image_size)
+        self.process_index = int(process_index)
+        self.seed = int(seed)
+        self.num_skipped = 0
+        self._step = 0
+
+    def example(self, index: int) -> Dict[str, Any]:
+        rng = np.random.default_rng([self.seed, index])
+        s = self.image_size
+        label = int(rng.integers(len(self.COLORS)))
+        side = int(rng.integers(max(2, s // 4), max(3, s // 2 + 1)))
+        y, x = (int(v) for v in rng.integers(0, s - side + 1, size=2))
+        image = np.full((s, s, 3), 20, np.uint8)
+        image[y:y + side, x:x + side] = self.COLORS[label][1]
+        return {"image": image, "caption": f"a {self.COLORS[label][0]} square", "label": label, "index": index}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        start = self._step * self.global_batch_size + self.process_index * self.local_batch_size
+        examples = [self.example(start + j) for j in range(self.local_batch_size)]
+        self._step += 1
+        return {"image": np.stack([e["image"] for e in examples]),
+                "caption": np.asarray([e["caption"] for e in examples]),
+                "label": np.asarray([e["label"] for e in examples], np.int32),
+                "index": np.asarray([e["index"] for e in examples], np.int64)}
+
+    def get_state(self) -> Dict[str, Any]:
+        return {"step": self._step}
+
+    def set_state(self, state: Dict[str, Any]) -> None:
+        self._step = int(state["step"])
+
+
+def make_dataset(config, seed: int):
+    """The training iterator for ``config.data`` (``ldm_jax.data.create_dataset``, or the
+    built-in ``SyntheticDataset`` for ``data.name == "synthetic"``)."""
+    kw = dict(global_batch_size=int(config.train.batch_size), process_index=jax.process_index(),
+              process_count=jax.process_count(), seed=seed, image_size=int(config.data.image_size))
+    if config.data.name == "synthetic":
+        return SyntheticDataset(**kw)
+    from ldm_jax.data import create_dataset
+
+    return create_dataset(config.data, split="train", **kw)
+
+
+# ------------------------------------------------------------------ logging
+class MetricLogger:
+    """TensorBoard (tensorboardX) + JSON lines + tqdm, on process 0 only."""
+
+    def __init__(self, workdir: str, start_step: int, num_steps: int, enabled: bool = True,
+                 progress: bool = True):
+        self.enabled = enabled
+        self._tb = self._bar = self._jsonl = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:  # pragma: no cover
+            log.warning("tensorboardX not installed: no TensorBoard logs")
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=num_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def write(self, step: int, scalars: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"train/{k}", float(v), int(step))
+            self._tb.flush()
+        if self._bar is not None:
+            shown = {k: scalars[k] for k in ("loss", "steps_per_sec", "images_per_sec") if k in scalars}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def close(self) -> None:
+        for obj in (self._bar, self._tb, self._jsonl):
+            if obj is not None:
+                obj.close()
+
+
+def save_image_grid(images: np.ndarray, path: str, ncol: Optional[int] = None) -> str:
+    """(N, H, W, 3) float in [0, 1] -> one PNG grid."""
+    from PIL import Image
+
+    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+    n, h, w, c = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    grid = np.zeros((nrow * h, ncol * w, c), np.float32)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(path)
+    return path
+
+
+# ------------------------------------------------------------------ per-process JSON
+def _allgather_json(obj) -> list:
+    """[obj of process 0, obj of process 1, ...] (a collective when several processes)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(gathered[i, :sizes[i]]).decode("utf-8")) for i in range(len(sizes))]
+
+
+def _get(cfg, key, default):
+    try:
+        value = cfg[key]
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None else value
+
+
+# ------------------------------------------------------------------ the loop
+def train(config, workdir: str, *, task: Optional[Task] = None, dataset=None, mesh=None, progress: bool = True):
+    """Train (or resume) until ``config.train.num_steps``; returns the final state."""
+    t_setup = time.time()
+    is_main = jax.process_index() == 0
+    tcfg = config.train
+    if mesh is None:
+        mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+    shd.local_batch_size(int(tcfg.batch_size), mesh)  # validates divisibility
+    if task is None:
+        from ldm_jax.training.ldm_task import LDMTask
+
+        task = LDMTask(config, mesh)
+    seed = int(_get(config, "seed", 0))
+    if dataset is None:
+        dataset = make_dataset(config, seed)
+    num_steps = int(tcfg.num_steps)
+
+    manager = ckpt_lib.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), save_every=int(_get(tcfg, "checkpoint_every", 1000)),
+        max_to_keep=_get(tcfg, "keep_checkpoints", 3), async_save=bool(_get(tcfg, "async_checkpoint", True)))
+    watcher = ckpt_lib.PreemptionWatcher(sync_every=int(_get(tcfg, "preemption_check_every", 1))).install()
+
+    restored = manager.restore_latest(task.abstract_state())
+    if restored is not None:
+        state, extra = restored
+        step = int(jax.device_get(state.step))
+        data_states = extra.get("data_state") or []
+        if len(data_states) != jax.process_count():
+            raise ValueError(f"checkpoint step {step} holds data state for {len(data_states)} processes, "
+                             f"this run has {jax.process_count()}")
+        dataset.set_state(data_states[jax.process_index()])
+        task.load_metadata(extra)
+        if is_main:
+            log.info("resumed from %s at step %d", manager.directory, step)
+    else:
+        state = task.init_state(jax.random.PRNGKey(seed))
+        step = 0
+
+    def save(force: bool):
+        extra = {"data_state": _allgather_json(dataset.get_state()), "step": step,
+                 "config": config.to_dict() if hasattr(config, "to_dict") else dict(config), **task.metadata()}
+        manager.save(step, state, extra=extra, force=force)
+
+    logger = MetricLogger(workdir, step, num_steps, enabled=is_main, progress=progress)
+    log_every = int(_get(tcfg, "log_every", 50))
+    sample_every = int(_get(tcfg, "sample_every", 0))
+    pending = []
+    t_last, step_last = time.time(), step
+    if is_main:
+        log.info("setup took %.1fs; training steps %d -> %d on mesh %s", time.time() - t_setup, step, num_steps,
+                 dict(mesh.shape))
+    try:
+        fresh = step == 0
+        while step < num_steps:
+            try:
+                host_batch = next(dataset)
+            except StopIteration:
+                if is_main:
+                    log.warning("data exhausted at step %d (data.num_epochs?); stopping", step)
+                if step > 0:
+                    save(force=True)
+                break
+            batch = shd.shard_batch(task.prepare_batch(host_batch), mesh)
+            if fresh:
+                task.on_first_batch(state, batch)
+                fresh = False
+            state, metrics = task.train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+            logger.step()
+
+            if step % log_every == 0 or step == num_steps:
+                values = jax.device_get(pending)
+                scalars = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
+                now = time.time()
+                rate = (step - step_last) / max(now - t_last, 1e-9)
+                scalars.update(steps_per_sec=rate, images_per_sec=rate * task.global_batch_size,
+                               data_skipped=float(getattr(dataset, "num_skipped", 0)))
+                logger.write(step, scalars)
+                pending, t_last, step_last = [], now, step
+                if not all(math.isfinite(v) for v in scalars.values()) and is_main:
+                    log.warning("step %d: non-finite metrics %s", step, scalars)
+
+            stop = watcher.requested(step)
+            if stop or step == num_steps or manager.should_save(step):
+                save(force=stop or step == num_steps)
+            if stop:
+                if is_main:
+                    log.warning("termination requested: checkpoint at step %d, stopping", step)
+                break
+            if sample_every and step % sample_every == 0:
+                images = task.sample(state, step)
+                if images is not None and is_main:
+                    save_image_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+    finally:
+        manager.close()
+        logger.close()
+        watcher.uninstall()
+    return state
