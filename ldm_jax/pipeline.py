@@ -263,7 +263,7 @@ class Pipeline:
 
 def load_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32", **kwargs) -> Pipeline:
     """A ``Pipeline`` from a diffusers-format folder (model_index.json, unet/, vae/,
-    text_encoder/, tokenizer/, scheduler/) or a single original CompVis/Stability
+    text_encoder/, tokenizer/, scheduler/), a ``train.py`` LDM workdir, or a single original CompVis/Stability
     .ckpt/.safetensors file (``config``: its original YAML, else inferred from the keys;
     ``use_ema=`` and ``prediction_type=`` pass through to ``load_original_pipeline``).
     ``dtype``: compute dtype ("float32" or "bfloat16"); parameters stay float32."""
@@ -278,8 +278,12 @@ def load_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32
         from ldm_jax.convert.original_pipeline import load_original_pipeline
 
         return load_original_pipeline(path, config=config, dtype=dtype, **kwargs)
+    from ldm_jax.convert.workdir_pipeline import is_train_workdir, load_workdir_pipeline
+
+    if os.path.isdir(path) and is_train_workdir(path):  # a train.py workdir
+        return load_workdir_pipeline(path, dtype=dtype, **kwargs)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     raise CheckpointError(
-        f"{path}: not a diffusers pipeline folder (no model_index.json); train.py checkpoint "
-        "directories are loaded by later versions")
+        f"{path}: not a model: expected a diffusers folder (model_index.json), a train.py workdir "
+        "(config.json + checkpoints/) or a .ckpt/.safetensors file")

@@ -1,0 +1,62 @@
+"""A ``train.py`` LDM workdir -> ``ldm_jax.Pipeline`` (for sample.py and load_pipeline).
+
+    workdir/config.json        the run's configuration (written by train.py)
+    workdir/checkpoints/N/     orbax checkpoints (params, EMA params, metadata)
+
+The U-Net weights are the EMA weights when the run kept them; the frozen first
+stage and text encoder are rebuilt from the configuration exactly as training
+built them, and the latent scale factor comes from the checkpoint metadata
+(``scale_by_std``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+
+from ldm_jax.convert.errors import CheckpointError
+from ldm_jax.convert.weights_io import read_json
+
+
+def is_train_workdir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_workdir_pipeline(workdir: str, dtype: str = "float32", use_ema: bool = True):
+    from ldm_jax.pipeline import Pipeline
+    from ldm_jax.training import sharding as shd
+    from ldm_jax.training.checkpoint import CheckpointManager
+    from ldm_jax.training.ldm_task import LDMTask
+
+    config_path = os.path.join(workdir, "config.json")
+    config = ml_collections.ConfigDict(read_json(config_path))
+    if config.get("task", "ldm") != "ldm":
+        raise CheckpointError(f"{workdir}: a {config.task!r} training run, not a latent diffusion model; "
+                              "sample from the workdir of an LDM run (configs/emoji_ldm.py)")
+    config.model.dtype = str(dtype)
+    mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
+    task = LDMTask(config, mesh)
+    manager = CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        restored = manager.restore_latest(task.abstract_state())
+    finally:
+        manager.close()
+    if restored is None:
+        raise CheckpointError(f"{workdir}: no checkpoint under checkpoints/ yet")
+    state, extra = restored
+    task.load_metadata(extra)
+    unet_params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
+    params = {"unet": unet_params, "vae": task.frozen["vae"]}
+    if task.text_encoder is not None:
+        params["text_encoder"] = task.frozen["text_encoder"]
+    vae = task.vae.clone(config=dataclasses.replace(task.vae.config, scaling_factor=task.scale_factor))
+    # The sampler options a freshly trained model wants: no x0 clipping (latents are unit-variance,
+    # not images), SD's leading spacing with offset 1.
+    scheduler_config = dict(task.schedule_config, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                            timestep_spacing="leading")
+    image_size = int(config.data.get("image_size", 32))
+    return Pipeline(unet=task.unet, vae=vae, text_encoder=task.text_encoder, tokenizer=task.tokenizer,
+                    params=params, scheduler_config=scheduler_config, source=workdir,
+                    sample_size=image_size // vae.config.downsample_factor)
