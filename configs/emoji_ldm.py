@@ -2,6 +2,8 @@
 
     python train.py --config configs/emoji_ldm.py --workdir /tmp/emoji_ldm
     python train.py --config configs/emoji_ldm.py:runlocal --workdir /tmp/smoke   # few CPU steps
+    python train.py --config configs/emoji_ldm.py:demo --workdir /tmp/ldm \
+        --config.first_stage.checkpoint=/tmp/emoji_ae                               # the main job (tools/demo.sh)
 
 The first stage is a randomly initialised (frozen) KL autoencoder with factor 4 until
 ``first_stage.checkpoint`` points at a trained one (a diffusers ``vae/`` folder), and
@@ -120,6 +122,17 @@ def get_config(arg: str = ""):
         c.train.sample_every = 0
         c.sample.prompts = ("a red square", "a blue square")
         c.sample.num_inference_steps = 4
+    elif arg == "demo":
+        # The README's main job (tools/demo.sh): ~10 minutes on 2 CPU cores on top of a trained
+        # first stage given with --config.first_stage.checkpoint=WORKDIR_OF_emoji_autoencoder.
+        c.first_stage.random_init = False
+        c.data.random_flip = False      # "facing right" emoji must stay right-facing
+        c.train.num_steps = 2500
+        c.train.warmup_steps = 100
+        c.train.ema_decay = 0.999
+        c.train.checkpoint_every = 500
+        c.train.sample_every = 0
+        c.sample.prompts = ("red apple", "grinning face", "red heart", "cat face")
     elif arg:
-        raise ValueError(f"unknown preset {arg!r}; expected '' or 'runlocal'")
+        raise ValueError(f"unknown preset {arg!r}; expected '', 'runlocal' or 'demo'")
     return c

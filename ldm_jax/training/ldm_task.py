@@ -75,6 +75,8 @@ def build_first_stage(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size
 
     path = _get(cfg, "checkpoint", "") or ""
     if path:
+        from ldm_jax.training import autoencoder_task  # noqa: F401  (registers the autoencoder-workdir loader)
+
         for predicate, loader in FIRST_STAGE_LOADERS:
             if predicate(path):
                 module, params = loader(path, dtype=dtype, attention_impl=attention_impl)

@@ -207,6 +207,20 @@ def _get(cfg, key, default):
 
 
 # ------------------------------------------------------------------ the loop
+def make_task(config, mesh, workdir=None):
+    """The task a config trains: ``config.task`` "ldm" (default) or "autoencoder"."""
+    kind = _get(config, "task", "ldm")
+    if kind == "ldm":
+        from ldm_jax.training.ldm_task import LDMTask
+
+        return LDMTask(config, mesh)
+    if kind == "autoencoder":
+        from ldm_jax.training.autoencoder_task import AutoencoderTask
+
+        return AutoencoderTask(config, mesh, workdir=workdir)
+    raise ValueError(f"config.task={kind!r}: expected 'ldm' or 'autoencoder'")
+
+
 def train(config, workdir: str, *, task: Optional[Task] = None, dataset=None, mesh=None, progress: bool = True):
     """Train (or resume) until ``config.train.num_steps``; returns the final state."""
     t_setup = time.time()
@@ -216,9 +230,7 @@ def train(config, workdir: str, *, task: Optional[Task] = None, dataset=None, me
         mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
     shd.local_batch_size(int(tcfg.batch_size), mesh)  # validates divisibility
     if task is None:
-        from ldm_jax.training.ldm_task import LDMTask
-
-        task = LDMTask(config, mesh)
+        task = make_task(config, mesh, workdir)
     seed = int(_get(config, "seed", 0))
     if dataset is None:
         dataset = make_dataset(config, seed)
