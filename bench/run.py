@@ -1,0 +1,404 @@
+"""Benchmark table: this project next to diffusers PyTorch, same weights, same run.
+
+    python bench/run.py [--preset cpu|gpu] [--only unet_fwd,train_step,...] [--out bench/RESULTS.md]
+
+Sections (``--only``): unet_fwd, train_step, txt2img, vae_decode, first_image.
+Every measurement runs in a fresh subprocess (``bench/cases.py``), alternating
+PyTorch and JAX, on the random-weight diffusers folder that ``bench/build.py``
+writes for the preset (both sides load the same safetensors). Writes a
+Markdown table to ``--out`` and the raw results next to it
+(``results_<preset>.json``). See bench/README.md for what each row means.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.presets import PRESETS  # noqa: E402
+from bench.timing import load_average  # noqa: E402
+
+SECTIONS = ("unet_fwd", "train_step", "txt2img", "vae_decode", "first_image")
+
+
+# ------------------------------------------------------------------ environment
+def environment(preset_name: str) -> dict:
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpu": _cpu_model(), "cores": os.cpu_count(), "preset": preset_name}
+    for mod in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "transformers", "numpy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            info[mod] = f"missing ({type(e).__name__})"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            info["gpu"] = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def wait_for_quiet(max_load: float, max_wait_s: float) -> tuple:
+    """Sleep until the 1-minute load average is below ``max_load`` (or ``max_wait_s`` passed)."""
+    t0 = time.time()
+    while load_average() and load_average()[0] >= max_load and time.time() - t0 < max_wait_s:
+        print(f"  load {load_average()} >= {max_load}: waiting 60 s", flush=True)
+        time.sleep(60)
+    return load_average()
+
+
+# ------------------------------------------------------------------ subprocess runner
+class Runner:
+    def __init__(self, preset: str, folder: str, timeout_s: float, log, single_core: bool = False):
+        self.preset, self.folder, self.timeout_s, self.log = preset, folder, timeout_s, log
+        self.single_core = single_core
+
+    def __call__(self, case: str, side: str, *extra: str, env_update=None) -> dict:
+        cmd = [sys.executable, os.path.join(ROOT, "bench", "cases.py"), case, side, "--preset", self.preset,
+               "--folder", self.folder, *extra]
+        env = dict(os.environ)
+        env.setdefault("PYTHONWARNINGS", "ignore")
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        for k, v in (env_update or {}).items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        preexec = None
+        if self.single_core:
+            # One thread on one core for both libraries; the table then uses process CPU time,
+            # which other processes on a shared machine barely disturb.
+            env["BENCH_THREADS"] = "1"
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+            core = min(os.sched_getaffinity(0))
+            preexec = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
+        label = " ".join([case, side, *extra])
+        load_before = load_average()
+        t_launch = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, env=env, cwd=ROOT,
+                                  preexec_fn=preexec)
+        except subprocess.TimeoutExpired:
+            res = {"error": f"timeout after {self.timeout_s:.0f}s"}
+        else:
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode == 0 and lines:
+                res = json.loads(lines[-1][len("RESULT "):])
+            else:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+                res = {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-800:]}
+        res["wall_s"] = round(time.time() - t_launch, 2)
+        if "t_first_abs" in res:
+            res["time_to_first_image_s"] = round(res.pop("t_first_abs") - t_launch, 2)
+        res["load"] = [load_before, load_average()]
+        self.log(f"  {label}: {_brief(res)}")
+        return res
+
+
+def _brief(res: dict) -> str:
+    if "error" in res:
+        return "ERROR " + res["error"][:300]
+    keys = ("ms", "img_per_s", "compile_s", "time_to_first_image_s", "peak_rss_mb", "peak_mem_mb", "wall_s")
+    parts = []
+    for k in keys:
+        if k in res:
+            v = res[k]["median"] if isinstance(res[k], dict) else res[k]
+            parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def best(results: list) -> dict:
+    """Of repeated rounds, the one with the smallest median (the least disturbed)."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[-1]
+    return min(ok, key=lambda r: r["ms"].get(METRIC, r["ms"]["median"]) if "ms" in r
+               else r.get("time_to_first_image_s", 0))
+
+
+# ------------------------------------------------------------------ sections
+def run_sections(preset, runner: Runner, only, rounds: int, conv_variants, attention_variants) -> dict:
+    R = {}
+    pairs = []  # (key, case, side, extra args)
+    if "unet_fwd" in only:
+        for b in preset.unet_batches:
+            pairs.append((f"unet_fwd_B{b}_torch", "unet_fwd", "torch", ["--batch", str(b)]))
+            pairs.append((f"unet_fwd_B{b}_jax", "unet_fwd", "jax", ["--batch", str(b)]))
+            for att in attention_variants:
+                pairs.append((f"unet_fwd_B{b}_jax_attn-{att}", "unet_fwd", "jax", ["--batch", str(b), "--attention", att]))
+    if "train_step" in only:
+        b = str(preset.train_batch)
+        pairs.append(("train_step_torch", "train_step", "torch", ["--batch", b]))
+        pairs.append(("train_step_jax", "train_step", "jax", ["--batch", b]))
+        for cv in conv_variants:
+            pairs.append((f"train_step_jax_conv-{cv}", "train_step", "jax", ["--batch", b, "--conv", cv]))
+        for att in attention_variants:
+            pairs.append((f"train_step_jax_attn-{att}", "train_step", "jax", ["--batch", b, "--attention", att]))
+    if "vae_decode" in only:
+        pairs.append(("vae_decode_torch", "vae_decode", "torch", []))
+        pairs.append(("vae_decode_jax", "vae_decode", "jax", []))
+    if "txt2img" in only:
+        pairs.append(("txt2img_torch", "txt2img", "torch", []))
+        pairs.append(("txt2img_jax", "txt2img", "jax", []))
+    rounds_results = {key: [] for key, *_ in pairs}
+    for r in range(rounds):
+        if rounds > 1:
+            runner.log(f"round {r + 1}/{rounds}")
+        for key, case, side, extra in pairs:
+            rounds_results[key].append(runner(case, side, *extra))
+    for key, results in rounds_results.items():
+        R[key] = dict(best(results), rounds=len(results))
+        if len(results) > 1:
+            R[key]["round_medians_ms"] = [r["ms"]["median"] for r in results if "ms" in r]
+
+    if "first_image" in only:
+        no_cache = {"LDM_JAX_COMPILATION_CACHE": None, "JAX_COMPILATION_CACHE_DIR": None}
+        R["first_image_torch"] = runner("first_image", "torch")
+        R["first_image_jax_cold"] = runner("first_image", "jax", env_update=no_cache)
+        cache_dir = tempfile.mkdtemp(prefix="ldm_jax_bench_cache_")
+        R["first_image_jax_cache_write"] = runner("first_image", "jax", "--cache-dir", cache_dir, env_update=no_cache)
+        R["first_image_jax_cache_warm"] = runner("first_image", "jax", "--cache-dir", cache_dir, env_update=no_cache)
+        R["first_image_cache_dir_mb"] = round(_dir_size(cache_dir) / 2**20, 1)
+    return R
+
+
+def _dir_size(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
+
+
+# ------------------------------------------------------------------ table
+METRIC = "median"  # "cpu_median" with --single-core
+
+
+def _ms(res):
+    if not res or "error" in res or "ms" not in res:
+        return None
+    return res["ms"].get(METRIC)
+
+
+def _fmt_ms(v):
+    if v is None:
+        return "error"
+    return f"{v / 1e3:.2f} s" if v >= 1e4 else f"{v:.1f} ms"
+
+
+def _ratio(torch_v, jax_v, higher_is_better=False):
+    if torch_v is None or jax_v is None or not jax_v or not torch_v:
+        return "-"
+    r = jax_v / torch_v if higher_is_better else torch_v / jax_v
+    return f"**{r:.2f}x**"
+
+
+def table(preset, R: dict) -> list:
+    """Rows: (what, PyTorch, this project, speed-up = PyTorch time / our time, notes)."""
+    rows = []
+    for b in preset.unet_batches:
+        t, j = R.get(f"unet_fwd_B{b}_torch"), R.get(f"unet_fwd_B{b}_jax")
+        if t is None and j is None:
+            continue
+        note = f"compile {j['compile_s']} s" if j and "compile_s" in j else ""
+        if j and "gflop" in j and _ms(j):
+            note += f"; {j['gflop']:.0f} GFLOP, {j['gflop'] / _ms(j):.0f} GFLOP/s (XLA count)"
+        rows.append((f"U-Net forward B{b}", _fmt_ms(_ms(t)), _fmt_ms(_ms(j)), _ratio(_ms(t), _ms(j)), note))
+        for key in sorted(k for k in R if k.startswith(f"unet_fwd_B{b}_jax_attn-")):
+            att = key.rsplit("-", 1)[1]
+            rows.append((f"U-Net forward B{b}, attention_impl={att}", _fmt_ms(_ms(t)), _fmt_ms(_ms(R[key])),
+                         _ratio(_ms(t), _ms(R[key])), ""))
+    t, j = R.get("train_step_torch"), R.get("train_step_jax")
+    if t or j:
+        def mem(res):
+            if not res or "error" in res:
+                return "?"
+            if "peak_mem_mb" in res:
+                return f"{res['peak_mem_mb'] / 1024:.1f} GB device"
+            return f"{res.get('peak_rss_mb', float('nan')) / 1024:.2f} GB RSS"
+
+        def ips(res):
+            v = _ms(res)
+            return None if not v else round(preset.train_batch / (v / 1e3), 3)
+
+        b = preset.train_batch
+        rows.append((f"train step B{b} (fwd+bwd+AdamW), img/s", f"{ips(t)}" if ips(t) else "error",
+                     f"{ips(j)}" if ips(j) else "error", _ratio(ips(t), ips(j), higher_is_better=True),
+                     f"step {_fmt_ms(_ms(t))} vs {_fmt_ms(_ms(j))}; peak memory {mem(t)} vs {mem(j)}"
+                     + (f"; compile {j['compile_s']} s" if j and 'compile_s' in j else "")))
+        for key in sorted(k for k in R if k.startswith(("train_step_jax_conv-", "train_step_jax_attn-"))):
+            what = key.rsplit("-", 1)[1]
+            label = f"conv gradients impl={what}" if "_conv-" in key else f"attention_impl={what}"
+            rows.append((f"train step B{b}, {label}", f"{ips(t)}" if ips(t) else "error",
+                         f"{ips(R[key])}" if ips(R[key]) else "error",
+                         _ratio(ips(t), ips(R[key]), higher_is_better=True),
+                         f"step {_fmt_ms(_ms(R[key]))}; peak memory {mem(R[key])}"))
+    t, j = R.get("txt2img_torch"), R.get("txt2img_jax")
+    if t or j:
+        size = preset.image_size
+        note = "1 prompt + CFG (U-Net B2), DDIM, incl. text encoder and VAE decode"
+        if j and "recompiles_on_new_seed_prompt_scale" in j:
+            note += f"; recompiles for a new seed/prompt/scale: {j['recompiles_on_new_seed_prompt_scale']}"
+        rows.append((f"txt2img {size}x{size}, {preset.txt2img_steps} steps, per image", _fmt_ms(_ms(t)),
+                     _fmt_ms(_ms(j)), _ratio(_ms(t), _ms(j)), note))
+    t, j = R.get("vae_decode_torch"), R.get("vae_decode_jax")
+    if t or j:
+        rows.append((f"VAE decode B{preset.vae_batch} ({preset.latent}x{preset.latent} -> {preset.image_size}px)",
+                     _fmt_ms(_ms(t)), _fmt_ms(_ms(j)), _ratio(_ms(t), _ms(j)), ""))
+    if "first_image_torch" in R:
+        t = R["first_image_torch"]
+
+        def ttfi(res):
+            return None if "error" in res else res.get("time_to_first_image_s")
+
+        for key, label in (("first_image_jax_cold", "cold (no cache)"),
+                           ("first_image_jax_cache_write", "cold, writing the persistent cache"),
+                           ("first_image_jax_cache_warm", "persistent compilation cache warm")):
+            j = R.get(key, {})
+            tt, jj = ttfi(t), ttfi(j)
+            note = ""
+            if "error" not in j and j:
+                note = (f"process start -> image; JAX: import {j['import_s']} s, load {j['load_s']} s, first call "
+                        f"{j['first_call_s']} s (compile ~{j['compile_s']} s)")
+            rows.append((f"time to first image, {label}", f"{tt} s" if tt else "error", f"{jj} s" if jj else "error",
+                         _ratio(tt, jj), note))
+    return rows
+
+
+def markdown(preset, env, R, rows, loads, args) -> str:
+    device = env.get("gpu") or f"{env['cpu']} ({env['cores']} cores)"
+    lines = [
+        f"# Benchmark results: preset `{preset.name}`", "",
+        f"Generated by `python bench/run.py {' '.join(args)}` on {env['date']}.", "",
+        f"- Device: {device}; PyTorch threads: {os.environ.get('BENCH_THREADS', env['cores'])}",
+        f"- Versions: python {env['python']}, jax {env['jax']} / jaxlib {env['jaxlib']}, flax {env['flax']}, "
+        f"optax {env['optax']}, torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}",
+        f"- Load average (1/5/15 min) at start {loads[0]}, at end {loads[1]}",
+        f"- Model: U-Net block_out_channels={preset.block_out_channels}, layers_per_block={preset.layers_per_block}, "
+        f"{preset.heads} heads, context {preset.context_len}x{preset.context_dim}, latent {preset.latent}x"
+        f"{preset.latent}x4; VAE {preset.vae_channels}; CLIP text encoder {preset.text_layers} layers; "
+        f"compute dtype {preset.dtype}; random weights, one diffusers folder loaded by both sides.",
+        ("- Metric: **process CPU time with one thread on one core** for both libraries (`--single-core`; "
+         "robust to other load on a shared machine; time-to-first-image rows stay wall-clock)"
+         if METRIC == "cpu_median" else "- Metric: wall-clock time, all cores"),
+        f"- Times are medians of {preset.reps} (U-Net, VAE), {preset.train_reps} (train) and {preset.txt2img_reps} "
+        f"(txt2img) calls after warm-up; each measurement in a fresh process; speed-up = PyTorch time / "
+        f"this project's time (> 1: this project is faster).",
+        "- This project's main rows use its fast paths: `attention_impl=\"dot_product\"` (cuDNN flash attention "
+        "on a CUDA GPU, the blocked recomputing attention of `ldm_jax/models/attention_kernels.py` on CPU) and "
+        "convolution gradients `impl=\"auto\"` (`ldm_jax/models/conv.py`: per-tap matmul kernel gradients on CPU, XLA's "
+        "on GPU/TPU). Rows marked `impl=xla` / `attention_impl=xla` switch one of them back to the plain XLA "
+        "reference path.",
+        "",
+        "| what | diffusers PyTorch (eager) | this project (JAX) | speed-up | notes |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {' | '.join(str(c) for c in row)} |" for row in rows]
+    lines += ["", "Raw results: `" + os.path.basename(args_json_path(args_out(args), preset.name)) + "`.", ""]
+    return "\n".join(lines)
+
+
+def args_out(args):
+    for i, a in enumerate(args):
+        if a == "--out" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--out="):
+            return a.split("=", 1)[1]
+    return os.path.join(ROOT, "bench", "RESULTS.md")
+
+
+def args_json_path(out_md: str, preset_name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(out_md)), f"results_{preset_name}.json")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ldm_jax_bench"),
+                    help="where the random-weight model folder is built (reused)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every measurement; the least-disturbed round wins")
+    ap.add_argument("--wait-load", type=float, default=None, help="first wait for the 1-min load to drop below this")
+    ap.add_argument("--wait-max", type=float, default=1800)
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per measurement process")
+    ap.add_argument("--single-core", action="store_true",
+                    help="CPU: pin every process to one core with one thread per library and report process "
+                         "CPU time (robust on a shared, loaded machine) instead of wall time")
+    ap.add_argument("--conv-variants", default=None,
+                    help="extra JAX train-step rows with these conv impls (default: xla on cpu, none on gpu)")
+    ap.add_argument("--attention-variants", default="xla",
+                    help="extra JAX U-Net forward / train rows with these attention impls")
+    args = ap.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        ap.error(f"unknown sections {bad}; choose from {SECTIONS}")
+    preset = PRESETS[args.preset]
+    attention_variants = [a for a in args.attention_variants.split(",") if a]
+    conv_variants = args.conv_variants
+    if conv_variants is None:
+        conv_variants = "" if args.preset == "gpu" else "xla"
+    conv_variants = [c for c in conv_variants.split(",") if c]
+
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.wait_load:
+        log(f"waiting for load < {args.wait_load}")
+        wait_for_quiet(args.wait_load, args.wait_max)
+    load_start = load_average()
+    env = environment(preset.name)
+    log(f"environment: {env}")
+    folder = os.path.join(args.workdir, f"sd_{preset.name}")
+    t0 = time.time()
+    from bench.build import build_folder
+
+    build_folder(preset, folder)
+    log(f"model folder {folder} ready ({time.time() - t0:.0f} s)")
+    timeout = args.timeout or (1800 if preset.name == "gpu" else 900)
+    global METRIC
+    METRIC = "cpu_median" if args.single_core else "median"
+    runner = Runner(preset.name, folder, timeout, log, single_core=args.single_core)
+    R = run_sections(preset, runner, only, args.rounds, conv_variants, attention_variants)
+    loads = (load_start, load_average())
+    rows = table(preset, R)
+    md = markdown(preset, env, R, rows, loads, argv)
+    print("\n" + md)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(md)
+    with open(args_json_path(args.out, preset.name), "w") as f:
+        json.dump({"env": env, "preset": preset.__dict__, "loads": loads, "results": R}, f, indent=1, default=str)
+    log(f"wrote {args.out} and {args_json_path(args.out, preset.name)}")
+
+
+if __name__ == "__main__":
+    main()
