@@ -49,7 +49,6 @@ def full_size(c, *, kind, autoencoder, loss, image_size=256, batch_size=64, grad
     c.train.batch_size = batch_size
     c.train.grad_accum_steps = grad_accum_steps
     c.train.lr = BASE_LR * batch_size * grad_accum_steps  # CompVis scale_lr
-    c.train.disc_lr = None
     c.train.b1, c.train.b2 = 0.5, 0.9
     c.train.lr_schedule = "constant"
     c.train.warmup_steps = 0

@@ -67,7 +67,7 @@ def get_config(arg: str = ""):
     c.train.num_steps = 800
     c.train.batch_size = 16         # global batch
     c.train.lr = 1e-3
-    c.train.disc_lr = None          # None = train.lr
+    c.train.disc_lr = ml_collections.config_dict.placeholder(float)  # None = train.lr
     c.train.b1 = 0.5                # CompVis Adam betas (0.5, 0.9)
     c.train.b2 = 0.9
     c.train.lr_schedule = "cosine"
