@@ -388,6 +388,52 @@ def make_actnorm_init(discriminator: NLayerDiscriminator):
     return init
 
 
+def make_codebook_data_init(ae: nn.Module):
+    """``(state, batch) -> state`` with the VQ codebook set to K distinct pre-quantisation
+    latent vectors of the first batch (a random subset; drawn with replacement plus a
+    1e-3 relative jitter when the batch holds fewer than K vectors).
+
+    Why: taming's U(-1/K, 1/K) codebook sits at the origin while the encoder's outputs are
+    O(1), so early on the commitment term pulls the latents towards zero and only a few
+    codes are used; Adam then needs hundreds of steps to grow the codebook. Starting it on
+    the data's own latents (the data-dependent / k-means initialisation of Dhariwal et al.
+    2020 "Jukebox" and Zeghidour et al. 2021 "SoundStream") gives full codebook use from
+    the first step. The optimizer moments are still zero at this point, and the EMA copy
+    (if any) gets the same codebook.
+    """
+    def init(state: FirstStageState, batch):
+        x = images_to_float(batch["image"])
+        params = state.params["autoencoder"]
+        enc = ae.apply({"params": params}, x, method="encode")
+        z_nd = enc.pre_quant.astype(jnp.float32).reshape(-1, enc.pre_quant.shape[-1])
+        codebook = params["quantize"]["embedding"]["embedding"]
+        k, n = codebook.shape[0], z_nd.shape[0]
+        key = jax.random.fold_in(state.rng, 0x5EED)
+        pick_key, noise_key = jax.random.split(key)
+        if n >= k:
+            rows = jax.random.permutation(pick_key, n)[:k]
+        else:
+            rows = jax.random.randint(pick_key, (k,), 0, n)
+        new = z_nd[rows]
+        if n < k:
+            scale = 1e-3 * (jnp.std(z_nd) + 1e-6)
+            new = new + scale * jax.random.normal(noise_key, new.shape, jnp.float32)
+        new = new.astype(codebook.dtype)
+
+        def with_codebook(tree):
+            if tree is None:
+                return None
+            ae_params = dict(tree["autoencoder"])
+            quantize = dict(ae_params["quantize"])
+            quantize["embedding"] = {**quantize["embedding"], "embedding": new}
+            ae_params["quantize"] = quantize
+            return {**tree, "autoencoder": ae_params}
+
+        return state.replace(params=with_codebook(state.params), ema_params=with_codebook(state.ema_params))
+
+    return init
+
+
 def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings, frozen_shardings):
     """``jax.jit`` with explicit shardings (state donated, batch on P(("data", "fsdp")),
     metrics replicated), as ``ldm_step.jit_train_step``."""

@@ -20,6 +20,7 @@ pre-quantisation latents, as ``ldm_step.first_stage_latents``), saved with the
 checkpoint metadata and returned by ``load_autoencoder_from_workdir``.
 
 Config keys (``configs/emoji_autoencoder.py``): ``model.kind`` ("kl" | "vq"),
+``model.codebook_init`` ("uniform" | "data", VQ only),
 ``model.autoencoder`` (AutoencoderConfig fields), ``model.dtype``, ``model.attention_impl``;
 ``loss.*`` (FirstStageLossConfig fields, ``lpips_weights``, ``disc_ndf``,
 ``disc_num_layers``, ``disc_norm``, ``disc_norm_groups``); ``train.*`` (OptimizerConfig
@@ -204,6 +205,18 @@ class AutoencoderTask:
                                          in_shardings=(self.state_shardings, shd.batch_sharding(mesh)),
                                          out_shardings=self.state_shardings, donate_argnums=(0,))
 
+        # VQ codebook initialisation: "uniform" (taming's U(-1/K, 1/K)) or "data" (from the
+        # first batch's latents, see autoencoder_losses.make_codebook_data_init).
+        self.codebook_init = _get(model, "codebook_init", "uniform")
+        if self.codebook_init not in ("uniform", "data"):
+            raise ValueError(f"model.codebook_init={self.codebook_init!r}: expected 'uniform' or 'data'")
+        self._codebook_init = None
+        self._codebook_pending = False
+        if kind == "vq" and self.codebook_init == "data":
+            self._codebook_init = jax.jit(losses.make_codebook_data_init(self.ae),
+                                          in_shardings=(self.state_shardings, shd.batch_sharding(mesh)),
+                                          out_shardings=self.state_shardings, donate_argnums=(0,))
+
         ecfg = _get(config, "eval", {})
         self.eval_batch_size = int(_get(ecfg, "batch_size", self.global_batch_size))
         self.eval_num_batches = int(_get(ecfg, "num_batches", 0))  # 0 = the whole split
@@ -231,11 +244,15 @@ class AutoencoderTask:
         return {"image": np.asarray(host_batch["image"])}
 
     def on_first_batch(self, state, batch) -> None:
-        """Fresh runs only: ActNorm discriminators initialise from the first batch (in the
-        first ``train_step``, since hooks cannot return a new state)."""
+        """Fresh runs only: ActNorm discriminators and a "data" VQ codebook initialise from
+        the first batch (in the first ``train_step``, since hooks cannot return a new state)."""
         self._actnorm_pending = self._actnorm_init is not None
+        self._codebook_pending = self._codebook_init is not None
 
     def train_step(self, state, batch):
+        if self._codebook_pending:
+            state = self._codebook_init(state, batch)
+            self._codebook_pending = False
         if self._actnorm_pending:
             state = self._actnorm_init(state, batch)
             self._actnorm_pending = False
