@@ -6,6 +6,8 @@
     python sample.py --checkpoint PATH --prompt "..." --init-img in.png --strength 0.7
     python sample.py --checkpoint PATH --prompt "..." --init-img in.png --mask mask.png
     python sample.py --checkpoint PATH --class_label 207                 # class-conditional models
+    python sample.py --checkpoint PATH                                   # unconditional models: no prompt
+    python sample.py --checkpoint bsr_sr.ckpt --config bsr_sr.yaml --cond-img low_res.png   # concat-conditioned
 
 PATH: a diffusers folder, a CompVis/Stability .ckpt/.safetensors file, or a
 train.py workdir. Writes outdir/samples/NNNNN.png (generation settings in the
@@ -39,8 +41,24 @@ def parse_args(argv=None):
     p.add_argument("--strength", type=float, default=0.8, help="img2img strength in [0, 1]")
     p.add_argument("--mask", default=None, help="inpainting mask image (white = repaint)")
     p.add_argument("--class_label", type=int, default=None, help="class index for class-conditional models")
+    p.add_argument("--cond-img", dest="cond_img", default=None,
+                   help="conditioning image of a concat-conditioned model (super-resolution: the low-res image, "
+                        "the output is the autoencoder factor larger); Pipeline's cond_image=")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     return p.parse_args(argv)
+
+
+class _WithCondImage:
+    """The pipeline with ``cond_image=`` added to every call (the sampling job passes the rest)."""
+
+    def __init__(self, pipe, cond_image):
+        self._pipe, self._cond_image = pipe, cond_image
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._pipe(*args, cond_image=self._cond_image, **kwargs)
 
 
 def main(argv=None) -> int:
@@ -53,10 +71,10 @@ def main(argv=None) -> int:
             prompts = read_prompt_file(args.from_file)
         elif args.prompt is not None:
             prompts = [args.prompt]
-        elif args.class_label is not None:
+        else:  # class-conditional, concat-conditioned or unconditional models (checked once loaded)
             prompts = [""]
-        else:
-            raise ValueError("give --prompt, --from-file or --class_label")
+        if args.cond_img and not os.path.isfile(args.cond_img):
+            raise FileNotFoundError(f"--cond-img file not found: {args.cond_img}")
         job = SamplingJob(
             prompts=prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.steps, scale=args.scale,
             sampler=args.sampler, eta=args.eta, seed=args.seed, height=args.H, width=args.W,
@@ -67,6 +85,11 @@ def main(argv=None) -> int:
         from ldm_jax.sampling_job import run_sampling_job
 
         pipe = ldm_jax.load_pipeline(args.checkpoint, config=args.config, dtype=args.dtype)
+        no_prompt = not args.from_file and args.prompt is None and args.class_label is None
+        if no_prompt and pipe.text_encoder is not None:
+            raise ValueError("this model is text- or class-conditioned: give --prompt, --from-file or --class_label")
+        if args.cond_img:
+            pipe = _WithCondImage(pipe, args.cond_img)
         run_sampling_job(pipe, job, args.outdir)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)

@@ -51,6 +51,12 @@ class Pipeline:
     source: str = ""                  # where it was loaded from, for messages
     sample_size: int = 64             # default latent side (diffusers unet config sample_size)
     mesh: Optional[Mesh] = None       # batch axis "data"; None = all local devices when B divides
+    # Original LDM conditioning (CompVis LatentDiffusion): conditioning_key (None, "crossattn",
+    # "concat", "hybrid", ...) and what builds the concatenated channels: "identity" (the image
+    # itself, e.g. bsr_sr's low-res image), "first_stage" (its first-stage encoding, LDM
+    # inpainting); "" for models loaded from diffusers folders / workdirs.
+    conditioning_key: Optional[str] = None
+    cond_stage: str = ""
     _jit_cache: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ properties
@@ -102,6 +108,8 @@ class Pipeline:
         strength: float = 0.8,
         mask=None,
         class_labels: Optional[Sequence[int]] = None,
+        cond_image=None,
+        image_conditioning: Optional[np.ndarray] = None,
         return_latents: bool = False,
         return_intermediates: bool = False,
     ):
@@ -111,12 +119,28 @@ class Pipeline:
         (B, h, w, C) NHWC used instead of the seed's initial noise (txt2img: scaled
         by the sampler's init_noise_sigma; img2img: the noise added to the encoded
         image). ``init_image``: (B, H, W, 3) / (H, W, 3) in [0, 1], PIL image(s) or
-        paths. ``mask``: same size, 1 = repaint, 0 = keep. Returns float32
+        paths. ``mask``: same size, 1 = repaint, 0 = keep.
+
+        Concat-conditioned models (original ``conditioning_key`` "concat"/"hybrid", U-Net
+        input = latents + k more channels, CompVis ``DiffusionWrapper``): ``cond_image``
+        is the conditioning image in [0, 1] (same forms as ``init_image``): for a
+        ``torch.nn.Identity`` cond stage (super-resolution, bsr_sr) the low-resolution
+        image itself at the latent size h x w (mapped to [-1, 1]; the output is f times
+        larger); for ``__is_first_stage__`` an image of the output size, encoded by the
+        first stage (KL mode / VQ pre-quantisation latents, unscaled, as
+        ``LatentDiffusion.get_learned_conditioning``). ``image_conditioning``: the k
+        channels themselves, (B, h, w, k) NHWC, concatenated as given (any other cond
+        stage, e.g. a segmentation map already through its SpatialRescaler). The
+        unconditional branch of classifier-free guidance gets the same channels. Returns float32
         (B, H, W, 3) in [0, 1]; with ``return_latents`` the final latents
         (B, h, w, C) instead; with ``return_intermediates`` a pair (that output,
         the latents after every sampler step (S, B, h, w, C)).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if self.conditioning_key in ("hybrid-adm", "crossattn-adm"):
+            raise ValueError(f"{self.source}: conditioning_key {self.conditioning_key!r} (the SD 2 x4 upscaler's "
+                             "noise-augmented low-res image and noise-level label, LatentUpscaleDiffusion) is not "
+                             "implemented by Pipeline; the weights load, the U-Net can be applied directly")
         if class_labels is not None and self.unet.config.num_class_embeds is None:
             # LDM class-conditional models take the label through cross-attention (ClassEmbedder):
             # their "tokenizer" reads class indices as prompts.
@@ -140,6 +164,12 @@ class Pipeline:
         init_bhwc = None if init_image is None else prepare_image(init_image, batch, height, width)
         if init_bhwc is not None:
             height, width = init_bhwc.shape[1:3]
+        concat, concat_kind = self._concat_input(cond_image, image_conditioning, batch, height, width,
+                                                 inpaint=mask is not None)
+        if concat is not None and concat_kind == "first_stage":
+            height, width = concat.shape[1:3]
+        elif concat is not None:
+            height, width = concat.shape[1] * f, concat.shape[2] * f
         height = int(height or self.default_size)
         width = int(width or self.default_size)
         if height % f or width % f:
@@ -172,16 +202,17 @@ class Pipeline:
             class_labels=None if class_labels is None else jnp.asarray(class_labels, jnp.int32),
             init=None if init_bhwc is None else jnp.asarray(init_bhwc * 2.0 - 1.0),
             mask=None if mask is None else jnp.asarray(prepare_mask(mask, batch, height, width)),
+            concat=None if concat is None else jnp.asarray(concat, jnp.float32),
         )
         use_cfg = guidance_scale > 1.0 and (self.text_encoder is not None or class_labels is not None)
-        fn = self._generate_fn(mode, use_cfg, start_index, return_latents, return_intermediates)
+        fn = self._generate_fn(mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind)
         inputs = self._shard(inputs)
         out = fn(self.params, inputs, plan, key, jnp.float32(guidance_scale))
         return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a), dtype=np.float32), out)
 
     # ------------------------------------------------------------------ the jitted chain
     def _generate_fn(self, mode: str, use_cfg: bool, start_index: int, return_latents: bool,
-                     return_intermediates: bool):
+                     return_intermediates: bool, concat_kind: Optional[str] = None):
         def generate(params, inputs, plan, key, guidance_scale):
             ctx = uncond_ctx = None
             if self.text_encoder is not None:
@@ -197,6 +228,10 @@ class Pipeline:
             noise = inputs["noise"]
             extra_channels = None
             inpaint = None
+            if concat_kind == "first_stage":
+                extra_channels = self._first_stage_condition(params, inputs["concat"])
+            elif concat_kind is not None:
+                extra_channels = inputs["concat"]
             x = samplers.scale_initial_noise(plan, noise)
             if mode != "txt2img":
                 image_latents = self._encode_image(params, inputs["init"], jax.random.fold_in(key, _POSTERIOR))
@@ -207,6 +242,12 @@ class Pipeline:
                     mask_bhw1 = inputs["mask"][:, ::f, ::f, :]  # nearest, as F.interpolate
                     if self.unet.config.in_channels == self.latent_channels:
                         inpaint = samplers.Inpaint(mask_bhw1, image_latents, noise)
+                    elif self._ldm_inpainting:
+                        # CompVis LDM inpainting (scripts/inpaint.py): c_concat = [first-stage
+                        # encoding of the masked image (unscaled), the mask at latent size].
+                        masked = inputs["init"] * (inputs["mask"] < 0.5)
+                        extra_channels = jnp.concatenate(
+                            [self._first_stage_condition(params, masked), mask_bhw1], axis=-1)
                     else:
                         masked = inputs["init"] * (inputs["mask"] < 0.5)
                         masked_latents = self._encode_image(
@@ -229,7 +270,81 @@ class Pipeline:
                 out = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
             return (out, steps) if return_intermediates else out
 
-        return self._jit(("generate", mode, use_cfg, start_index, return_latents, return_intermediates), generate)
+        return self._jit(("generate", mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind),
+                         generate)
+
+    # ------------------------------------------------------------------ concat conditioning
+    @property
+    def concat_channels(self) -> int:
+        """Channels the U-Net takes after the latents (0 for text/class/unconditional models)."""
+        return int(self.unet.config.in_channels) - self.latent_channels
+
+    @property
+    def _ldm_inpainting(self) -> bool:
+        """CompVis LDM inpainting: concat of the masked image's first-stage latents and the mask."""
+        return (self.conditioning_key == "concat" and self.cond_stage == "first_stage"
+                and self.concat_channels == self.latent_channels + 1)
+
+    def _concat_input(self, cond_image, image_conditioning, batch: int, height, width, inpaint: bool):
+        """(array, kind) for the concatenated U-Net channels, checked against the model;
+        kind "channels" (the channels themselves: ``image_conditioning``, or the image in
+        [-1, 1] at latent size for an identity cond stage) or "first_stage" (an image in
+        [-1, 1] at the output size, encoded in the jitted chain)."""
+        k, f = self.concat_channels, self.vae_scale_factor
+        if cond_image is not None and image_conditioning is not None:
+            raise ValueError("give cond_image or image_conditioning, not both")
+        if cond_image is None and image_conditioning is None:
+            inpaint_model = inpaint and (k == self.latent_channels + 1)  # diffusers 9-channel / LDM inpainting
+            if k > 0 and not inpaint_model:
+                raise ValueError(
+                    f"{self.source or 'this model'}: the U-Net takes {k} channels concatenated to the latents "
+                    f"(conditioning_key={self.conditioning_key!r}, cond stage {self.cond_stage or 'unknown'!r}); "
+                    "pass them: cond_image= (the low-res image of a super-resolution model, or an image the first "
+                    "stage encodes) or image_conditioning= (B, h, w, k)")
+            return None, None
+        if k <= 0:
+            raise ValueError(f"{self.source or 'this model'}: cond_image / image_conditioning need a concat-"
+                             f"conditioned U-Net, but its {self.unet.config.in_channels} input channels are the "
+                             "latents only")
+        if image_conditioning is not None:
+            arr = np.asarray(image_conditioning, np.float32)
+            arr = arr[None] if arr.ndim == 3 else arr
+            if arr.ndim != 4 or arr.shape[-1] != k:
+                raise ValueError(f"image_conditioning must be (B, h, w, {k}) NHWC, got shape {arr.shape}")
+            kind = "channels"
+        else:
+            arr = prepare_image(cond_image, batch, None, None) * 2.0 - 1.0
+            kind = "first_stage" if self.cond_stage == "first_stage" else "channels"
+            if kind == "channels" and arr.shape[-1] != k:
+                raise ValueError(f"cond_image has {arr.shape[-1]} channels but the U-Net takes {k} concatenated "
+                                 "channels; pass image_conditioning= (B, h, w, k) instead")
+            if kind == "first_stage" and self.latent_channels != k:
+                raise ValueError(f"cond_image is encoded to {self.latent_channels} channels but the U-Net takes {k} "
+                                 "concatenated channels; for LDM inpainting pass init_image= and mask=")
+        if kind == "first_stage":
+            want = (height or arr.shape[1], width or arr.shape[2])
+            if tuple(arr.shape[1:3]) != want:
+                raise ValueError(f"cond_image is {arr.shape[1]}x{arr.shape[2]} but height x width is "
+                                 f"{want[0]}x{want[1]}")
+        else:
+            want = ((height or arr.shape[1] * f) // f, (width or arr.shape[2] * f) // f)
+            if tuple(arr.shape[1:3]) != want:
+                what = "image_conditioning" if cond_image is None else "cond_image (the low-resolution image)"
+                raise ValueError(f"{what} is {arr.shape[1]}x{arr.shape[2]} but must have the latent size "
+                                 f"{want[0]}x{want[1]} (height x width / {f})")
+        if arr.shape[0] != batch:
+            if batch % arr.shape[0]:
+                raise ValueError(f"cond_image / image_conditioning has {arr.shape[0]} entries, which does not "
+                                 f"divide the batch of {batch}")
+            arr = np.concatenate([arr] * (batch // arr.shape[0]))
+        return arr, kind
+
+    def _first_stage_condition(self, params, image_bhwc):
+        """``LatentDiffusion.get_learned_conditioning`` with ``__is_first_stage__``: the
+        first stage's ``encode`` (KL: the posterior mode; VQ: the pre-quantisation
+        latents), not multiplied by the scale factor."""
+        enc = self.vae.apply({"params": params["vae"]}, image_bhwc, method="encode")
+        return enc.pre_quant if hasattr(enc, "pre_quant") else enc.mode()
 
     def _encode_image(self, params, image_bhwc, rng):
         """Scaled latents of images in [-1, 1]: a posterior sample (KL), as diffusers'

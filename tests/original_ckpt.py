@@ -189,3 +189,96 @@ def save_safetensors(path: str, state_dict: Dict[str, np.ndarray]) -> str:
 
     save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
     return path
+
+
+# ----------------------------------------------------------------------------- the original LatentDiffusion
+
+
+def import_ldm_ddpm():
+    """``ldm.models.diffusion.ddpm`` (LatentDiffusion, DiffusionWrapper) and ``ldm.models.diffusion.ddim``.
+
+    ddpm.py imports pytorch_lightning (for ``LightningModule`` as a base class and
+    ``rank_zero_only``) and torchvision (``make_grid``, for logging only), which the
+    test environment does not install. For the import only, stand-ins are put in
+    ``sys.modules``: ``LightningModule`` is ``torch.nn.Module`` plus the ``device``
+    property the DDIM sampler reads; they are removed again afterwards so that
+    other packages' optional-dependency checks do not see them.
+    """
+    if "ldm.models.diffusion.ddpm" in sys.modules:
+        return sys.modules["ldm.models.diffusion.ddpm"], sys.modules["ldm.models.diffusion.ddim"]
+
+    class LightningModule(torch.nn.Module):
+        @property
+        def device(self):
+            return next(self.parameters()).device
+
+    pl = types.ModuleType("pytorch_lightning")
+    pl.LightningModule = LightningModule
+    utilities = types.ModuleType("pytorch_lightning.utilities")
+    distributed = types.ModuleType("pytorch_lightning.utilities.distributed")
+    distributed.rank_zero_only = lambda fn: fn
+    pl.utilities, utilities.distributed = utilities, distributed
+    tv = types.ModuleType("torchvision")
+    tv_utils = types.ModuleType("torchvision.utils")
+    tv_utils.make_grid = None
+    tv.utils = tv_utils
+    stubs = {"pytorch_lightning": pl, "pytorch_lightning.utilities": utilities,
+             "pytorch_lightning.utilities.distributed": distributed, "torchvision": tv,
+             "torchvision.utils": tv_utils}
+    added = [name for name in stubs if name not in sys.modules]
+    sys.modules.update({name: stubs[name] for name in added})
+    try:
+        import ldm.models.diffusion.ddim as ddim
+        import ldm.models.diffusion.ddpm as ddpm
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+    return ddpm, ddim
+
+
+def latent_diffusion(yaml_file: str, seed: int, cond_stage_config=None):
+    """The original ``LatentDiffusion`` of a YAML (``model.target``'s parameters), eval mode,
+    every parameter perturbed. ``cond_stage_config`` replaces the YAML's (e.g.
+    ``torch.nn.Identity`` for a text encoder that would be downloaded)."""
+    import contextlib
+    import io
+
+    from omegaconf import OmegaConf
+
+    ddpm, _ = import_ldm_ddpm()
+    cfg = OmegaConf.load(yaml_file).model
+    params = cfg.params
+    if cond_stage_config is not None:
+        params.cond_stage_config = cond_stage_config
+    name = cfg.target.rsplit(".", 1)[-1]
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints parameter counts and modes
+        model = getattr(ddpm, name)(**params).eval()
+    perturb(model, seed + 1)
+    return model
+
+
+class one_torch_thread:
+    """Run torch on one thread: the tiny reference models are dominated by thread
+    hand-offs, which cost seconds per call on a loaded 2-core machine."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+def ddim_sample(model, x_T: torch.Tensor, steps: int, cond=None, uncond=None, scale: float = 1.0):
+    """The original ``DDIMSampler.sample`` (eta 0) from ``x_T`` (B, C, h, w) -> final latents."""
+    import contextlib
+    import io
+
+    _, ddim = import_ldm_ddpm()
+    sampler = ddim.DDIMSampler(model)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), one_torch_thread():
+        z, _ = sampler.sample(S=steps, batch_size=x_T.shape[0], shape=tuple(x_T.shape[1:]), conditioning=cond,
+                              x_T=x_T, eta=0.0, verbose=False, unconditional_guidance_scale=scale,
+                              unconditional_conditioning=uncond)
+    return z

@@ -275,8 +275,9 @@ def test_class_conditional_cin_with_vq_first_stage(tmp_path):
         pipe.tokenize(["a cat"])
     out = pipe(["3", "7"], num_inference_steps=2, guidance_scale=3.0, height=16, width=16)
     assert out.shape == (2, 16, 16, 3) and np.isfinite(out).all()
-    with pytest.raises(ValueError, match="ClassEmbedder"):
+    with pytest.raises(ValueError, match="class-conditional LDM; diffusers has no pipeline"):
         save_diffusers(pipe, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
@@ -303,10 +304,18 @@ def test_label_table_and_attention_block_unet(labelled):
     assert out.shape == (2, 16, 16, 3) and np.isfinite(out).all()
 
 
-def test_unconditional_export_components_load_in_diffusers(labelled, tmp_path):
+def test_label_table_export_is_refused_but_components_load_in_diffusers(labelled, tmp_path):
     import diffusers
 
-    folder = save_diffusers(labelled["pipe"], str(tmp_path / "ldm"))
+    from ldm_jax.convert.export import save_unet, save_vae
+
+    with pytest.raises(ValueError, match="class-conditional LDM; diffusers has no pipeline"):
+        save_diffusers(labelled["pipe"], str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+    folder = str(tmp_path / "ldm")
+    pipe = labelled["pipe"]
+    save_unet(pipe.unet, pipe.params["unet"], os.path.join(folder, "unet"), pipe.sample_size)
+    save_vae(pipe.vae, pipe.params["vae"], os.path.join(folder, "vae"), pipe.default_size)
     unet, info = diffusers.UNet2DModel.from_pretrained(folder, subfolder="unet", output_loading_info=True)
     assert not any(info.values()), info
     x = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -316,8 +325,48 @@ def test_unconditional_export_components_load_in_diffusers(labelled, tmp_path):
         ref = labelled["unet"](torch.from_numpy(x), t, y=labels).numpy()
     print(f"exported UNet2DModel (diffusers) vs original: max abs err {max_err(got, ref):.2e}")
     assert max_err(got, ref) < TOL
-    back = ldm_jax.load_pipeline(folder)
-    assert_same_params(back.params, labelled["pipe"].params)
+    _, info = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", output_loading_info=True)
+    assert not any(info.values()), info
+
+
+UNCOND_UNET = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2, 1],
+                   num_res_blocks=1, channel_mult=[1, 2], num_head_channels=32)
+
+
+def test_unconditional_vq_export_runs_in_diffusers_ldm_pipeline(tmp_path):
+    """celebahq-ldm-vq-4 family -> save_diffusers -> diffusers.LDMPipeline: same images from the same noise."""
+    import json
+
+    import diffusers
+
+    unet = unet_model(6, **UNCOND_UNET)
+    first = first_stage(16, {**AE, "double_z": False, "z_channels": 3}, 3, n_embed=16)
+    sd = ldm_state_dict(unet, first, None, betas=ldm_betas(0.0015, 0.0195))
+    path = save_ckpt(str(tmp_path / "uncond.ckpt"), sd)
+    pipe = ldm_jax.load_pipeline(path, config=yaml_path("tiny-uncond-ldm-vq.yaml"))
+    assert pipe.text_encoder is None and pipe.conditioning_key is None and pipe.vae.config.kind == "vq"
+    folder = save_diffusers(pipe, str(tmp_path / "ldm"))
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    assert index["_class_name"] == "LDMPipeline" and index["vqvae"] == ["diffusers", "VQModel"] and "vae" not in index
+    for cls, sub in ((diffusers.UNet2DModel, "unet"), (diffusers.VQModel, "vqvae")):
+        _, info = cls.from_pretrained(folder, subfolder=sub, output_loading_info=True)
+        assert not any(info.values()), (sub, info)
+
+    ref_pipe = diffusers.LDMPipeline.from_pretrained(folder)
+    ref_pipe.set_progress_bar_config(disable=True)
+    # LDMPipeline draws its noise with randn_tensor(generator) = torch.randn on CPU; the same draw for ours
+    latents = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = ref_pipe(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=4,
+                       output_type="np").images
+    got = pipe([""] * 2, num_inference_steps=4, guidance_scale=1.0, sampler="ddim", latents=nhwc(latents))
+    print(f"unconditional VQ LDM -> diffusers LDMPipeline: max abs image error {max_err(got, ref):.2e}")
+    assert got.shape == ref.shape == (2, 16, 16, 3)
+    assert max_err(got, ref) < IMAGE_TOL and got.std() > 1e-3
+    back = ldm_jax.load_pipeline(folder)  # reads vqvae/ back
+    assert_same_params(back.params, pipe.params)
+    assert back.vae.config == pipe.vae.config
 
 
 # ----------------------------------------------------------------------------- agreement with diffusers' converter
@@ -532,3 +581,52 @@ def test_malicious_ckpt_is_refused(sd1, tmp_path):
     with pytest.raises(UnsafePickleError):
         ldm_jax.load_pipeline(path)
     assert not marker.exists()
+
+
+def _count(tree):
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("name,expected", [
+    # (conditioning_key as LatentDiffusion resolves it, cond stage, U-Net class, in_channels, first stage)
+    ("celebahq-ldm-vq-4.yaml", (None, "none", "UNet2DModel", 3, "VQModel")),
+    ("bsr_sr-config.yaml", ("concat", "identity", "UNet2DModel", 6, "VQModel")),  # concat_mode's default
+    ("cin256-v2.yaml", ("crossattn", "class", "UNet2DConditionModel", 3, "VQModel")),
+    ("v2-inpainting-inference.yaml", ("hybrid", "open_clip", "UNet2DConditionModel", 9, "AutoencoderKL")),
+    ("x4-upscaling.yaml", ("hybrid-adm", "open_clip", "UNet2DConditionModel", 7, "AutoencoderKL")),
+])
+def test_released_ldm_yamls_build_the_original_parameter_counts(name, expected):
+    """Released YAMLs, verbatim: the parsed spec, and our U-Net / first stage at the released size have
+    exactly as many parameters as the original openaimodel.UNetModel / Encoder+Decoder built from the
+    same YAML (on torch's meta device: no memory, no init)."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from ldm_jax.convert.unet_diffusers import unet_abstract_params, unet_config_from_diffusers
+    from ldm_jax.convert.vae_diffusers import vae_config_from_diffusers
+    from ldm_jax.models.autoencoder import abstract_params, build_autoencoder
+    from ldm_jax.models.unet import UNet
+    from original_ckpt import FirstStage
+
+    original = read_original_yaml(yaml_path(name))
+    spec = spec_from_original_config(original, name)
+    assert (spec.conditioning_key, spec.cond_stage, spec.unet["_class_name"], spec.unet["in_channels"],
+            spec.vae["_class_name"]) == expected
+    p = original["model"]["params"]
+    first = p["first_stage_config"]["params"]
+    with torch.device("meta"):
+        unet_ref = UNetModel(**p["unet_config"]["params"])
+        first_ref = FirstStage(first["ddconfig"], first["embed_dim"], first.get("n_embed"))
+    ours_unet = unet_abstract_params(UNet(unet_config_from_diffusers(spec.unet)))
+    ours_vae = abstract_params(build_autoencoder(vae_config_from_diffusers(spec.vae)))
+    want_unet = sum(t.numel() for t in unet_ref.state_dict().values())
+    want_vae = sum(t.numel() for t in first_ref.state_dict().values())
+    print(f"{name}: U-Net {_count(ours_unet):,} parameters (original {want_unet:,}), first stage "
+          f"{_count(ours_vae):,} (original {want_vae:,})")
+    assert (_count(ours_unet), _count(ours_vae)) == (want_unet, want_vae)
+
+
+def test_released_yaml_with_unsupported_first_stage_is_named():
+    """cin-ldm-vq-f8.yaml (verbatim): its VQ-f8 first stage has attention inside the levels."""
+    with pytest.raises(CheckpointError, match=r"cin-ldm-vq-f8.yaml: first_stage_config ddconfig "
+                                              r"attn_resolutions=\[32\] is not supported"):
+        spec_from_original_config(read_original_yaml(yaml_path("cin-ldm-vq-f8.yaml")), "cin-ldm-vq-f8.yaml")

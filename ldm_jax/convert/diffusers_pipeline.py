@@ -2,7 +2,8 @@
 
     folder/model_index.json          which component is which class
     folder/unet/                     UNet2DConditionModel (or UNet2DModel)
-    folder/vae/                      AutoencoderKL or VQModel
+    folder/vae/ (or vqvae/)          AutoencoderKL or VQModel (LDMPipeline / LDMSuperResolutionPipeline
+                                     name it vqvae)
     folder/text_encoder/, tokenizer/ CLIPTextModel + CLIPTokenizer (absent for unconditional models)
     folder/scheduler/scheduler_config.json
 """
@@ -32,12 +33,15 @@ def load_diffusers_pipeline(folder: str, dtype: str = "float32", attention_impl:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     index_path = os.path.join(folder, "model_index.json")
     index = read_json(index_path)
-    for required in ("unet", "vae", "scheduler"):
+    # diffusers' LDMPipeline / LDMSuperResolutionPipeline call the autoencoder "vqvae"
+    vae_name = "vae" if _present(index, "vae") or not _present(index, "vqvae") else "vqvae"
+    for required in ("unet", vae_name, "scheduler"):
         if not _present(index, required):
-            raise CheckpointError(f"{index_path}: no {required!r} component; this loader needs unet, vae and scheduler")
+            raise CheckpointError(f"{index_path}: no {required!r} component; this loader needs unet, vae (or vqvae) "
+                                  "and scheduler")
     kw = dict(dtype=dtype, param_dtype="float32", attention_impl=attention_impl)
     unet, unet_params = load_unet(os.path.join(folder, "unet"), variant=variant, **kw)
-    vae, vae_params = load_vae(os.path.join(folder, "vae"), variant=variant, **kw)
+    vae, vae_params = load_vae(os.path.join(folder, vae_name), variant=variant, **kw)
     text_encoder = tokenizer = None
     params = {"unet": unet_params, "vae": vae_params}
     if _present(index, "text_encoder"):
@@ -49,8 +53,11 @@ def load_diffusers_pipeline(folder: str, dtype: str = "float32", attention_impl:
     if isinstance(sample_size, (list, tuple)):
         sample_size = sample_size[0]
     params = jax.tree_util.tree_map(jnp.asarray, params)
+    extra = {}
+    if index.get("_class_name") == "LDMSuperResolutionPipeline":  # latents + the low-res image in [-1, 1]
+        extra = dict(conditioning_key="concat", cond_stage="identity")
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
-                    scheduler_config=scheduler_config, source=folder, sample_size=int(sample_size))
+                    scheduler_config=scheduler_config, source=folder, sample_size=int(sample_size), **extra)
 
 
 def _present(index: dict, name: str) -> bool:

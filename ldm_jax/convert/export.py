@@ -2,15 +2,21 @@
 
     save_diffusers(pipe, "out/")      # model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
 
-Text-conditioned pipelines (SD 1.x / 2.x, inpainting) become a folder that
-``diffusers.StableDiffusionPipeline`` (``StableDiffusionInpaintPipeline`` for a
-9-channel U-Net) loads and runs, and that ``ldm_jax.load_pipeline`` reads back
-to the same parameters. Pipelines without a text encoder (unconditional LDMs)
-get unet/, vae/ and scheduler/ that diffusers' ``UNet2DModel`` / ``VQModel`` /
-``AutoencoderKL.from_pretrained`` load one by one, and the folder reads back
-with ``ldm_jax.load_pipeline``; diffusers' own ``LDMPipeline`` calls the
-autoencoder ``vqvae`` and is not targeted. Class-conditional pipelines with a
-``ClassEmbedder`` have no diffusers counterpart and are refused.
+Each folder is one that a diffusers pipeline class loads and runs with the same
+outputs, and that ``ldm_jax.load_pipeline`` reads back to the same parameters:
+
+* text-conditioned (SD 1.x / 2.x): ``StableDiffusionPipeline``; 9-channel
+  inpainting U-Nets: ``StableDiffusionInpaintPipeline`` (unet/, vae/,
+  text_encoder/, tokenizer/, scheduler/);
+* unconditional LDMs (VQ or KL first stage): ``LDMPipeline`` (unet/, vqvae/,
+  scheduler/; diffusers calls the autoencoder "vqvae" whatever its class);
+* super-resolution LDMs (the low-res image concatenated to the latents, scale
+  factor 1, CompVis bsr_sr): ``LDMSuperResolutionPipeline`` (same layout).
+
+Class-conditional LDMs (a ``ClassEmbedder`` or a U-Net label table) and other
+concat conditioning have no diffusers pipeline and are refused with a
+ValueError before anything is written (``save_unet`` / ``save_vae`` still
+write the components).
 
 Parameter names are the inverse of ``mapping.convert_state_dict``: a Flax
 module name ``name_N`` is the PyTorch ``name.N`` (a list index folded into
@@ -286,44 +292,73 @@ def save_tokenizer(tokenizer, folder: str) -> str:
     return folder
 
 
-def save_diffusers(pipe, folder: str) -> str:
-    """Write ``pipe`` as a diffusers folder (see the module docstring); returns ``folder``."""
+def diffusers_pipeline_class(pipe) -> str:
+    """The diffusers pipeline class that runs ``pipe`` as this project does, or a ValueError
+    saying why there is none (before anything is written)."""
     from ldm_jax.models.class_embedder import ClassEmbedder
 
-    if isinstance(pipe.text_encoder, ClassEmbedder):
-        raise ValueError("save_diffusers: class-conditional LDMs with a ClassEmbedder have no diffusers pipeline "
-                         "or text-encoder class to hold the label table")
-    if pipe.text_encoder is not None and not isinstance(pipe.text_encoder, CLIPTextModel):
-        raise ValueError(f"save_diffusers: unsupported text encoder {type(pipe.text_encoder).__name__}")
+    what = pipe.source or "this pipeline"
+    extra = int(pipe.unet.config.in_channels) - int(pipe.vae.config.embed_dim)
+    if isinstance(pipe.text_encoder, ClassEmbedder) or (
+            pipe.text_encoder is None and pipe.unet.config.num_class_embeds is not None):
+        raise ValueError(f"save_diffusers: {what} is a class-conditional LDM; diffusers has no pipeline for "
+                         "class-conditional latent diffusion (LDMPipeline is unconditional, DiTPipeline is another "
+                         "architecture), so no loadable folder can be written. The U-Net and autoencoder alone can "
+                         "be written with ldm_jax.convert.export.save_unet / save_vae")
+    if pipe.text_encoder is not None:
+        if not isinstance(pipe.text_encoder, CLIPTextModel):
+            raise ValueError(f"save_diffusers: unsupported text encoder {type(pipe.text_encoder).__name__}")
+        if extra == 0:
+            return "StableDiffusionPipeline"
+        if extra == pipe.vae.config.embed_dim + 1:
+            return "StableDiffusionInpaintPipeline"
+        raise ValueError(f"save_diffusers: {what} concatenates {extra} channels to the latents next to the text "
+                         "context; diffusers has a pipeline only for the 9-channel inpainting layout")
+    if extra == 0:
+        return "LDMPipeline"
+    # diffusers' LDMSuperResolutionPipeline: latents + the [-1, 1] low-res image (as many
+    # channels as the latents), decoded without a scale factor.
+    if getattr(pipe, "cond_stage", "") != "identity" or extra != pipe.vae.config.embed_dim:
+        raise ValueError(f"save_diffusers: {what} is concat-conditioned (cond stage {pipe.cond_stage or 'unknown'!r}, "
+                         f"{extra} extra channels); diffusers has a pipeline only for super-resolution (the low-res "
+                         "image as the cond stage, as many channels as the latents)")
+    if float(pipe.vae.config.scaling_factor) != 1.0:
+        raise ValueError(f"save_diffusers: {what} has scale_factor {pipe.vae.config.scaling_factor}; diffusers' "
+                         "LDMSuperResolutionPipeline decodes the latents without one (1.0 only)")
+    return "LDMSuperResolutionPipeline"
+
+
+def save_diffusers(pipe, folder: str) -> str:
+    """Write ``pipe`` as a diffusers folder (see the module docstring); returns ``folder``.
+
+    Raises ValueError, before writing anything, for a pipeline diffusers has no class for
+    (class-conditional LDMs, concat conditioning other than super-resolution)."""
+    pipeline_class = diffusers_pipeline_class(pipe)
+    # diffusers' LDM pipelines call the autoencoder "vqvae" (whatever its class)
+    vae_name = "vae" if pipeline_class.startswith("StableDiffusion") else "vqvae"
     os.makedirs(folder, exist_ok=True)
     save_unet(pipe.unet, pipe.params["unet"], os.path.join(folder, "unet"), pipe.sample_size)
-    save_vae(pipe.vae, pipe.params["vae"], os.path.join(folder, "vae"), pipe.default_size)
+    save_vae(pipe.vae, pipe.params["vae"], os.path.join(folder, vae_name), pipe.default_size)
     scheduler = {"_class_name": "DDIMScheduler", **dict(pipe.scheduler_config),
                  "_diffusers_version": DIFFUSERS_VERSION}
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
     vae_class = "AutoencoderKL" if pipe.vae.config.kind == "kl" else "VQModel"
     unet_class = unet_config_to_diffusers(pipe.unet.config, pipe.sample_size)["_class_name"]
-    index: Dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION,
-                             "unet": ["diffusers", unet_class], "vae": ["diffusers", vae_class],
+    index: Dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": DIFFUSERS_VERSION,
+                             "unet": ["diffusers", unet_class], vae_name: ["diffusers", vae_class],
                              "scheduler": ["diffusers", scheduler["_class_name"]]}
     if pipe.text_encoder is not None:
         save_text_encoder(pipe.text_encoder, pipe.params["text_encoder"], os.path.join(folder, "text_encoder"),
                           pipe.tokenizer.pad_token_id)
         save_tokenizer(pipe.tokenizer, os.path.join(folder, "tokenizer"))
-        inpaint = pipe.unet.config.in_channels == pipe.latent_channels + 5
-        index = {"_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline", **index,
-                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                 "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
-                 "requires_safety_checker": False}
-    else:
-        # No diffusers pipeline class matches (LDMPipeline names the autoencoder "vqvae");
-        # the components load one by one, the folder with ldm_jax.load_pipeline.
-        index = {"_class_name": "ldm_jax.Pipeline", **index}
+        index.update({"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                      "safety_checker": [None, None], "feature_extractor": [None, None],
+                      "image_encoder": [None, None], "requires_safety_checker": False})
     _write_json(os.path.join(folder, "model_index.json"), index)
     return folder
 
 
-__all__ = ["save_diffusers", "save_unet", "save_vae", "save_text_encoder", "save_tokenizer",
+__all__ = ["save_diffusers", "diffusers_pipeline_class", "save_unet", "save_vae", "save_text_encoder", "save_tokenizer",
            "flax_to_torch_state_dict", "write_safetensors", "unet_config_to_diffusers",
            "vae_config_to_diffusers", "clip_config_to_transformers"]

@@ -19,6 +19,12 @@ which the existing ``unet_config_from_diffusers`` / ``vae_config_from_diffusers`
 turn into model configurations, so there is one source of truth for model
 construction.
 
+``conditioning_key`` is resolved as ``LatentDiffusion`` does (``resolve_conditioning_key``):
+the older configs (bsr_sr) give only ``concat_mode``, whose default makes them "concat".
+Without a YAML, a U-Net with more input channels than latents and no cond-stage weights is
+taken as concat-conditioned: ``__is_first_stage__`` for 2C + 1 channels (LDM inpainting),
+else ``torch.nn.Identity`` (super-resolution).
+
 What cannot be inferred from the weights (pass the YAML, or the override):
 
 * the attention head count: SD 1.x (1x1-conv projections) -> 8 heads, SD 2.x
@@ -71,7 +77,8 @@ class OriginalSpec:
     vae: Dict[str, Any]           # diffusers vae config.json (AutoencoderKL or VQModel)
     cond_stage: str               # "clip" | "open_clip" | "class" | "none" | "first_stage" | "identity"
     cond_stage_params: Dict[str, Any]  # YAML params of the conditioning model
-    conditioning_key: Optional[str]    # crossattn | concat | hybrid | adm | None
+    conditioning_key: Optional[str]    # as LatentDiffusion resolves it: crossattn | concat | hybrid | adm |
+                                       # hybrid-adm | None (see resolve_conditioning_key)
     scheduler: Dict[str, Any]     # diffusers scheduler_config.json
     sample_size: int              # default latent side (model.params.image_size)
     source: str                   # the YAML path, or "<file> (inferred from keys)"
@@ -353,6 +360,25 @@ def vae_config_from_ldm(first_stage_config: Mapping, scale_factor: float, sample
 
 # ----------------------------------------------------------------------------- whole model
 
+CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
+
+
+def resolve_conditioning_key(model_params: Mapping, cond_target: str, source: str) -> Optional[str]:
+    """``conditioning_key`` as ``LatentDiffusion.__init__`` resolves it (ldm/models/diffusion/ddpm.py):
+    unset -> "concat" if ``concat_mode`` (default True) else "crossattn" (the older configs, e.g.
+    bsr_sr, give only ``concat_mode``); an ``__is_unconditional__`` cond stage -> None unless
+    ``force_null_conditioning``."""
+    key = model_params.get("conditioning_key")
+    if key is None:
+        key = "concat" if model_params.get("concat_mode", True) else "crossattn"
+    if cond_target == "__is_unconditional__" and not model_params.get("force_null_conditioning", False):
+        key = None
+    if key not in CONDITIONING_KEYS:
+        raise CheckpointError(f"{source}: conditioning_key={key!r} is not one of the LatentDiffusion keys "
+                              f"{[k for k in CONDITIONING_KEYS if k]}")
+    return key
+
+
 
 def spec_from_original_config(cfg: Mapping, source: str, prediction_type: Optional[str] = None,
                               scale_factor: Optional[float] = None) -> OriginalSpec:
@@ -393,11 +419,15 @@ def spec_from_original_config(cfg: Mapping, source: str, prediction_type: Option
                               "(only 'last')")
     if cond_stage == "open_clip" and cond_params.get("layer", "last") not in ("last", "penultimate"):
         raise CheckpointError(f"{source}: FrozenOpenCLIPEmbedder layer={cond_params['layer']!r} is not supported")
+    conditioning_key = resolve_conditioning_key(p, cond_target, source)
+    if conditioning_key == "concat" and cond_stage in ("clip", "open_clip", "class"):
+        raise CheckpointError(f"{source}: conditioning_key 'concat' with a {cond_name} cond stage is not supported "
+                              "(a text/class context needs 'crossattn' or 'hybrid')")
     if scheduler["prediction_type"] == "v_prediction" and unet_params.get("context_dim") == 1024:
         sample_size = max(sample_size, 96)  # SD 2.x 768-v: diffusers' default 768 px
     return OriginalSpec(
         unet=unet_config_from_ldm(unet_params, sample_size, source),
         vae=vae, cond_stage=cond_stage, cond_stage_params=cond_params,
-        conditioning_key=p.get("conditioning_key"), scheduler=scheduler, sample_size=sample_size,
+        conditioning_key=conditioning_key, scheduler=scheduler, sample_size=sample_size,
         source=source, qkv_new_order=bool(unet_params.get("use_new_attention_order", False)),
     )

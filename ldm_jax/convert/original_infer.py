@@ -165,6 +165,9 @@ def infer_cond_stage_config(state_dict: Mapping[str, np.ndarray], source: str):
         return {"target": "ldm.modules.encoders.modules.ClassEmbedder",
                 "params": {"embed_dim": int(dim), "n_classes": int(n_classes)}}
     other = sorted(k for k in state_dict if k.startswith(COND_PREFIX))
+    if other and all(VAE_PREFIX + k[len(COND_PREFIX):] in state_dict for k in other):
+        # LatentDiffusion with cond_stage_config __is_first_stage__ stores the first stage twice
+        return "__is_first_stage__"
     if other:
         raise CheckpointError(f"{source}: unknown conditioning model weights (e.g. {other[:3]}); pass the "
                               "original YAML (supported: FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, ClassEmbedder)")
@@ -205,8 +208,18 @@ def infer_original_config(state_dict: Mapping[str, np.ndarray], source: str) -> 
     latent_ch = first_stage["params"]["embed_dim"]
     if cond_name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "ClassEmbedder"):
         key = "hybrid" if unet_params["in_channels"] != latent_ch else "crossattn"
+    elif cond_name == "__is_first_stage__":
+        key = "concat"
+    elif unet_params["in_channels"] != latent_ch:
+        # Concat conditioning without cond-stage weights. The released ones: LDM inpainting
+        # (inpainting_big: latents + first-stage latents of the masked image + the mask, 2C + 1
+        # channels, cond stage __is_first_stage__) and super-resolution (bsr_sr: latents + the
+        # low-res image, cond stage torch.nn.Identity).
+        key = "concat"
+        first = unet_params["in_channels"] == 2 * latent_ch + 1
+        cond = "__is_first_stage__" if first else {"target": "torch.nn.Identity"}
     else:
-        key = "concat" if unet_params["in_channels"] != latent_ch else None
+        key = None
     params: Dict[str, Any] = {
         "image_size": 64, "channels": latent_ch, "conditioning_key": key,
         "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},

@@ -14,14 +14,19 @@ Families (``cond_stage_config``):
 * ClassEmbedder (class-conditional LDMs): ``text_encoder`` is a
   ``ClassEmbedder`` giving a (B, 1, D) context and ``tokenizer`` a
   ``ClassLabelTokenizer``: prompts are class indices, "" the unconditional class.
-* __is_unconditional__ (and __is_first_stage__ / Identity concat
-  conditioning): no text encoder; an unconditional model samples with
-  ``pipe([""] * batch)``. Concat-conditioned models (super-resolution,
-  LDM inpainting) load, but ``Pipeline.__call__`` does not build their
-  conditioning.
+* __is_unconditional__: no text encoder; an unconditional model samples with
+  ``pipe([""] * batch)``.
+* Concat conditioning (``conditioning_key`` "concat", or unset with the default
+  ``concat_mode: true``): no text encoder; the concatenated channels come from
+  ``pipe(..., cond_image=...)``: a ``torch.nn.Identity`` cond stage
+  (super-resolution, bsr_sr) takes the low-res image at the latent size, an
+  ``__is_first_stage__`` one (LDM inpainting) its first-stage encoding
+  (``init_image=`` + ``mask=`` build [masked-image latents, mask]); any other
+  cond stage: ``image_conditioning=`` (B, h, w, k).
 
 Inpainting models (9 input channels, ``conditioning_key: hybrid``) run through
-``Pipeline``'s inpaint mode as the diffusers ones do.
+``Pipeline``'s inpaint mode as the diffusers ones do; other hybrid models take
+the text context and ``cond_image=`` / ``image_conditioning=``.
 
 The CLIP head count is ``hidden_size // 64`` (OpenAI CLIP and OpenCLIP both
 use 64-channel heads); the YAML does not carry it.
@@ -243,4 +248,5 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
         params["text_encoder"] = text_params
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
-                    scheduler_config=spec.scheduler, source=path, sample_size=spec.sample_size)
+                    scheduler_config=spec.scheduler, source=path, sample_size=spec.sample_size,
+                    conditioning_key=spec.conditioning_key, cond_stage=spec.cond_stage)

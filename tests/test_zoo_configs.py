@@ -1,0 +1,94 @@
+"""configs/ for the released model families (sd1_finetune, sd2_v_finetune, ldm_celebahq256, ...):
+every such config builds its models' parameter shapes (jax.eval_shape, nothing allocated), and
+the architecture is exactly the one the released YAML describes."""
+import dataclasses
+import glob
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax.convert.original_config import read_original_yaml, spec_from_original_config
+from ldm_jax.convert.unet_diffusers import unet_abstract_params, unet_config_from_diffusers
+from ldm_jax.convert.vae_diffusers import vae_config_from_diffusers
+from ldm_jax.models.autoencoder import AutoencoderConfig, abstract_params, build_autoencoder
+from ldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from ldm_jax.models.unet import UNet, UNetConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZOO = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+             if not os.path.basename(p).startswith(("emoji_", "autoencoder_")))
+# config -> (released YAML in tests/original_configs, U-Net parameters of the released checkpoint)
+RELEASED = {
+    "sd1_finetune.py": ("v1-inference.yaml", 859_520_964),
+    "sd2_v_finetune.py": ("v2-inference-v.yaml", 865_910_724),
+    "ldm_celebahq256.py": ("celebahq-ldm-vq-4.yaml", None),
+}
+
+
+def load_config(path):
+    spec = importlib.util.spec_from_file_location("_zoo_" + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def count(tree):
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(tree))
+
+
+def test_every_zoo_config_is_checked_against_a_released_yaml():
+    assert sorted(os.path.basename(p) for p in ZOO) == sorted(RELEASED)
+
+
+@pytest.mark.parametrize("path", ZOO, ids=os.path.basename)
+def test_zoo_config_builds_the_released_architecture(path):
+    name = os.path.basename(path)
+    c = load_config(path)
+    yaml_name, unet_size = RELEASED[name]
+    spec = spec_from_original_config(read_original_yaml(os.path.join(ROOT, "tests", "original_configs", yaml_name)),
+                                     yaml_name)
+
+    unet_cfg = UNetConfig(**c.model.unet)  # the trainer builds UNetConfig(**model.unet)
+    assert dataclasses.replace(unet_cfg, remat_blocks=False) == unet_config_from_diffusers(spec.unet)
+    unet_params = unet_abstract_params(UNet(unet_cfg))  # eval_shape: nothing allocated
+    if unet_size is not None:
+        assert count(unet_params) == unet_size
+
+    ae_cfg = AutoencoderConfig(**c.first_stage.autoencoder)
+    assert ae_cfg == vae_config_from_diffusers(spec.vae)
+    assert count(abstract_params(build_autoencoder(ae_cfg))) > 0
+    assert float(c.first_stage.scale_factor) == spec.vae["scaling_factor"] and not c.first_stage.scale_by_std
+
+    sched = spec.scheduler
+    assert (c.diffusion.beta_schedule, c.diffusion.beta_start, c.diffusion.beta_end, c.diffusion.num_train_timesteps,
+            c.diffusion.prediction_type) == (sched["beta_schedule"], sched["beta_start"], sched["beta_end"],
+                                             sched["num_train_timesteps"], sched["prediction_type"])
+    assert c.data.image_size // ae_cfg.downsample_factor == spec.sample_size  # 64, or 96 for 768-v
+
+    if spec.cond_stage in ("clip", "open_clip"):
+        assert c.diffusion.conditioning == "text"
+        clip_cfg = CLIPTextConfig(**c.text_encoder.clip)
+        assert clip_cfg.hidden_size == unet_cfg.cross_attention_dim
+        ids = jax.ShapeDtypeStruct((1, clip_cfg.max_position_embeddings), jnp.int32)
+        clip_params = jax.eval_shape(CLIPTextModel(clip_cfg).init, jax.random.PRNGKey(0), ids)["params"]
+        assert count(clip_params) == reference_clip_size(clip_cfg)
+        assert c.text_encoder.pad_token_id == (49407 if spec.cond_stage == "clip" else 0)
+    else:
+        assert spec.cond_stage == "none" and c.diffusion.conditioning == "none"
+
+
+def reference_clip_size(cfg):
+    """Parameters of transformers' CLIPTextModel with the same configuration (meta device)."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            max_position_embeddings=cfg.max_position_embeddings, hidden_act=cfg.hidden_act))
+    return sum(p.numel() for p in model.parameters())
