@@ -11,6 +11,8 @@ measurement never leak into another.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -170,22 +172,23 @@ def torch_first_image(preset, folder, **_):
 
 # ------------------------------------------------------------------ jax side
 class JaxVariant:
-    """Which fast paths the JAX side uses (conv gradient impl, attention impl)."""
+    """Which fast paths the JAX side uses: ``UNetConfig.conv_impl`` / ``AutoencoderConfig.conv_impl``
+    and the modules' ``attention_impl`` (models are loaded with the defaults, then cloned)."""
 
     def __init__(self, conv="auto", attention="dot_product"):
         self.conv, self.attention = conv, attention
-        from bench.shim import ensure_attention_impl
-
-        ensure_attention_impl(attention)
 
     def routing(self):
-        from ldm_jax.models import conv as C
-
-        return C.route_convs(self.conv)
+        """Kept for callers that trace inside it; the variant lives in the module configs now."""
+        return contextlib.nullcontext()
 
     def apply(self, module):
-        """The module with this variant's attention impl (models are loaded with "xla")."""
-        return module.clone(attention_impl=self.attention)
+        """The module with this variant's attention impl and (if it has convolutions) conv impl."""
+        kw = {"attention_impl": self.attention}
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "conv_impl"):
+            kw["config"] = dataclasses.replace(cfg, conv_impl=self.conv)
+        return module.clone(**kw)
 
 
 def jax_inputs(preset, b, seed=0):
@@ -235,7 +238,6 @@ def jax_unet_fwd(preset, folder, b, variant, **_):
 
 
 def jax_train_step(preset, folder, b, variant, remat=False, **_):
-    import dataclasses
     import functools
 
     import jax
@@ -295,6 +297,7 @@ def jax_pipeline(preset, folder, variant):
 
     pipe = ldm_jax.load_pipeline(folder, dtype=preset.dtype)
     pipe.unet, pipe.vae = variant.apply(pipe.unet), variant.apply(pipe.vae)
+    pipe.text_encoder = variant.apply(pipe.text_encoder)  # causal attention: blocked on CPU too
     return pipe
 
 

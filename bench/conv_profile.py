@@ -45,7 +45,7 @@ def collect_conv_shapes(unet, params, x, t, ctx):
     return counts
 
 
-def time_conv_shapes(counts, reps=5, dtype="float32", torch_too=True):
+def time_conv_shapes(counts, reps=5, dtype="float32", torch_too=True, cpu=False):
     import jax
     import jax.numpy as jnp
 
@@ -65,11 +65,16 @@ def time_conv_shapes(counts, reps=5, dtype="float32", torch_too=True):
         dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: C._lax_conv(x, w, s, pads), x)[1](g)[0])
         dw_xla = jax.jit(lambda x, w, g: jax.vjp(lambda w: C._lax_conv(x, w, s, pads), w)[1](g)[0])
         dw_mm = jax.jit(lambda x, w, g: C.kernel_grad_matmul(x, g, w.shape, s, pads).astype(w.dtype))
+        fwd_mm = jax.jit(lambda x, w: C.conv_matmul_grad(x, w, s, pads))
+        dx_mm = jax.jit(lambda x, w, g: jax.vjp(lambda x: C.conv_matmul_grad(x, w, s, pads), x)[1](g)[0])
         r = dict(x=xs, k=ks, s=s, n=n, gflop=2 * np.prod(y.shape) * np.prod(ks[:3]) / 1e9)
-        r["j_fwd"] = median_ms(lambda: fwd(x, w).block_until_ready(), reps)
-        r["j_dx"] = median_ms(lambda: dx(x, w, g).block_until_ready(), reps)
-        r["j_dw_xla"] = median_ms(lambda: dw_xla(x, w, g).block_until_ready(), reps)
-        r["j_dw_matmul"] = median_ms(lambda: dw_mm(x, w, g).block_until_ready(), reps)
+        ms = lambda fn: median_ms(fn, reps, cpu=cpu)  # noqa: E731
+        r["j_fwd"] = ms(lambda: fwd(x, w).block_until_ready())
+        r["j_fwd_matmul"] = ms(lambda: fwd_mm(x, w).block_until_ready())
+        r["j_dx"] = ms(lambda: dx(x, w, g).block_until_ready())
+        r["j_dx_matmul"] = ms(lambda: dx_mm(x, w, g).block_until_ready())
+        r["j_dw_xla"] = ms(lambda: dw_xla(x, w, g).block_until_ready())
+        r["j_dw_matmul"] = ms(lambda: dw_mm(x, w, g).block_until_ready())
         if torch_too:
             import torch
 
@@ -83,22 +88,20 @@ def time_conv_shapes(counts, reps=5, dtype="float32", torch_too=True):
             else:  # asymmetric: pad explicitly
                 tpad, xin = (0, 0), torch.nn.functional.pad(xt, (pl, pr, pt, pb))
             with torch.no_grad():
-                r["t_fwd"] = median_ms(lambda: torch.nn.functional.conv2d(xin, wt, stride=s, padding=tpad), reps)
-                r["t_dx"] = median_ms(lambda: torch.nn.grad.conv2d_input(xin.shape, wt, gt, stride=s, padding=tpad),
-                                      reps)
-                r["t_dw"] = median_ms(lambda: torch.nn.grad.conv2d_weight(xin, wt.shape, gt, stride=s, padding=tpad),
-                                      reps)
+                r["t_fwd"] = ms(lambda: torch.nn.functional.conv2d(xin, wt, stride=s, padding=tpad))
+                r["t_dx"] = ms(lambda: torch.nn.grad.conv2d_input(xin.shape, wt, gt, stride=s, padding=tpad))
+                r["t_dw"] = ms(lambda: torch.nn.grad.conv2d_weight(xin, wt.shape, gt, stride=s, padding=tpad))
         rows.append(r)
         print(format_row(r), flush=True)
     return rows
 
 
-COLS = ("j_fwd", "j_dx", "j_dw_xla", "j_dw_matmul", "t_fwd", "t_dx", "t_dw")
+COLS = ("j_fwd", "j_fwd_matmul", "j_dx", "j_dx_matmul", "j_dw_xla", "j_dw_matmul", "t_fwd", "t_dx", "t_dw")
 
 
 def format_row(r):
     head = f"x{r['x']} k{r['k'][0]}x{r['k'][1]} {r['k'][2]}->{r['k'][3]} s{r['s'][0]} n={r['n']:2d} {r['gflop']:.2f}GF"
-    return f"{head:58s} " + " ".join(f"{c}={r[c]:7.2f}" for c in COLS if c in r)
+    return f"{head:58s} " + " ".join(f"{c}={r[c]:.2f}" for c in COLS if c in r)
 
 
 def totals(rows):
@@ -112,7 +115,7 @@ def backward_conv_ops(unet, params, x, t, ctx, impl):
 
     from ldm_jax.models import conv as C
 
-    with C.conv_impl(impl):
+    with C.route_convs(impl):
         loss = lambda p: jnp.mean(unet.apply({"params": p}, x, t, ctx) ** 2)  # noqa: E731
         text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
     kinds = collections.Counter()
@@ -135,7 +138,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--hlo", action="store_true", help="also list the backward's convolution ops")
+    ap.add_argument("--single-core", action="store_true",
+                    help="one thread on one core for both libraries, process CPU time (robust under load)")
     args = ap.parse_args(argv)
+    if args.single_core:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        os.environ["BENCH_THREADS"] = "1"
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
     import jax
     import jax.numpy as jnp
@@ -157,7 +166,8 @@ def main(argv=None):
     params = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), x, t, ctx))["params"]
     counts = collect_conv_shapes(unet, params, x, t, ctx)
     print(f"{sum(counts.values())} convolutions, {len(counts)} distinct shapes (preset {args.preset}, B{b})")
-    rows = time_conv_shapes(counts, reps=args.reps, dtype=args.dtype, torch_too=not args.no_torch)
+    rows = time_conv_shapes(counts, reps=args.reps, dtype=args.dtype, torch_too=not args.no_torch,
+                            cpu=args.single_core)
     print("occurrence-weighted totals (ms):", totals(rows))
     if args.hlo:
         real = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)

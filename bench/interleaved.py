@@ -15,6 +15,7 @@ Same weights on both sides (the preset's random diffusers folder).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -77,9 +78,7 @@ def main(argv=None):
 
     from bench.build import build_folder
     from bench.presets import PRESETS
-    from bench.shim import ensure_attention_impl
     from ldm_jax.convert.unet_diffusers import load_unet
-    from ldm_jax.models import conv as C
 
     torch.set_num_threads(1)
     preset = PRESETS[args.preset]
@@ -87,13 +86,15 @@ def main(argv=None):
     from diffusers import UNet2DConditionModel
 
     variants = [tuple(v.split(":")) for v in args.variants.split(",") if v]
-    for _, att in variants:
-        ensure_attention_impl(att)
     tunet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"))
     junet, jparams = load_unet(os.path.join(folder, "unet"))
     jparams = jax.tree_util.tree_map(jnp.asarray, jparams)
     rng = np.random.default_rng(0)
     hw = preset.latent
+
+    def variant(conv_impl, attention_impl):
+        return junet.clone(attention_impl=attention_impl,
+                           config=dataclasses.replace(junet.config, conv_impl=conv_impl))
     rows, raw = [], {}
     load0 = os.getloadavg()
 
@@ -119,13 +120,13 @@ def main(argv=None):
             fns["torch"] = torch_fwd
             xj, tj, cj = jnp.asarray(x), jnp.asarray(t.astype(np.int32)), jnp.asarray(c)
             for cv, att in variants:
-                u = junet.clone(attention_impl=att)
-                with C.route_convs(cv):
-                    comp = jax.jit(lambda p, x, t, c, u=u: u.apply({"params": p}, x, t, c)).lower(
-                        jparams, xj, tj, cj).compile()
+                u = variant(cv, att)
+                comp = jax.jit(lambda p, x, t, c, u=u: u.apply({"params": p}, x, t, c)).lower(
+                    jparams, xj, tj, cj).compile()
                 fns[f"jax conv={cv} attention={att}"] = lambda comp=comp: comp(jparams, xj, tj, cj).block_until_ready()
             res = alternate(fns, args.reps)
             raw[f"unet_fwd_B{b}"] = res
+            _save_partial(args, raw)
             rows += _rows(f"U-Net forward B{b}", res)
             print(f"unet_fwd B{b}: {res}", flush=True)
 
@@ -147,7 +148,7 @@ def main(argv=None):
         xj, tj, cj, nj = jnp.asarray(x), jnp.asarray(t.astype(np.int32)), jnp.asarray(c), jnp.asarray(n)
         tx = optax.adamw(1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
         for cv, att in variants:
-            u = junet.clone(attention_impl=att)
+            u = variant(cv, att)
 
             def step(p, o, u=u):
                 loss, g = jax.value_and_grad(
@@ -155,8 +156,7 @@ def main(argv=None):
                 upd, o = tx.update(g, o, p)
                 return optax.apply_updates(p, upd), o, loss
 
-            with C.route_convs(cv):
-                comp = jax.jit(step).lower(jparams, tx.init(jparams)).compile()
+            comp = jax.jit(step).lower(jparams, tx.init(jparams)).compile()
             state = [jparams, tx.init(jparams)]
 
             def run(comp=comp, state=state):
@@ -166,6 +166,7 @@ def main(argv=None):
             fns[f"jax conv={cv} attention={att}"] = run
         res = alternate(fns, args.reps)
         raw["train_step"] = res
+        _save_partial(args, raw)
         rows += _rows(f"train step B{b} (fwd+bwd+AdamW)", res)
         print(f"train_step B{b}: {res}", flush=True)
 
@@ -175,8 +176,17 @@ def main(argv=None):
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n" + md)
-        with open(os.path.splitext(args.out)[0] + f"_interleaved_{preset.name}.json", "w") as f:
+        path = os.path.splitext(args.out)[0] + f"_interleaved_{preset.name}.json"
+        with open(path, "w") as f:
             json.dump({"loads": [load0, load1], "results": raw}, f, indent=1)
+        if os.path.exists(path + ".partial"):
+            os.remove(path + ".partial")
+
+
+def _save_partial(args, raw):
+    if args.out:
+        with open(os.path.splitext(args.out)[0] + f"_interleaved_{args.preset}.json.partial", "w") as f:
+            json.dump(raw, f, indent=1)
 
 
 def _rows(what, res):

@@ -113,15 +113,11 @@ def main(argv=None):
     import numpy as np
 
     from bench.presets import PRESETS
-    from ldm_jax.models import conv as C
     from ldm_jax.models.unet import UNet, UNetConfig
 
-    from bench.shim import ensure_attention_impl
-
-    ensure_attention_impl(args.attention)
     p = PRESETS[args.preset]
     dt = jnp.dtype(args.dtype)
-    unet = UNet(UNetConfig(**p.unet_config()), dtype=dt, attention_impl=args.attention)
+    unet = UNet(UNetConfig(**p.unet_config(), conv_impl=args.conv), dtype=dt, attention_impl=args.attention)
     b, hw = args.batch, p.latent
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((b, hw, hw, 4)), dt)
@@ -132,12 +128,13 @@ def main(argv=None):
 
     if args.what == "grad":
         def f(p):
-            return jax.value_and_grad(lambda p: jnp.mean(unet.apply({"params": p}, x, t, ctx).astype(jnp.float32) ** 2))(p)
+            def loss(p):
+                return jnp.mean(unet.apply({"params": p}, x, t, ctx).astype(jnp.float32) ** 2)
+            return jax.value_and_grad(loss)(p)
     else:
         def f(p):
             return unet.apply({"params": p}, x, t, ctx)
-    with C.route_convs(args.conv):
-        compiled = jax.jit(f).lower(params).compile()
+    compiled = jax.jit(f).lower(params).compile()
     lines, comps = parse_hlo(compiled.as_text())
     durations = profile(compiled, (params,), args.reps)
     groups = collections.Counter()

@@ -7,10 +7,10 @@ import statistics
 import time
 
 
-def median_ms(fn, reps: int = 5, warmup: int = 1, sync=None) -> float:
-    """Median wall time of ``fn()`` in milliseconds after ``warmup`` untimed calls.
-    ``sync`` (e.g. torch.cuda.synchronize) runs after each call, inside the timing."""
-    return summary_ms(fn, reps, warmup, sync)["median"]
+def median_ms(fn, reps: int = 5, warmup: int = 1, sync=None, cpu: bool = False) -> float:
+    """Median wall time (``cpu``: process CPU time) of ``fn()`` in milliseconds after
+    ``warmup`` untimed calls. ``sync`` (e.g. torch.cuda.synchronize) runs after each call."""
+    return summary_ms(fn, reps, warmup, sync)["cpu_median" if cpu else "median"]
 
 
 def summary_ms(fn, reps: int = 5, warmup: int = 1, sync=None) -> dict:

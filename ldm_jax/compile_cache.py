@@ -8,6 +8,12 @@ flags and jax/jaxlib version loads the executables from disk instead:
     from ldm_jax.compile_cache import enable_compilation_cache
     enable_compilation_cache()            # before the first jit call of the job
 
+From the command line: ``python train.py ... --compilation_cache DIR`` and
+``python sample.py ... --compilation-cache DIR`` (``default`` for the default
+directory, ``off`` to disable; without the flag the cache is on only when
+``$LDM_JAX_COMPILATION_CACHE`` names a directory); both call
+``configure_compilation_cache(value)``.
+
 Directory: ``path``, else ``$LDM_JAX_COMPILATION_CACHE``, else
 ``$JAX_COMPILATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/ldm_jax/jax_cache``
 (``~/.cache/...``). ``LDM_JAX_COMPILATION_CACHE=off`` disables it. See
@@ -64,6 +70,25 @@ def enable_compilation_cache(path: Optional[str] = None, *, min_compile_time_sec
     if previous and os.path.abspath(previous) != path and getattr(_cc, "_cache", None) is not None:
         _cc.reset_cache()  # a cache object for the old directory exists: re-point it
     return path
+
+
+def configure_compilation_cache(value: Optional[str] = None) -> Optional[str]:
+    """The CLI / config hook. ``value``: a directory, ``"default"`` (or ``"on"``: the default
+    directory, see ``enable_compilation_cache``), ``"off"`` (disable), or None / ``""``: enable
+    only if ``$LDM_JAX_COMPILATION_CACHE`` is set (and not ``off``). Returns the directory in
+    use, or None when the cache stays off."""
+    if value is None or not str(value).strip():
+        env = os.environ.get(ENV_VAR)
+        if env is None or not env.strip():
+            return None
+        return enable_compilation_cache()
+    value = str(value).strip()
+    if value.lower() in _OFF:
+        disable_compilation_cache()
+        return None
+    if value.lower() in ("default", "on", "1", "true", "yes"):
+        return enable_compilation_cache()
+    return enable_compilation_cache(value)
 
 
 def disable_compilation_cache() -> None:

@@ -166,16 +166,28 @@ def _plan(units: int, t: int, s: int, block_elems: int) -> Tuple[int, int]:
 
 
 def _blocked_inputs(q_bthd, k_bshd, v_bshd, tq: int, per: int):
-    """(n_iter, per, tq, D) query blocks and the matching (n_iter, per, S, D) keys / values."""
+    """(n_iter, per, tq, D) query blocks, their (n_iter, per) key/value row indices into the
+    (B*N, S, D) keys / values (shared by the nq query blocks of a (b, n): fetched per
+    block inside the loop rather than broadcast nq times in memory), and positions."""
     b, t, n, d = q_bthd.shape
     s = k_bshd.shape[1]
     nq = t // tq
     q_u = q_bthd.transpose(0, 2, 1, 3).reshape(b * n * nq, tq, d)  # unit = (b, n, query block)
-    kv = lambda a: jnp.broadcast_to(  # noqa: E731
-        a.transpose(0, 2, 1, 3).reshape(b * n, 1, s, d), (b * n, nq, s, d)).reshape(b * n * nq, s, d)
+    kv = lambda a: a.transpose(0, 2, 1, 3).reshape(b * n, s, d)  # noqa: E731
+    kv_index = jnp.arange(b * n * nq, dtype=jnp.int32) // nq
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32).reshape(1, nq, tq), (b * n, nq, tq)).reshape(-1, tq)
     group = lambda a: a.reshape((a.shape[0] // per, per) + a.shape[1:])  # noqa: E731
-    return group(q_u), group(kv(k_bshd)), group(kv(v_bshd)), group(pos)
+    return group(q_u), kv(k_bshd), kv(v_bshd), group(kv_index), group(pos)
+
+
+def _fetch(a_nsd, idx_u, nq: int):
+    """Rows ``idx_u`` (per,) of ``a_nsd``: a slice where they are consecutive or one row repeated."""
+    per = idx_u.shape[0]
+    if nq == 1:  # units are whole (b, n) rows: consecutive
+        return jax.lax.dynamic_slice_in_dim(a_nsd, idx_u[0], per, axis=0)
+    if per == 1:
+        return jax.lax.dynamic_slice_in_dim(a_nsd, idx_u[0], 1, axis=0)
+    return jnp.take(a_nsd, idx_u, axis=0)
 
 
 def _scores(q_utd, k_usd, pos_ut, scale, causal):
@@ -195,10 +207,12 @@ def _blocked_fwd(q_bthd, k_bshd, v_bshd, scale, causal, block_elems):
     b, t, n, d = q_bthd.shape
     s = k_bshd.shape[1]
     tq, per = _plan(b * n, t, s, block_elems)
-    qs, ks, vs, pos = _blocked_inputs(q_bthd, k_bshd, v_bshd, tq, per)
+    nq = t // tq
+    qs, k_all, v_all, kv_idx, pos = _blocked_inputs(q_bthd, k_bshd, v_bshd, tq, per)
 
     def block(args):
-        q_utd, k_usd, v_usd, pos_ut = args
+        q_utd, idx_u, pos_ut = args
+        k_usd, v_usd = _fetch(k_all, idx_u, nq), _fetch(v_all, idx_u, nq)
         scores = _scores(q_utd, k_usd, pos_ut, scale, causal)  # (U, tq, S) float32
         m = jnp.max(scores, axis=-1, keepdims=True)
         p = jnp.exp(scores - m)
@@ -206,7 +220,7 @@ def _blocked_fwd(q_bthd, k_bshd, v_bshd, scale, causal, block_elems):
         o = jnp.einsum("uts,usd->utd", p.astype(v_usd.dtype), v_usd, preferred_element_type=jnp.float32) / l
         return o.astype(q_bthd.dtype), (m + jnp.log(l))[..., 0]
 
-    o, lse = jax.lax.map(block, (qs, ks, vs, pos))
+    o, lse = jax.lax.map(block, (qs, kv_idx, pos))
     o_bthd = o.reshape(b, n, t, d).transpose(0, 2, 1, 3)
     return o_bthd, (q_bthd, k_bshd, v_bshd, o_bthd, lse)
 
@@ -217,14 +231,15 @@ def _blocked_bwd(scale, causal, block_elems, residuals, do_bthd):
     s = k_bshd.shape[1]
     tq, per = _plan(b * n, t, s, block_elems)
     nq = t // tq
-    qs, ks, vs, pos = _blocked_inputs(q_bthd, k_bshd, v_bshd, tq, per)
+    qs, k_all, v_all, kv_idx, pos = _blocked_inputs(q_bthd, k_bshd, v_bshd, tq, per)
     delta = jnp.sum(do_bthd.astype(jnp.float32) * o_bthd.astype(jnp.float32), axis=-1)  # (B, T, N)
     as_units = lambda a: a.transpose(0, 2, 1, 3).reshape(b * n * nq, tq, d)  # noqa: E731
     dos = as_units(do_bthd).reshape(qs.shape)
     deltas = delta.transpose(0, 2, 1).reshape(lse.shape)
 
     def block(args):
-        q_utd, k_usd, v_usd, pos_ut, do_utd, lse_ut, delta_ut = args
+        q_utd, idx_u, pos_ut, do_utd, lse_ut, delta_ut = args
+        k_usd, v_usd = _fetch(k_all, idx_u, nq), _fetch(v_all, idx_u, nq)
         p = jnp.exp(_scores(q_utd, k_usd, pos_ut, scale, causal) - lse_ut[..., None])  # (U, tq, S)
         # dV and dK are formed transposed, (U, D, S) = dO^T P: the (tq, S) matrix is then
         # the plain right-hand operand of the matmul (contracting its major axis), which
@@ -236,10 +251,12 @@ def _blocked_bwd(scale, causal, block_elems, residuals, do_bthd):
         dk_uds = jnp.einsum("utd,uts->uds", q_utd, ds.astype(q_utd.dtype), preferred_element_type=jnp.float32)
         return dq, dk_uds, dv_uds
 
-    dq, dk, dv = jax.lax.map(block, (qs, ks, vs, pos, dos, lse, deltas))
+    dq, dk, dv = jax.lax.map(block, (qs, kv_idx, pos, dos, lse, deltas))
     dq_bthd = dq.reshape(b, n, t, d).transpose(0, 2, 1, 3).astype(q_bthd.dtype)
     # Keys / values were shared by the nq query blocks of each (b, n): sum their parts.
-    fold = lambda g_uds, like: g_uds.reshape(b, n, nq, d, s).sum(axis=2).transpose(0, 3, 1, 2).astype(like.dtype)  # noqa: E731
+    def fold(g_uds, like):
+        return g_uds.reshape(b, n, nq, d, s).sum(axis=2).transpose(0, 3, 1, 2).astype(like.dtype)
+
     return dq_bthd, fold(dk, k_bshd), fold(dv, v_bshd)
 
 

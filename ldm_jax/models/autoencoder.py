@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ldm_jax.models import layers
+from ldm_jax.models import conv, layers
+from ldm_jax.models.conv import CONV_IMPLS
 from ldm_jax.models.layers import AttentionImpl, GroupNorm, ResnetBlock, conv3x3
 from ldm_jax.models.quantizer import (  # noqa: F401  (re-exported)
     VectorQuantizer, VQEncoding, codebook_perplexity, codebook_usage,
@@ -63,6 +64,8 @@ class AutoencoderConfig:
     legacy: bool = True                 # VQ: taming/diffusers' legacy loss (beta on the codebook term)
     scaling_factor: float = 0.18215     # latent scale for the diffusion model (data only)
     shift_factor: Optional[float] = None  # latent shift for the diffusion model (data only)
+    conv_impl: str = "auto"             # convolutions (ldm_jax.models.conv): "auto" (fastest per backend), "xla",
+                                        # or "matmul"
 
     def __post_init__(self):
         if self.kind not in ("kl", "vq"):
@@ -77,6 +80,8 @@ class AutoencoderConfig:
                     f"divisible by norm_num_groups={self.norm_num_groups}")
         if self.layers_per_block < 1:
             raise ValueError(f"AutoencoderConfig.layers_per_block must be >= 1, got {self.layers_per_block}")
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"AutoencoderConfig: unknown conv_impl {self.conv_impl!r}; expected one of {CONV_IMPLS}")
         if self.kind == "vq" and not (self.use_quant_conv and self.use_post_quant_conv):
             raise ValueError("AutoencoderConfig: a VQ model always has quant_conv and post_quant_conv")
 
@@ -177,17 +182,19 @@ class _MidBlock(nn.Module):
     attention_impl: AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, h_bhwc: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h_bhwc = ResnetBlock(self.channels, self.groups, _EPS, name="resnets_0", **kw)(h_bhwc)
+        h_bhwc = ResnetBlock(self.channels, self.groups, _EPS, name="resnets_0", conv_impl=self.conv_impl,
+                             **kw)(h_bhwc)
         if self.attention:
             h_bhwc = layers.Attention(
                 heads=1, dim_head=self.channels, qkv_bias=True, norm_groups=self.groups,
                 norm_epsilon=_EPS, impl=self.attention_impl, name="attentions_0", **kw,
             )(h_bhwc)
-        return ResnetBlock(self.channels, self.groups, _EPS, name="resnets_1", **kw)(h_bhwc)
+        return ResnetBlock(self.channels, self.groups, _EPS, name="resnets_1", conv_impl=self.conv_impl, **kw)(h_bhwc)
 
 
 class _DownEncoderBlock(nn.Module):
@@ -199,10 +206,12 @@ class _DownEncoderBlock(nn.Module):
     add_downsample: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, h_bhwc: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw["conv_impl"] = self.conv_impl
         for j in range(self.num_layers):
             h_bhwc = ResnetBlock(self.channels, self.groups, _EPS, name=f"resnets_{j}", **kw)(h_bhwc)
         if self.add_downsample:
@@ -219,10 +228,12 @@ class _UpDecoderBlock(nn.Module):
     add_upsample: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, h_bhwc: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw["conv_impl"] = self.conv_impl
         for j in range(self.num_layers):
             h_bhwc = ResnetBlock(self.channels, self.groups, _EPS, name=f"resnets_{j}", **kw)(h_bhwc)
         if self.add_upsample:
@@ -243,16 +254,17 @@ class Encoder(nn.Module):
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ckw = dict(conv_impl=cfg.conv_impl, **kw)
         channels = cfg.block_out_channels
-        h = conv3x3(channels[0], name="conv_in", **kw)(x_bhwc.astype(self.dtype))
+        h = conv3x3(channels[0], name="conv_in", **ckw)(x_bhwc.astype(self.dtype))
         for i, ch in enumerate(channels):
             h = _DownEncoderBlock(
                 ch, cfg.layers_per_block, cfg.norm_num_groups, add_downsample=i < len(channels) - 1,
-                name=f"down_blocks_{i}", **kw)(h)
+                name=f"down_blocks_{i}", **ckw)(h)
         h = _MidBlock(channels[-1], cfg.norm_num_groups, cfg.mid_block_attention,
-                      self.attention_impl, name="mid_block", **kw)(h)
+                      self.attention_impl, name="mid_block", **ckw)(h)
         h = GroupNorm(cfg.norm_num_groups, _EPS, name="conv_norm_out", **kw)(h)
-        return conv3x3(self.out_channels, name="conv_out", **kw)(nn.silu(h))
+        return conv3x3(self.out_channels, name="conv_out", **ckw)(nn.silu(h))
 
 
 class Decoder(nn.Module):
@@ -267,21 +279,23 @@ class Decoder(nn.Module):
     def __call__(self, z_bhwc: jax.Array) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ckw = dict(conv_impl=cfg.conv_impl, **kw)
+        ckw = dict(conv_impl=cfg.conv_impl, **kw)
         reversed_channels = tuple(reversed(cfg.block_out_channels))
-        h = conv3x3(reversed_channels[0], name="conv_in", **kw)(z_bhwc.astype(self.dtype))
+        h = conv3x3(reversed_channels[0], name="conv_in", **ckw)(z_bhwc.astype(self.dtype))
         h = _MidBlock(reversed_channels[0], cfg.norm_num_groups, cfg.mid_block_attention,
-                      self.attention_impl, name="mid_block", **kw)(h)
+                      self.attention_impl, name="mid_block", **ckw)(h)
         for i, ch in enumerate(reversed_channels):
             h = _UpDecoderBlock(
                 ch, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                add_upsample=i < len(reversed_channels) - 1, name=f"up_blocks_{i}", **kw)(h)
+                add_upsample=i < len(reversed_channels) - 1, name=f"up_blocks_{i}", **ckw)(h)
         h = GroupNorm(cfg.norm_num_groups, _EPS, name="conv_norm_out", **kw)(h)
-        return conv3x3(cfg.out_channels, name="conv_out", **kw)(nn.silu(h))
+        return conv3x3(cfg.out_channels, name="conv_out", **ckw)(nn.silu(h))
 
 
-def _pointwise(features: int, dtype: Dtype, param_dtype: Dtype) -> nn.Conv:
+def _pointwise(features: int, dtype: Dtype, param_dtype: Dtype, conv_impl: Optional[str] = None) -> nn.Conv:
     """1x1 convolution (quant_conv / post_quant_conv); named by its setup attribute."""
-    return nn.Conv(features, (1, 1), padding="VALID", dtype=dtype, param_dtype=param_dtype)
+    return conv.Conv(features, (1, 1), padding="VALID", dtype=dtype, param_dtype=param_dtype, impl=conv_impl)
 
 
 def _check_input(x: jax.Array, channels: int, what: str, model: str) -> None:
@@ -310,9 +324,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg, 2 * c, self.attention_impl, **kw)
         self.decoder = Decoder(cfg, self.attention_impl, **kw)
         if cfg.use_quant_conv:
-            self.quant_conv = _pointwise(2 * c, **kw)
+            self.quant_conv = _pointwise(2 * c, conv_impl=cfg.conv_impl, **kw)
         if cfg.use_post_quant_conv:
-            self.post_quant_conv = _pointwise(c, **kw)
+            self.post_quant_conv = _pointwise(c, conv_impl=cfg.conv_impl, **kw)
 
     def encode(self, x_bhwc: jax.Array) -> DiagonalGaussianDistribution:
         """Images (B, H, W, in) in [-1, 1] -> posterior q(z|x) over (B, H/f, W/f, c)."""
@@ -359,10 +373,10 @@ class VQModel(nn.Module):
             raise ValueError(f"VQModel needs a config with kind='vq', got {cfg.kind!r}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = Encoder(cfg, cfg.latent_channels, self.attention_impl, **kw)
-        self.quant_conv = _pointwise(cfg.embed_dim, **kw)
+        self.quant_conv = _pointwise(cfg.embed_dim, conv_impl=cfg.conv_impl, **kw)
         self.quantize = VectorQuantizer(
             cfg.num_vq_embeddings, cfg.embed_dim, beta=cfg.beta, legacy=cfg.legacy, **kw)
-        self.post_quant_conv = _pointwise(cfg.latent_channels, **kw)
+        self.post_quant_conv = _pointwise(cfg.latent_channels, conv_impl=cfg.conv_impl, **kw)
         self.decoder = Decoder(cfg, self.attention_impl, **kw)
 
     def encode(self, x_bhwc: jax.Array) -> VQEncoding:

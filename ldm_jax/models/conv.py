@@ -37,8 +37,10 @@ Implementations (``impl``):
   XLA's convolutions elsewhere (``jax.custom_vjp``). Numerically the same sums
   in another order (float32: ~1e-7 relative). Reverse mode only (``jax.jvp``
   through it raises).
-* ``"auto"`` (the module default): ``"matmul"`` when the default backend is
-  CPU, ``"xla"`` otherwise; decided when the function is traced.
+* ``"auto"`` (the default of ``UNetConfig.conv_impl`` / ``AutoencoderConfig.conv_impl``
+  and of the process): the process default if one was set (``set_conv_impl``,
+  ``with conv_impl(...)``), else ``"matmul"`` when the default backend is CPU and
+  ``"xla"`` otherwise; decided when the function is traced.
 
 Use ``Conv(...)`` where ``flax.linen.Conv(...)`` was used (it *is* an
 ``nn.Conv``, with its ``conv_general_dilated`` hook set, so parameter names,
@@ -88,9 +90,17 @@ def conv_impl(impl: str):
 
 
 def resolve_impl(impl: Optional[str] = None) -> str:
-    """``impl`` (or the process default) with ``"auto"`` replaced by the concrete choice."""
+    """The concrete impl ("xla" or "matmul") for ``impl``.
+
+    None and "auto" defer to the process default (``set_conv_impl`` / ``conv_impl``), so a
+    model configured with "auto" (the ``UNetConfig`` / ``AutoencoderConfig`` default) can
+    be switched for a whole job without touching its config; a process default of "auto"
+    means the fastest per backend: "matmul" on CPU, "xla" on GPU / TPU.
+    """
     impl = _default_impl if impl is None else impl
     _check_impl(impl)
+    if impl == "auto":
+        impl = _default_impl
     if impl == "auto":
         return "matmul" if jax.default_backend() == "cpu" else "xla"
     return impl
@@ -102,7 +112,7 @@ def _check_impl(impl: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# The reference convolution and the patch (im2col) view of its input.
+# The reference convolution and its matmul formulations (forward, input and kernel gradients).
 # ---------------------------------------------------------------------------
 
 
@@ -117,6 +127,7 @@ def _lax_conv(x_bhwc, w_hwio, strides, padding, precision=None, preferred_elemen
 # matmul, one core, float32), so the forward and the input gradient switch to matmuls.
 FWD_MATMUL_MAX_ROWS = 256
 DX_MATMUL_MAX_ROWS = 1024
+DW_MATMUL_MIN_FEATURES = 8  # per-tap kernel-gradient matmuls need some output channels to pay off
 
 
 def _out_hw(x_shape, kernel_hw, strides, padding) -> Tuple[int, int]:
@@ -221,7 +232,11 @@ def _matmul_bwd(strides, padding, precision, residuals, g_bhwo):
     else:  # XLA's own transpose (a convolution with the flipped kernel)
         _, vjp_x = jax.vjp(lambda x: _lax_conv(x, w_hwio, strides, padding, precision), x_bhwc)
         (dx,) = vjp_x(g_bhwo)
-    dw = kernel_grad_matmul(x_bhwc, g_bhwo, w_hwio.shape, strides, padding, precision)
+    if w_hwio.shape[3] >= DW_MATMUL_MIN_FEATURES:
+        dw = kernel_grad_matmul(x_bhwc, g_bhwo, w_hwio.shape, strides, padding, precision)
+    else:  # a handful of output channels (conv_out): per-tap matmuls would be (C, N) x (N, 4)
+        _, vjp_w = jax.vjp(lambda w: _lax_conv(x_bhwc, w, strides, padding, precision), w_hwio)
+        (dw,) = vjp_w(g_bhwo)
     return dx.astype(x_bhwc.dtype), dw.astype(w_hwio.dtype)
 
 

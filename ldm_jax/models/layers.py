@@ -18,11 +18,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# "xla": explicit einsum + float32 softmax, runs everywhere and is the reference.
-# "dot_product": jax.nn.dot_product_attention, which takes cuDNN flash attention
-#                on GPU (bf16/fp16) and falls back to XLA elsewhere.
-AttentionImpl = Literal["xla", "dot_product"]
-ATTENTION_IMPLS = ("xla", "dot_product")
+from ldm_jax.models import attention_kernels, conv
+
+# "xla":         explicit einsum + float32 softmax, runs everywhere and is the reference.
+# "dot_product": the fast path of the current backend (``attention_kernels.attention``):
+#                cuDNN flash attention on a CUDA GPU where it applies (bf16/fp16, head dim
+#                multiple of 8), the blocked recomputing attention on CPU,
+#                jax.nn.dot_product_attention (XLA) elsewhere.
+# "blocked":     FlashAttention's schedule in XLA ops with a recomputing backward (any backend).
+# "cudnn":       cuDNN flash attention, strict (raises where it cannot run).
+# "splash":      Pallas splash attention (TPU).
+AttentionImpl = Literal["xla", "dot_product", "blocked", "cudnn", "splash"]
+ATTENTION_IMPLS = ("xla", "dot_product", "blocked", "cudnn", "splash")
 
 Dtype = jnp.dtype
 
@@ -44,8 +51,8 @@ def dot_product_attention(
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     scale = 1.0 / math.sqrt(q_bthd.shape[-1])
-    if impl == "dot_product":
-        return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, scale=scale, is_causal=causal)
+    if impl != "xla":
+        return attention_kernels.attention(q_bthd, k_bshd, v_bshd, impl=impl, scale=scale, causal=causal)
     logits_bhts = jnp.einsum(
         "bthd,bshd->bhts", q_bthd, k_bshd, preferred_element_type=jnp.float32
     ) * scale
@@ -82,16 +89,19 @@ class GroupNorm(nn.Module):
         return out.astype(self.dtype)
 
 
-def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
-    """A 3x3 convolution with PyTorch's padding=1."""
-    return nn.Conv(
+def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1,
+            conv_impl: Optional[str] = None) -> nn.Conv:
+    """A 3x3 convolution with PyTorch's padding=1. ``conv_impl``: see ``ldm_jax.models.conv``
+    ("auto", "xla", "matmul"; None: the process default)."""
+    return conv.Conv(
         features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-        dtype=dtype, param_dtype=param_dtype, name=name,
+        dtype=dtype, param_dtype=param_dtype, name=name, impl=conv_impl,
     )
 
 
-def conv1x1(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
-    return nn.Conv(features, (1, 1), padding="VALID", dtype=dtype, param_dtype=param_dtype, name=name)
+def conv1x1(features: int, dtype: Dtype, param_dtype: Dtype, name: str, conv_impl: Optional[str] = None) -> nn.Conv:
+    return conv.Conv(features, (1, 1), padding="VALID", dtype=dtype, param_dtype=param_dtype, name=name,
+                     impl=conv_impl)
 
 
 class ResnetBlock(nn.Module):
@@ -108,20 +118,22 @@ class ResnetBlock(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: Optional[str] = None  # convolution impl (ldm_jax.models.conv); None: the process default
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ckw = dict(conv_impl=self.conv_impl, **kw)
         h = GroupNorm(self.groups, self.epsilon, name="norm1", **kw)(x)
-        h = conv3x3(self.out_channels, name="conv1", **kw)(nn.silu(h))
+        h = conv3x3(self.out_channels, name="conv1", **ckw)(nn.silu(h))
         if temb is not None:
             t = nn.Dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))
             h = h + t[:, None, None, :]
         h = GroupNorm(self.groups, self.epsilon, name="norm2", **kw)(h)
         h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
-        h = conv3x3(self.out_channels, name="conv2", **kw)(h)
+        h = conv3x3(self.out_channels, name="conv2", **ckw)(h)
         if x.shape[-1] != self.out_channels:
-            x = conv1x1(self.out_channels, name="conv_shortcut", **kw)(x)
+            x = conv1x1(self.out_channels, name="conv_shortcut", **ckw)(x)
         return (x + h).astype(self.dtype)
 
 
@@ -133,13 +145,14 @@ class Downsample(nn.Module):
     asymmetric_pad: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         padding = ((0, 1), (0, 1)) if self.asymmetric_pad else ((1, 1), (1, 1))
-        return nn.Conv(
+        return conv.Conv(
             self.out_channels, (3, 3), strides=(2, 2), padding=padding,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
+            dtype=self.dtype, param_dtype=self.param_dtype, name="conv", impl=self.conv_impl,
         )(x)
 
 
@@ -149,11 +162,12 @@ class Upsample(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv3x3(self.out_channels, self.dtype, self.param_dtype, name="conv")(x)
+        return conv3x3(self.out_channels, self.dtype, self.param_dtype, name="conv", conv_impl=self.conv_impl)(x)
 
 
 class Attention(nn.Module):

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models import layers
+from ldm_jax.models import conv, layers
 from ldm_jax.models.unet_blocks import DownStage, MidStage, TimestepEmbedding, UpStage, timestep_embedding
 
 Dtype = jnp.dtype
@@ -94,6 +94,9 @@ class UNetConfig:
     conv_out_kernel: int = 3  # kernel size of conv_out (odd)
     dropout: float = 0.0  # dropout in the resnets (only with train=True)
     remat_blocks: bool = False  # rematerialise each resnet / attention block in the backward pass
+    # Convolution implementation (ldm_jax.models.conv): "auto" = the fastest per backend
+    # (matmul-formulated gradients on CPU, XLA's convolutions on GPU / TPU), "xla", "matmul".
+    conv_impl: str = "auto"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -119,6 +122,8 @@ class UNetConfig:
             raise ValueError(f"UNetConfig: unsupported time_embedding_act_fn {self.time_embedding_act_fn!r}")
         if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
             raise ValueError("UNetConfig: conv_in_kernel and conv_out_kernel must be odd")
+        if self.conv_impl not in conv.CONV_IMPLS:
+            raise ValueError(f"UNetConfig: unknown conv_impl {self.conv_impl!r}; expected one of {conv.CONV_IMPLS}")
         if self.downsample_padding not in (0, 1):
             raise ValueError(f"UNetConfig: downsample_padding must be 0 or 1, got {self.downsample_padding}")
         if self.uses_cross_attention and any(d is None for d in self.per_block("cross_attention_dim")):
@@ -237,12 +242,12 @@ class UNet(nn.Module):
         ctx = None if context_btd is None else jnp.asarray(context_btd).astype(self.dtype)
         stage_kw = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout,
                         remat=cfg.remat_blocks, attention_impl=self.attention_impl,
-                        use_linear_projection=cfg.use_linear_projection, **kw)
+                        use_linear_projection=cfg.use_linear_projection, conv_impl=cfg.conv_impl, **kw)
 
         # Down path: every intermediate activation is kept as a skip connection.
         pad = cfg.conv_in_kernel // 2
-        h = nn.Conv(cfg.block_out_channels[0], (cfg.conv_in_kernel,) * 2, padding=((pad, pad), (pad, pad)),
-                    name="conv_in", **kw)(x_bhwc)
+        h = conv.Conv(cfg.block_out_channels[0], (cfg.conv_in_kernel,) * 2, padding=((pad, pad), (pad, pad)),
+                      name="conv_in", impl=cfg.conv_impl, **kw)(x_bhwc)
         skips = [h]
         layers_per_block = cfg.per_block("layers_per_block")
         only_cross = cfg.per_block("only_cross_attention")
@@ -278,8 +283,8 @@ class UNet(nn.Module):
 
         h = layers.GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h)
         pad = cfg.conv_out_kernel // 2
-        return nn.Conv(cfg.out_channels, (cfg.conv_out_kernel,) * 2, padding=((pad, pad), (pad, pad)),
-                       name="conv_out", **kw)(nn.silu(h))
+        return conv.Conv(cfg.out_channels, (cfg.conv_out_kernel,) * 2, padding=((pad, pad), (pad, pad)),
+                         name="conv_out", impl=cfg.conv_impl, **kw)(nn.silu(h))
 
     def _add_class_embedding(self, emb, class_labels, sinus, b):
         cfg = self.config

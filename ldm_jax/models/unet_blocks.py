@@ -149,6 +149,7 @@ class SpatialTransformer(nn.Module):
     attention_impl: layers.AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: Optional[str] = None  # proj_in / proj_out 1x1 convolutions (ldm_jax.models.conv)
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array, ctx_bsd: Optional[jax.Array]) -> jax.Array:
@@ -159,7 +160,8 @@ class SpatialTransformer(nn.Module):
         if self.use_linear_projection:
             h_btc = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
         else:
-            h_btc = layers.conv1x1(inner, name="proj_in", **kw)(h).reshape(b, hgt * wid, inner)
+            proj_in = layers.conv1x1(inner, name="proj_in", conv_impl=self.conv_impl, **kw)
+            h_btc = proj_in(h).reshape(b, hgt * wid, inner)
         for k in range(self.num_layers):
             h_btc = BasicTransformerBlock(
                 self.heads, self.dim_head, cross_attention=self.cross_attention,
@@ -169,7 +171,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear_projection:
             out = nn.Dense(c, name="proj_out", **kw)(h_btc).reshape(b, hgt, wid, c)
         else:
-            out = layers.conv1x1(c, name="proj_out", **kw)(h_btc.reshape(b, hgt, wid, inner))
+            out = layers.conv1x1(c, name="proj_out", conv_impl=self.conv_impl, **kw)(h_btc.reshape(b, hgt, wid, inner))
         return (out + x_bhwc).astype(self.dtype)
 
 
@@ -195,12 +197,14 @@ class _StageBase(nn.Module):
     attention_impl: layers.AttentionImpl = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: Optional[str] = None  # convolution impl of every conv in the stage (ldm_jax.models.conv)
 
     def _resnet(self, name: str):
         # static_argnums counts self: (self, x, temb, deterministic).
         cls = nn.remat(layers.ResnetBlock, static_argnums=(3,)) if self.remat else layers.ResnetBlock
         return cls(self.out_channels, groups=self.groups, epsilon=self.eps,
-                   dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                   dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                   conv_impl=self.conv_impl)
 
     def _attention(self, j: int, groups: Optional[int] = None):
         """The j-th attention of the stage, as a function of (x_bhwc, ctx_bsd)."""
@@ -212,7 +216,7 @@ class _StageBase(nn.Module):
                 self.heads, dim_head, num_layers=self.transformer_layers[j], groups=self.groups,
                 use_linear_projection=self.use_linear_projection,
                 only_cross_attention=self.only_cross_attention,
-                attention_impl=self.attention_impl, **kw)
+                attention_impl=self.attention_impl, conv_impl=self.conv_impl, **kw)
         if self.attention == "self":
             cls = nn.remat(layers.Attention) if self.remat else layers.Attention
             mod = cls(self.heads, dim_head, qkv_bias=True, norm_groups=groups or self.groups,
@@ -240,7 +244,7 @@ class DownStage(_StageBase):
         if self.add_downsample:
             x = layers.Downsample(
                 self.out_channels, asymmetric_pad=self.downsample_padding == 0,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="downsamplers_0")(x)
+                dtype=self.dtype, param_dtype=self.param_dtype, name="downsamplers_0", conv_impl=self.conv_impl)(x)
             skips.append(x)
         return x, tuple(skips)
 
@@ -263,7 +267,7 @@ class UpStage(_StageBase):
                 x = self._attention(j)(x, ctx)
         if self.add_upsample:
             x = layers.Upsample(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                                name="upsamplers_0")(x)
+                                name="upsamplers_0", conv_impl=self.conv_impl)(x)
         return x
 
 
