@@ -1,17 +1,22 @@
-"""Sharded LDM training on 8 virtual CPU devices: sharded == unsharded step, gradient
-accumulation == big batch, bit-identical resume, crash-safe checkpoints, SIGTERM, loss
-goes down. Everything uses the ``runlocal`` preset of configs/emoji_ldm.py (tiny U-Net,
-16x16 images -> 8x8x4 latents, batch 8).
+"""Sharded LDM training on 8 virtual CPU devices: sharded == unsharded step, remat == plain
+step, gradient accumulation == big batch, bit-identical resume, crash-safe checkpoints, the
+train.py CLI (a folder with corrupt images, resume with a larger num_steps, SIGTERM,
+progress bar, TensorBoard scalars), loss goes down on the built-in emoji dataset.
+Everything uses the ``runlocal`` preset of configs/emoji_ldm.py (tiny U-Net, 16x16 images
+-> 8x8x4 latents, batch 8).
 
-The U-Net train step takes tens of seconds to compile on CPU, so this module turns on
-JAX's persistent compilation cache (a directory under the system temp dir; entries are
-keyed by the program, so a stale cache is never wrong) -- identical programs built by
-several tasks / subprocesses compile once.
+Compiling a U-Net train step takes tens of seconds on CPU, so the module shares one
+2x4-mesh task (``reference["task24"]``, its jitted step compiled once) between the step
+tests, the loop tests and the emoji run, and turns on JAX's persistent compilation
+cache (a directory under the system temp dir; entries are keyed by the program, so a
+stale cache is never wrong): the train.py subprocesses, run with the same
+hyperparameters, load the step compiled here instead of compiling it again.
 """
 import importlib.util
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,6 +37,10 @@ from ldm_jax.training.ldm_task import LDMTask
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "ldm_jax_test_jit_cache")
 CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
+# tiny_config()'s hyperparameters as train.py flags (same program -> persistent-cache hit).
+TINY_FLAGS = ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.train.lr=0.001",
+              "--config.train.weight_decay=0.01", "--config.train.ema_decay=0.999",
+              "--config.diffusion.cond_drop_prob=0.25", "--config.train.eps=0.001"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -186,11 +195,13 @@ def test_create_train_state_is_sharded_and_equals_single_device_init():
 
 @pytest.fixture(scope="module")
 def reference():
-    """The initial state (created directly sharded on a 2x4 mesh) and one train step on a
-    single-device mesh: the unsharded reference."""
+    """The 2x4-mesh task shared by this module (its jitted step compiles once), the initial
+    state (created directly sharded on the 2x4 mesh, kept on the host) and one train step
+    on a single-device mesh: the unsharded reference."""
     cfg = tiny_config()
     task24 = LDMTask(cfg, mesh_of(2, 4))
     state24 = task24.init_state(jax.random.PRNGKey(0))
+    specs24 = jax.tree_util.tree_map(lambda x: x.sharding.spec, state24)
     state0 = host(state24)
     mesh = mesh_of(1, 1)
     task = LDMTask(cfg, mesh)
@@ -199,49 +210,117 @@ def reference():
     batch = shd.shard_batch(task.prepare_batch(host_batch), mesh)
     task.on_first_batch(state, batch)
     state1, metrics = task.train_step(state, batch)
-    return dict(cfg=cfg, task24=task24, state24=state24, host_batch=host_batch, state0=state0,
+    return dict(cfg=cfg, task24=task24, state24=state24, specs24=specs24, host_batch=host_batch, state0=state0,
                 state1=host(state1), metrics=jax.device_get(metrics), scale_factor=task.scale_factor)
 
 
+def _one_step(task, state, host_batch, scale_factor, scale_by_std=True):
+    """(input parameter specs, scale_by_std factor of the sharded batch, state after one
+    step on the host, metrics) with the reference's scale factor."""
+    specs = jax.tree_util.tree_map(lambda x: x.sharding.spec, state)
+    batch = shd.shard_batch(task.prepare_batch(host_batch), task.mesh)
+    assert batch["image"].sharding.spec == P(("data", "fsdp"))
+    measured = None
+    if scale_by_std:
+        task.on_first_batch(state, batch)  # scale_by_std over the sharded batch
+        measured = task.scale_factor
+    task.set_scale_factor(scale_factor)
+    state1, metrics = task.train_step(state, batch)  # donates `state`
+    spec1 = state1.params["down_blocks_1"]["resnets_0"]["conv1"]["kernel"].sharding.spec
+    return dict(specs=specs, scale_factor=measured, state1=host(state1), metrics=jax.device_get(metrics),
+                spec1=spec1)
+
+
+@pytest.fixture(scope="module")
+def step24(reference):
+    """One step of the shared 2x4 task from the directly-sharded initial state."""
+    return _one_step(reference["task24"], reference["state24"], reference["host_batch"], reference["scale_factor"])
+
+
 @pytest.mark.parametrize("data,fsdp", [(2, 4), (8, 1)])
-def test_sharded_step_matches_unsharded(reference, data, fsdp):
-    mesh = mesh_of(data, fsdp)
+def test_sharded_step_matches_unsharded(reference, request, data, fsdp):
     if fsdp > 1:
-        task, state = reference["task24"], reference["state24"]   # created directly sharded
+        run = request.getfixturevalue("step24")   # state created directly sharded
     else:
-        task = LDMTask(reference["cfg"], mesh)
+        task = LDMTask(reference["cfg"], mesh_of(data, fsdp))
         state = shd.shard_tree(reference["state0"], task.state_shardings)
+        run = _one_step(task, state, reference["host_batch"], reference["scale_factor"])
 
     # Parameter (and Adam moment / EMA) shardings: FSDP on the largest divisible axis of big leaves.
-    p, mu = state.params, state.opt_state[1][0].mu
+    p, mu, ema = run["specs"].params, run["specs"].opt_state[1][0].mu, run["specs"].ema_params
+    s0 = reference["state0"].params
     fs = "fsdp" if fsdp > 1 else None
     big = P(None, None, None, fs) if fs else P()
-    assert p["down_blocks_1"]["resnets_0"]["conv1"]["kernel"].shape == (3, 3, 32, 64)
-    assert p["down_blocks_1"]["resnets_0"]["conv1"]["kernel"].sharding.spec == big
-    assert mu["down_blocks_1"]["resnets_0"]["conv1"]["kernel"].sharding.spec == big
-    assert p["time_embedding"]["linear_1"]["kernel"].shape == (32, 128)
-    assert p["time_embedding"]["linear_1"]["kernel"].sharding.spec == (P(None, "fsdp") if fs else P())
-    assert p["conv_in"]["kernel"].sharding.spec == P()           # 1152 elements < min_fsdp_size
-    assert p["conv_norm_out"]["scale"].sharding.spec == P()
-    assert state.ema_params["down_blocks_1"]["resnets_0"]["conv1"]["kernel"].sharding.spec == big
+    assert s0["down_blocks_1"]["resnets_0"]["conv1"]["kernel"].shape == (3, 3, 32, 64)
+    assert p["down_blocks_1"]["resnets_0"]["conv1"]["kernel"] == big
+    assert mu["down_blocks_1"]["resnets_0"]["conv1"]["kernel"] == big
+    assert s0["time_embedding"]["linear_1"]["kernel"].shape == (32, 128)
+    assert p["time_embedding"]["linear_1"]["kernel"] == (P(None, "fsdp") if fs else P())
+    assert p["conv_in"]["kernel"] == P()           # 1152 elements < min_fsdp_size
+    assert p["conv_norm_out"]["scale"] == P()
+    assert ema["down_blocks_1"]["resnets_0"]["conv1"]["kernel"] == big
+    assert run["spec1"] == big                     # the step keeps the shardings
 
-    batch = shd.shard_batch(task.prepare_batch(reference["host_batch"]), mesh)
-    assert batch["image"].sharding.spec == P(("data", "fsdp"))
-    task.on_first_batch(state, batch)  # scale_by_std over the sharded batch
-    np.testing.assert_allclose(task.scale_factor, reference["scale_factor"], rtol=1e-5)
-    task.set_scale_factor(reference["scale_factor"])
-
-    state1, metrics = task.train_step(state, batch)
-    metrics = jax.device_get(metrics)
+    np.testing.assert_allclose(run["scale_factor"], reference["scale_factor"], rtol=1e-5)
+    metrics = run["metrics"]
     assert abs(float(metrics["loss"]) - float(reference["metrics"]["loss"])) < 1e-5
     np.testing.assert_allclose(metrics["grad_norm"], reference["metrics"]["grad_norm"], rtol=1e-5)
-    assert state1.params["down_blocks_1"]["resnets_0"]["conv1"]["kernel"].sharding.spec == big
-    got = host(state1)
+    got = run["state1"]
     worst_mu = assert_trees_close(got.opt_state[1][0].mu, reference["state1"].opt_state[1][0].mu, atol=1e-6,
                                   what=f"mu {data}x{fsdp}")
     worst = assert_trees_close(got, reference["state1"], atol=1e-5, what=f"mesh {data}x{fsdp}")
     print(f"mesh {data}x{fsdp}: loss diff {abs(metrics['loss'] - reference['metrics']['loss']):.2e}, "
           f"max |state diff| {worst[0]:.2e} at {worst[1]}, max |(1-b1) grad diff| {worst_mu[0]:.2e}")
+
+
+def _count_remat(jaxpr) -> int:
+    """Rematerialised (jax.checkpoint) calls anywhere in a jaxpr, sub-jaxprs included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name in ("checkpoint", "remat", "remat2")
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _count_remat(inner)
+    return n
+
+
+def test_remat_step_equals_plain_step(reference, step24):
+    """model.remat=True (every U-Net resnet / transformer block rematerialised in the
+    backward pass) on the 2x4 mesh: one step gives the plain step's loss and state."""
+    cfg = tiny_config()
+    cfg.model.remat = True
+    task = LDMTask(cfg, reference["task24"].mesh)
+    assert task.unet.config.remat_blocks
+    # The remat is really there: the U-Net's forward holds one checkpoint per block (8 resnets:
+    # 1 + 1 down, 2 mid, 2 + 2 up; 4 transformers: 1 down, 1 mid, 2 up), the plain U-Net none.
+    x = jnp.zeros((1, 8, 8, 4))
+    ctx = jnp.zeros((1, 16, 32))
+    params = reference["state0"].params
+
+    def forward(unet):
+        return jax.make_jaxpr(lambda p: unet.apply({"params": p}, x, jnp.zeros((1,)), ctx, train=True))(params)
+
+    n_remat = _count_remat(forward(task.unet).jaxpr)
+    assert _count_remat(forward(reference["task24"].unet).jaxpr) == 0
+    assert n_remat == 12, n_remat
+
+    state = shd.shard_tree(reference["state0"], task.state_shardings)
+    run = _one_step(task, state, reference["host_batch"], reference["scale_factor"], scale_by_std=False)
+    plain = step24
+    loss, loss0 = float(run["metrics"]["loss"]), float(plain["metrics"]["loss"])
+    print(f"remat ({n_remat} checkpointed blocks) vs plain: loss {loss:.7f} vs {loss0:.7f}, grad norm "
+          f"{float(run['metrics']['grad_norm']):.7f} vs {float(plain['metrics']['grad_norm']):.7f}")
+    assert abs(loss - loss0) <= 1e-6 * abs(loss0), (loss, loss0)
+    np.testing.assert_allclose(run["metrics"]["grad_norm"], plain["metrics"]["grad_norm"], rtol=1e-6)
+    # The whole state (params, Adam moments, EMA) to 1e-6 relative, elementwise. The
+    # recomputed forward pass inside the backward reassociates float32 sums, so gradients
+    # differ by ~1e-6 relative (measured: Adam's mu up to 1.6e-6 per leaf); leaves that start
+    # at zero (biases) are one Adam step (~lr = 1e-3) after the step, where that is ~2e-9
+    # absolute: atol = 1e-8 (1e-5 of a step). Measured worst |diff| / (1e-6 |x| + 1e-8): 0.26.
+    worst = assert_trees_close(run["state1"], plain["state1"], atol=1e-8, rtol=1e-6, what="remat")
+    print(f"remat vs plain: max |state diff| {worst[0]:.2e} at {worst[1]}")
 
 
 def test_grad_accumulation_equals_big_batch(reference):
@@ -271,34 +350,65 @@ def _loop_config(num_steps, **train):
     return cfg
 
 
+def _train(reference, cfg, workdir):
+    """loop.train with the module's shared 2x4 task (its step is already compiled)."""
+    task = reference["task24"]
+    return loop.train(cfg, str(workdir), task=task, mesh=task.mesh, progress=False)
+
+
 @pytest.mark.slow
-def test_resume_is_bit_identical(tmp_path):
-    full = loop.train(_loop_config(4, checkpoint_every=1000), str(tmp_path / "full"), progress=False)
-    part = loop.train(_loop_config(2), str(tmp_path / "resumed"), progress=False)
+def test_resume_is_bit_identical(reference, tmp_path):
+    task = reference["task24"]
+    full = _train(reference, _loop_config(4, checkpoint_every=1000), tmp_path / "full")
+    scale_factor = task.scale_factor   # scale_by_std of the run's first batch
+    part = _train(reference, _loop_config(2), tmp_path / "resumed")
     assert int(part.step) == 2
-    resumed = loop.train(_loop_config(4), str(tmp_path / "resumed"), progress=False)
+    task.set_scale_factor(123.0)       # the resumed run must take it from the checkpoint
+    resumed = _train(reference, _loop_config(4), tmp_path / "resumed")
     assert int(resumed.step) == 4
+    assert task.scale_factor == scale_factor
     a, b = host(full), host(resumed)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
     # Checkpoints of both runs; the resumed run's log continues at step 3.
     assert sorted(int(s) for s in os.listdir(tmp_path / "resumed" / "checkpoints") if s.isdigit()) == [2, 4]
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4]
+    logged = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    full_log = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [m["loss"] for m in logged] == [m["loss"] for m in full_log]
     assert os.path.isdir(tmp_path / "resumed" / "tb")
 
 
+@pytest.fixture(scope="module")
+def emoji_data_dir(tmp_path_factory):
+    """The built-in emoji dataset prepared (offline, no TensorFlow) into a temporary TFDS data_dir."""
+    import tensorflow_datasets as tfds
+
+    import ldm_jax.data  # noqa: F401  (registers "emoji")
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    tfds.builder("emoji", data_dir=data_dir).download_and_prepare()
+    return data_dir
+
+
 @pytest.mark.slow
-def test_loss_decreases(tmp_path):
-    """40 steps on the synthetic squares (the 2x4-mesh programs compiled above)."""
-    cfg = _loop_config(40, checkpoint_every=1000)
+def test_loss_decreases_on_emoji(reference, emoji_data_dir, tmp_path):
+    """A short run on the built-in dataset (data.name="emoji" through the TFDS builder,
+    16x16, batch 8, the tiny model, lr 1e-3, fixed seeds): the mean loss of the last 8 of
+    32 steps is well below that of the first 8."""
+    cfg = _loop_config(32, checkpoint_every=1000)
+    cfg.data.name = "emoji"
+    cfg.data.data_dir = emoji_data_dir
     t0 = time.time()
-    loop.train(cfg, str(tmp_path), progress=False)
-    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
-    assert len(losses) == 40 and all(np.isfinite(losses))
-    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    print(f"loss first 10 steps {first:.4f} -> last 10 steps {last:.4f} ({time.time() - t0:.1f}s)")
-    assert last < 0.8 * first
+    _train(reference, cfg, tmp_path)
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = [m["loss"] for m in logged]
+    assert len(losses) == 32 and all(np.isfinite(losses))
+    assert logged[-1]["data_skipped"] == 0
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+    print(f"emoji: loss first 8 steps {first:.4f} -> last 8 steps {last:.4f} "
+          f"(ratio {last / first:.3f}; {time.time() - t0:.1f}s)")
+    assert last < 0.7 * first
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -307,26 +417,25 @@ _CRASH_SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     import orbax.checkpoint as ocp
     from ldm_jax.training.checkpoint import CheckpointManager
-    directory, mode = sys.argv[1], sys.argv[2]
+    directory = sys.argv[1]
     m = CheckpointManager(directory, save_every=1, max_to_keep=1)
     m.save(1, {"w": jnp.arange(1000.0), "step": jnp.int32(1)}, extra={"data_state": [{"step": 1}]})
     m.wait()
     os.write(1, b"SAVED 1\n")
-    if mode == "hang":
-        # Simulate a crash after step 2's items are fully written (and renamed inside the
-        # temporary step directory) but before the step directory itself is renamed to "2":
-        # hold the background thread at that rename, then the parent SIGKILLs us.
-        try:
-            from orbax.checkpoint._src.path import atomicity
-            original = atomicity.AtomicRenameTemporaryPath.finalize
-        except (ImportError, AttributeError):
-            sys.exit(3)  # another orbax layout: the test skips
-        async def held_finalize(self, *args, **kwargs):
-            if os.path.basename(str(self._final_path)) == "2":
-                os.write(1, b"FINALIZING 2\n")
-                time.sleep(600)
-            return await original(self, *args, **kwargs)
-        atomicity.AtomicRenameTemporaryPath.finalize = held_finalize
+    # Simulate a crash after step 2's items are fully written (and renamed inside the
+    # temporary step directory) but before the step directory itself is renamed to "2":
+    # hold the background thread at that rename, then the parent SIGKILLs us.
+    try:
+        from orbax.checkpoint._src.path import atomicity
+        original = atomicity.AtomicRenameTemporaryPath.finalize
+    except (ImportError, AttributeError):
+        sys.exit(3)  # another orbax layout: the test skips
+    async def held_finalize(self, *args, **kwargs):
+        if os.path.basename(str(self._final_path)) == "2":
+            os.write(1, b"FINALIZING 2\n")
+            time.sleep(600)
+        return await original(self, *args, **kwargs)
+    atomicity.AtomicRenameTemporaryPath.finalize = held_finalize
     m.save(2, {"w": jnp.arange(1000.0) * 2, "step": jnp.int32(2)}, extra={"data_state": [{"step": 2}]})
     os.write(1, b"SAVING 2\n")
     m.close()
@@ -334,22 +443,21 @@ _CRASH_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def _run_crash_script(directory, mode):
-    return subprocess.Popen([sys.executable, "-c", _CRASH_SCRIPT, directory, mode], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
-
-
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
     abstract = {"w": jax.ShapeDtypeStruct((1000,), jnp.float32), "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    # Normal run: max_to_keep=1 deletes step 1, but only after step 2 is finalised.
-    proc = _run_crash_script(str(tmp_path / "ok"), "normal")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "DONE" in out
-    assert ckpt_lib.CheckpointManager(str(tmp_path / "ok")).all_steps() == [2]
+    # Normal run (here): max_to_keep=1 deletes step 1, but only after step 2 is finalised.
+    with ckpt_lib.CheckpointManager(str(tmp_path / "ok"), save_every=1, max_to_keep=1) as m:
+        m.save(1, {"w": jnp.arange(1000.0), "step": jnp.int32(1)}, extra={"data_state": [{"step": 1}]})
+        m.wait()
+        assert m.all_steps() == [1]
+        m.save(2, {"w": jnp.arange(1000.0) * 2, "step": jnp.int32(2)}, extra={"data_state": [{"step": 2}]})
+    with ckpt_lib.CheckpointManager(str(tmp_path / "ok")) as m:
+        assert m.all_steps() == [2]
 
-    # Killed (SIGKILL) while step 2 is being finalised.
-    proc = _run_crash_script(str(tmp_path / "crash"), "hang")
+    # A saving process killed (SIGKILL) while step 2 is being finalised.
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH_SCRIPT, str(tmp_path / "crash")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -374,40 +482,116 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
     assert not any("tmp" in name for name in os.listdir(tmp_path / "crash"))  # cleaned on start
 
 
+# ------------------------------------------------------------------ the train.py CLI
+def _image_folder(root, n=10, size=12):
+    """n small random PNGs with sidecar captions, plus two files that cannot be read: a
+    truncated PNG and a text file named .png (sorted first, so the first batch meets both)."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"img_{i:02d}.png")
+        (root / f"img_{i:02d}.txt").write_text(f"a noisy picture number {i}")
+    full = (root / "img_00.png").read_bytes()
+    (root / "0_truncated.png").write_bytes(full[: len(full) // 2])
+    (root / "0_truncated.txt").write_text("half a picture")
+    (root / "1_not_an_image.png").write_bytes(b"this is not a png file\n" * 10)
+    for name in ("0_truncated.png", "1_not_an_image.png"):
+        with pytest.raises(Exception):  # precondition: PIL cannot decode them
+            with Image.open(root / name) as img:
+                img.load()
+    return ["0_truncated.png", "1_not_an_image.png"]
+
+
+def _tb_scalars(logdir):
+    """{tag: [(step, value), ...]} from the TensorBoard event files in ``logdir`` (the
+    TFRecord framing read by hand: tensorboardX ships the protos but no reader)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in sorted(os.listdir(logdir)):
+        if "tfevents" not in name:
+            continue
+        data = open(os.path.join(logdir, name), "rb").read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
 @pytest.mark.slow
-def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
+def test_cli_folder_with_corrupt_images_resume_and_sigterm(reference, tmp_path):
+    """train.py on an image folder holding a truncated PNG and a non-image: (1) 3 steps run
+    to completion, the two files are skipped with a warning each and counted in the log,
+    the progress bar shows step, loss, steps/s and images/s, TensorBoard gets the scalars;
+    (2) the same command with a larger train.num_steps resumes at step 3 (the unreadable
+    files remembered, not met again) and SIGTERM saves a restorable checkpoint, exit 0."""
+    bad = _image_folder(tmp_path / "images")
     workdir = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--config", "configs/emoji_ldm.py:runlocal", "--workdir", str(workdir),
-           "--config.train.num_steps=100000", "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
-           "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.train.lr=0.001",
-           "--config.train.weight_decay=0.01", "--config.train.ema_decay=0.999",
-           "--config.diffusion.cond_drop_prob=0.25", "--config.train.eps=0.001", "--noprogress"]
+           "--config.data.name=folder", f"--config.data.path={tmp_path / 'images'}", "--config.data.shuffle=False",
+           "--config.train.log_every=1", "--config.train.checkpoint_every=100000", *TINY_FLAGS]
     env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    # (1) to completion.
+    done = subprocess.run(cmd + ["--config.train.num_steps=3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    err = done.stderr
+    for name in bad:
+        warnings = [line for line in err.splitlines() if "skipping unreadable example" in line and name in line]
+        assert len(warnings) == 1, err[-3000:]
+    assert "2 unreadable examples skipped" in err, err[-3000:]
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    assert all(m["data_skipped"] == 2 for m in logged)   # both met in the first batch
+    assert all(np.isfinite(m["loss"]) for m in logged)
+    bar = err.replace("\r", "\n").splitlines()
+    bar = [line for line in bar if line.startswith("train:")]
+    assert bar and "3/3" in bar[-1], err[-3000:]
+    for key in ("loss=", "steps_per_sec=", "images_per_sec="):
+        assert key in bar[-1], bar[-1]
+    tb = _tb_scalars(workdir / "tb")
+    for tag in ("loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec", "data_skipped"):
+        assert [s for s, _ in tb[f"train/{tag}"]] == [1, 2, 3], tag
+    np.testing.assert_allclose([v for _, v in tb["train/loss"]], [m["loss"] for m in logged], rtol=1e-6)
+    assert json.loads((workdir / "config.json").read_text())["data"]["name"] == "folder"
+
+    # (2) resume with a larger num_steps, then SIGTERM.
+    proc = subprocess.Popen(cmd + ["--config.train.num_steps=100000", "--noprogress"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+        if len(metrics.read_text().splitlines()) >= 5:
             break
-        time.sleep(0.5)
+        time.sleep(0.25)
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in err and "at step 3" in err, err[-3000:]
     assert "termination requested" in err
+    assert "skipping unreadable example" not in err   # known from the checkpoint's data state
 
-    cfg = tiny_config()
-    cfg.mesh.data, cfg.mesh.fsdp = 2, 4
-    task = LDMTask(cfg, shd.make_mesh(2, 4))
     manager = ckpt_lib.CheckpointManager(str(workdir / "checkpoints"))
     step = manager.latest_step()
-    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert step is not None and step == logged[-1] >= 2
-    state, extra = manager.restore_latest(task.abstract_state())
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in logged] == list(range(1, step + 1)) and step >= 5
+    assert all(m["data_skipped"] == 2 for m in logged)
+    state, extra = manager.restore_latest(reference["task24"].abstract_state())
     manager.close()
     assert int(state.step) == step == extra["step"]
-    assert extra["data_state"] == [{"step": step}]
+    assert extra["data_state"][0]["batches"] == step
+    source_files = sorted([*bad, *(f"img_{i:02d}.png" for i in range(10))])
+    assert extra["data_state"][0]["unreadable"] == [source_files.index(name) for name in bad]
     assert extra["scale_factor"] > 0
     p = state.params["down_blocks_1"]["resnets_0"]["conv1"]["kernel"]
     assert p.sharding.spec == P(None, None, None, "fsdp")   # restored straight into its sharding

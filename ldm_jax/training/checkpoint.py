@@ -52,6 +52,12 @@ class CheckpointManager:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, EXTRA))
+        # orbax removes unfinished temporary step directories in a background thread and waits
+        # for it only in save(): wait now, so that they are gone when the constructor returns
+        # (also for runs that only restore, and before close()).
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     # ------------------------------------------------------------------ queries
     def latest_step(self) -> Optional[int]:

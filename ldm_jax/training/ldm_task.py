@@ -208,7 +208,11 @@ class LDMTask:
         step_fn = ldm_step.make_train_step(self.unet, self.schedule, self.tx, self.step_cfg, self.opt_cfg,
                                            vae=self.vae, text_encoder=self.text_encoder, mesh=mesh)
         self.step_fn = step_fn  # the pure function (tests compare it unjitted)
-        self._jitted = ldm_step.jit_train_step(step_fn, mesh, self.state_shardings, self.frozen_shardings)
+        # SyncedJit: with several processes, compile, then meet at a barrier before the first run.
+        self._jitted = shd.SyncedJit(
+            ldm_step.jit_train_step(step_fn, mesh, self.state_shardings, self.frozen_shardings), "train_step")
+        self._init_jit = shd.SyncedJit(jax.jit(self._init_fn, out_shardings=self.state_shardings), "init")
+        self._latent_std_fn = None
         self._pipeline = None
         if jax.process_index() == 0:
             n = state_lib.param_count(self._abstract.params)
@@ -217,7 +221,7 @@ class LDMTask:
 
     # ------------------------------------------------------------------ loop hooks
     def init_state(self, rng: jax.Array):
-        return jax.jit(self._init_fn, out_shardings=self.state_shardings)(rng)
+        return self._init_jit(rng)
 
     def abstract_state(self):
         return self._abstract
@@ -243,11 +247,15 @@ class LDMTask:
         if not self.scale_by_std:
             return
         if "latents" in batch:
-            std = float(jax.jit(lambda z: jnp.std(z, ddof=1), out_shardings=shd.replicated(self.mesh))(
-                batch["latents"]))
+            fn = shd.SyncedJit(jax.jit(lambda z: jnp.std(z, ddof=1), out_shardings=shd.replicated(self.mesh)),
+                               "latent_std")
+            std = float(fn(batch["latents"]))
         else:
-            fn = ldm_step.make_latent_std_fn(self.vae, self.mesh, self.step_cfg.sample_posterior)
-            std = float(fn(self.frozen["vae"], batch["image"], jax.random.fold_in(state.rng, _SCALE_BY_STD_STREAM)))
+            if self._latent_std_fn is None:
+                self._latent_std_fn = shd.SyncedJit(
+                    ldm_step.make_latent_std_fn(self.vae, self.mesh, self.step_cfg.sample_posterior), "latent_std")
+            std = float(self._latent_std_fn(self.frozen["vae"], batch["image"],
+                                            jax.random.fold_in(state.rng, _SCALE_BY_STD_STREAM)))
         self.set_scale_factor(1.0 / std)
         if jax.process_index() == 0:
             log.info("scale_by_std: latent std %.5f -> scale_factor %.5f", std, self.scale_factor)
@@ -294,10 +302,11 @@ class LDMTask:
         mesh = self.mesh
 
         class _MeshPipeline(Pipeline):
-            # Outputs replicated on the training mesh, so every process can read the images.
+            # Outputs replicated on the training mesh, so every process can read the images;
+            # SyncedJit: with several processes, compile, then meet before the first run.
             def _jit(self, key, fn):
                 if key not in self._jit_cache:
-                    self._jit_cache[key] = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+                    self._jit_cache[key] = shd.SyncedJit(jax.jit(fn, out_shardings=NamedSharding(mesh, P())), "sample")
                 return self._jit_cache[key]
 
         vae = self.vae.clone(config=dataclasses.replace(self.vae.config, scaling_factor=self.scale_factor))

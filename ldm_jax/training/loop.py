@@ -5,7 +5,8 @@ the data iterator and the checkpoint manager; resumes from ``workdir/checkpoints
 a checkpoint exists (state restored into its shardings, data-iterator state and task
 metadata such as ``scale_factor`` from the checkpoint's JSON); then runs
 ``task.train_step`` until ``train.num_steps``, logging (tqdm on process 0, TensorBoard
-scalars in ``workdir/tb``, JSON lines in ``workdir/metrics.jsonl``), writing sample
+scalars in ``workdir/tb``, JSON lines in ``workdir/metrics.jsonl``; ``data_skipped`` counts the
+unreadable examples met, and a warning at the end of the run gives their total), writing sample
 grids to ``workdir/samples`` every ``train.sample_every`` steps and checkpoints every
 ``train.checkpoint_every`` steps, at the end and on SIGTERM.
 
@@ -158,6 +159,8 @@ class MetricLogger:
             self._tb.flush()
         if self._bar is not None:
             shown = {k: scalars[k] for k in ("loss", "steps_per_sec", "images_per_sec") if k in scalars}
+            if scalars.get("data_skipped"):
+                shown["data_skipped"] = scalars["data_skipped"]
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def close(self) -> None:
@@ -196,6 +199,19 @@ def _allgather_json(obj) -> list:
     padded[:data.size] = data
     gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return [json.loads(bytes(gathered[i, :sizes[i]]).decode("utf-8")) for i in range(len(sizes))]
+
+
+def _count_skipped(dataset) -> int:
+    """Distinct unreadable examples met so far by all processes (a collective when several):
+    the union of the iterators' ``unreadable`` indices, else the sum of their ``num_skipped``."""
+    state = dataset.get_state() if hasattr(dataset, "get_state") else None
+    indices = state.get("unreadable") if isinstance(state, dict) else None
+    local = {"count": int(getattr(dataset, "num_skipped", 0) or 0),
+             "indices": None if indices is None else sorted(int(i) for i in indices)}
+    gathered = _allgather_json(local)
+    if all(g["indices"] is not None for g in gathered):
+        return len(set().union(*(g["indices"] for g in gathered)))
+    return sum(g["count"] for g in gathered)
 
 
 def _get(cfg, key, default):
@@ -290,11 +306,13 @@ def train(config, workdir: str, *, task: Optional[Task] = None, dataset=None, me
             pending.append(metrics)
             logger.step()
 
-            if step % log_every == 0 or step == num_steps:
+            stop = watcher.requested(step)  # (a collective every sync_every steps with several processes)
+            if step % log_every == 0 or step == num_steps or stop:
                 values = jax.device_get(pending)
                 scalars = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
                 now = time.time()
                 rate = (step - step_last) / max(now - t_last, 1e-9)
+                # data_skipped: distinct unreadable examples this process met so far.
                 scalars.update(steps_per_sec=rate, images_per_sec=rate * task.global_batch_size,
                                data_skipped=float(getattr(dataset, "num_skipped", 0)))
                 logger.write(step, scalars)
@@ -302,7 +320,6 @@ def train(config, workdir: str, *, task: Optional[Task] = None, dataset=None, me
                 if not all(math.isfinite(v) for v in scalars.values()) and is_main:
                     log.warning("step %d: non-finite metrics %s", step, scalars)
 
-            stop = watcher.requested(step)
             if stop or step == num_steps or manager.should_save(step):
                 save(force=stop or step == num_steps)
             if stop:
@@ -313,6 +330,10 @@ def train(config, workdir: str, *, task: Optional[Task] = None, dataset=None, me
                 images = task.sample(state, step)
                 if images is not None and is_main:
                     save_image_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+        skipped = _count_skipped(dataset)  # a collective: every process gets here
+        if skipped and is_main:
+            log.warning("data: %d unreadable examples skipped (replaced by the next readable ones; "
+                        "each is named in a warning when first met)", skipped)
     finally:
         manager.close()
         logger.close()

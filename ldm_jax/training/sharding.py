@@ -23,6 +23,7 @@ devices of process i hold the i-th contiguous block of the batch.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -210,3 +211,57 @@ def gather_to_host(tree):
         return np.asarray(jax.device_get(x))
 
     return jax.tree_util.tree_map(get, tree)
+
+
+# ------------------------------------------------------------------ multi-process
+_BARRIER_IDS = itertools.count()
+
+
+def sync_processes(tag: str, timeout_s: float = 3600.0) -> None:
+    """A barrier over all processes through the coordination service (as orbax's barriers;
+    no device collective, so it waits up to ``timeout_s``). No-op with one process. Every
+    process must call it the same number of times in the same order."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier(f"ldm_jax_{tag}_{next(_BARRIER_IDS)}", timeout_in_ms=int(timeout_s * 1000))
+
+
+class SyncedJit:
+    """A ``jax.jit``-ed function that, with several processes, compiles each new input
+    signature ahead of running it and then meets the other processes at a barrier.
+
+    Why: the first cross-process collective of a program creates its CPU (gloo)
+    communicators, and a process that is still compiling 30 s after its peer started
+    waiting makes that peer fail ("Gloo context initialization failed ... GetKeyValue()
+    timed out"). On a loaded machine, or when one process hits the compilation cache that
+    another misses, compile times differ by more than that. Compiling first moves the
+    wait into the barrier. The call then reuses the compiled executable. With one
+    process this is the plain jitted call.
+    """
+
+    def __init__(self, jitted, name: str = "jit"):
+        self._jitted = jitted
+        self._name = name
+        self._seen = set()
+
+    @staticmethod
+    def _signature(args, kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        return treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__)),
+                               str(getattr(x, "sharding", ""))) for x in leaves)
+
+    def __call__(self, *args, **kwargs):
+        if jax.process_count() > 1:
+            signature = self._signature(args, kwargs)
+            if signature not in self._seen:
+                self._jitted.lower(*args, **kwargs).compile()
+                sync_processes(f"{self._name}_compiled")
+                self._seen.add(signature)
+        return self._jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._jitted.lower(*args, **kwargs)
