@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="ddim", help="ddpm, ddim, plms, dpmpp_2m, euler or euler_a")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compilation-cache", "--compilation_cache", dest="compilation_cache", default=None,
+                   help="JAX persistent compilation cache: a directory, 'default' or 'off' "
+                        "(unset: on only if $LDM_JAX_COMPILATION_CACHE names a directory)")
     p.add_argument("--H", type=int, default=None, help="image height (default: the model's)")
     p.add_argument("--W", type=int, default=None, help="image width (default: the model's)")
     p.add_argument("--outdir", default="outputs/samples")
@@ -82,8 +85,10 @@ def main(argv=None) -> int:
             mask=args.mask, class_label=args.class_label, checkpoint=args.checkpoint)
         job.validate()  # fail on bad flags before the (slow) model load
         import ldm_jax
+        from ldm_jax.compile_cache import configure_compilation_cache
         from ldm_jax.sampling_job import run_sampling_job
 
+        configure_compilation_cache(args.compilation_cache)
         pipe = ldm_jax.load_pipeline(args.checkpoint, config=args.config, dtype=args.dtype)
         no_prompt = not args.from_file and args.prompt is None and args.class_label is None
         if no_prompt and pipe.text_encoder is not None:

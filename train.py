@@ -28,6 +28,8 @@ flags.DEFINE_integer("process_id", None, "Index of this process (jax.distributed
 flags.DEFINE_list("local_device_ids", None, "Devices this process uses (jax.distributed.initialize).")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cluster auto-detection.")
 flags.DEFINE_bool("progress", True, "Show a progress bar (process 0).")
+flags.DEFINE_string("compilation_cache", None, "JAX persistent compilation cache: a directory, 'default' or "
+                    "'off' (unset: on only if $LDM_JAX_COMPILATION_CACHE names a directory).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -65,13 +67,17 @@ def main(argv):
     initialize_distributed()
     import jax
 
+    from ldm_jax.compile_cache import configure_compilation_cache
     from ldm_jax.training import loop
 
+    cache_dir = configure_compilation_cache(FLAGS.compilation_cache)
     logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
     logging.info("jax %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
+    if cache_dir:
+        logging.info("persistent compilation cache: %s", cache_dir)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:

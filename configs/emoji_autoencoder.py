@@ -51,7 +51,8 @@ def get_config(arg: str = ""):
     c.model.sample_posterior = True  # KL: train on posterior samples (CompVis)
     c.model.codebook_init = "data" if kind == "vq" else "uniform"  # VQ: "uniform" (taming) or "data"
     c.model.autoencoder = dict(latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-                               norm_num_groups=32, num_vq_embeddings=256, scaling_factor=1.0)
+                               norm_num_groups=32, num_vq_embeddings=256, scaling_factor=1.0,
+                               conv_impl="auto")  # "auto": matmul-VJP convolutions on CPU, XLA's elsewhere
 
     c.loss = ml_collections.ConfigDict()
     c.loss.disc_start = 600         # GAN on for the last quarter of the run

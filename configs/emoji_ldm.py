@@ -43,6 +43,7 @@ def get_config(arg: str = ""):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=1, num_heads=4,
         cross_attention_dim=64, norm_num_groups=32,
+        conv_impl="auto",  # "auto": matmul-VJP convolutions on CPU, XLA's on GPU/TPU ("xla": always XLA's)
     )
 
     c.first_stage = ml_collections.ConfigDict()
