@@ -124,7 +124,7 @@ def get_config(arg: str = ""):
         c.sample.prompts = ("a red square", "a blue square")
         c.sample.num_inference_steps = 4
     elif arg == "demo":
-        # The README's main job (tools/demo.sh): ~10 minutes on 2 CPU cores on top of a trained
+        # The README's main job (tools/demo.sh): ~45 minutes on 2 CPU cores (about 1 step/s) on top of a trained
         # first stage given with --config.first_stage.checkpoint=WORKDIR_OF_emoji_autoencoder.
         c.first_stage.random_init = False
         c.data.random_flip = False      # "facing right" emoji must stay right-facing

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in emoji dataset, no downloads: train the first-stage
 # autoencoder, train a text-to-image LDM on its latents, sample a grid of prompts.
-# About 20 minutes on 2 CPU cores. Knobs (environment): WORK (output folder),
+# About an hour on 2 CPU cores (AE ~7 min, LDM ~45 min); see README. Knobs (environment): WORK (output folder),
 # AE_STEPS, LDM_STEPS, SAMPLE_STEPS. Rerunning resumes / skips finished work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
