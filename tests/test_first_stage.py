@@ -670,13 +670,11 @@ def test_emoji_short_run_beats_trivial_predictors(kind, steps, margin, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [
-    "kl",
-    # Known gap (issue 6 open): the VQ default run's quality bar was not verified this session.
-    pytest.param("vq", marks=pytest.mark.xfail(strict=False, reason="VQ default-config quality not yet verified")),
-])
+@pytest.mark.parametrize("kind", ["kl", "vq"])
 def test_emoji_default_config(kind, tmp_path):
-    """The default configs/emoji_autoencoder.py run (several minutes on 2 CPU cores)."""
+    """The default configs/emoji_autoencoder.py run (several minutes on 2 CPU cores).
+    Measured with train.py (2026-11-27): KL 22.1 dB PSNR / SSIM 0.76 / LPIPS 0.199, VQ 20.8 dB /
+    0.70 / 0.243 (codebook usage 0.70, perplexity 148), mean-image baseline 12.2 dB."""
     cfg = load_config(kind)
     ev = _emoji_run(kind, tmp_path, int(cfg.train.num_steps))
     assert ev["psnr"] > ev["baseline_psnr_mean_image"] + 7.0

@@ -213,6 +213,7 @@ class LDMTask:
             ldm_step.jit_train_step(step_fn, mesh, self.state_shardings, self.frozen_shardings), "train_step")
         self._init_jit = shd.SyncedJit(jax.jit(self._init_fn, out_shardings=self.state_shardings), "init")
         self._latent_std_fn = None
+        self._jitted_posterior = None
         self._pipeline = None
         if jax.process_index() == 0:
             n = state_lib.param_count(self._abstract.params)
@@ -231,6 +232,9 @@ class LDMTask:
         out = {}
         if "latents" in host_batch:
             out["latents"] = np.asarray(host_batch["latents"], np.float32)
+            if "latents_std" in host_batch and self.step_cfg.sample_posterior:
+                # KL posterior std from a latent cache: train_step draws z = mean + std * eps.
+                out["latents_std"] = np.asarray(host_batch["latents_std"], np.float32)
         else:
             out["image"] = np.asarray(host_batch["image"])
         if self.step_cfg.conditioning == "text":
@@ -246,7 +250,16 @@ class LDMTask:
         a fresh start (a resumed run restores it from the checkpoint metadata)."""
         if not self.scale_by_std:
             return
-        if "latents" in batch:
+        if "latents" in batch and "latents_std" in batch:
+            # Precomputed KL posterior (mean, std): the posterior sample the image path would
+            # draw (same eps: normal(fold_in(rng, stream)), see make_latent_std_fn).
+            def posterior_std(mean, std_, rng):
+                return jnp.std(mean + std_ * jax.random.normal(rng, mean.shape, jnp.float32), ddof=1)
+
+            fn = shd.SyncedJit(jax.jit(posterior_std, out_shardings=shd.replicated(self.mesh)), "latent_std")
+            std = float(fn(batch["latents"], batch["latents_std"],
+                           jax.random.fold_in(state.rng, _SCALE_BY_STD_STREAM)))
+        elif "latents" in batch:
             fn = shd.SyncedJit(jax.jit(lambda z: jnp.std(z, ddof=1), out_shardings=shd.replicated(self.mesh)),
                                "latent_std")
             std = float(fn(batch["latents"]))
@@ -265,7 +278,35 @@ class LDMTask:
         self.frozen["scale_factor"] = jax.device_put(jnp.float32(self.scale_factor), shd.replicated(self.mesh))
 
     def train_step(self, state, batch):
+        if "latents_std" in batch:
+            return self._posterior_step()(state, batch, self.frozen)
         return self._jitted(state, batch, self.frozen)
+
+    def _posterior_step(self):
+        """The jitted step for precomputed KL posteriors {"latents": mean, "latents_std": std}:
+        z = mean + std * eps with eps = normal(fold_in(fold_in(rng, step), _POSTERIOR)), the
+        eps the step draws for images, then the plain step on {"latents": z}."""
+        if self._jitted_posterior is None:
+            step_fn = self.step_fn
+
+            def step_with_posterior(state, batch, frozen):
+                batch = dict(batch)
+                std = batch.pop("latents_std")
+                key = jax.random.fold_in(state.rng, state.step)
+                eps = jax.random.normal(jax.random.fold_in(key, ldm_step._POSTERIOR), std.shape, jnp.float32)
+                batch["latents"] = batch["latents"].astype(jnp.float32) + std * eps
+                return step_fn(state, batch, frozen)
+
+            self._jitted_posterior = shd.SyncedJit(ldm_step.jit_train_step(
+                step_with_posterior, self.mesh, self.state_shardings, self.frozen_shardings), "train_step")
+        return self._jitted_posterior
+
+    def latent_dataset(self, config, workdir: str, seed: int):
+        """``data.precompute_latents``: the training iterator over ``WORKDIR/latents`` (encoded
+        once by the frozen first stage, rebuilt when stale); see ``latent_cache``."""
+        from ldm_jax.training import latent_cache
+
+        return latent_cache.prepare_latent_dataset(self, config, workdir, seed)
 
     def metadata(self) -> Dict[str, Any]:
         return {"scale_factor": self.scale_factor}

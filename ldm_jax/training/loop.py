@@ -109,9 +109,17 @@ class SyntheticDataset:
         self._step = int(state["step"])
 
 
-def make_dataset(config, seed: int):
+def make_dataset(config, seed: int, task=None, workdir: Optional[str] = None):
     """The training iterator for ``config.data`` (``ldm_jax.data.create_dataset``, or the
-    built-in ``SyntheticDataset`` for ``data.name == "synthetic"``)."""
+    built-in ``SyntheticDataset`` for ``data.name == "synthetic"``; with
+    ``data.precompute_latents``, the task's iterator over latents cached in the workdir)."""
+    if bool(_get(config.data, "precompute_latents", False)):
+        hook = getattr(task, "latent_dataset", None)
+        if hook is None or workdir is None:
+            raise ValueError(f"data.precompute_latents=True: the task {type(task).__name__} (config.task="
+                             f"{_get(config, 'task', 'ldm')!r}) has no precomputed-latent dataset; only LDM training "
+                             "(with a workdir) supports it")
+        return hook(config, workdir, seed)
     kw = dict(global_batch_size=int(config.train.batch_size), process_index=jax.process_index(),
               process_count=jax.process_count(), seed=seed, image_size=int(config.data.image_size))
     if config.data.name == "synthetic":
@@ -249,7 +257,7 @@ def train(config, workdir: str, *, task: Optional[Task] = None, dataset=None, me
         task = make_task(config, mesh, workdir)
     seed = int(_get(config, "seed", 0))
     if dataset is None:
-        dataset = make_dataset(config, seed)
+        dataset = make_dataset(config, seed, task=task, workdir=workdir)
     num_steps = int(tcfg.num_steps)
 
     manager = ckpt_lib.CheckpointManager(
