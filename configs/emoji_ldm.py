@@ -32,6 +32,10 @@ def get_config(arg: str = ""):
     c.data.random_flip = True
     c.data.center_crop = True
     c.data.shuffle = True
+    # Encode the training split once with the frozen first stage into WORKDIR/latents (rebuilt when the
+    # first stage or data change) and train on those latents. Both flips are encoded when random_flip
+    # (a flipped latent is only approximately the latent of the flipped image); needs center_crop=True.
+    c.data.precompute_latents = False
 
     c.model = ml_collections.ConfigDict()
     c.model.dtype = "float32"       # compute dtype ("bfloat16" on accelerators); params stay float32

@@ -13,7 +13,9 @@ Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
   CLIP BPE), ``text_encoder.max_length``, ``text_encoder.pad_token_id``, ``text_encoder.seed``;
 * ``diffusion.*`` (schedule, prediction type, min-SNR, offset noise, conditioning, CFG
   dropout), ``train.*`` (OptimizerConfig fields + ``num_steps``), ``mesh.min_fsdp_size``,
-  ``mesh.rules``, ``sample.*``.
+  ``mesh.rules``, ``sample.*``;
+* ``data.precompute_latents``: train on latents encoded once into ``WORKDIR/latents``
+  (``latent_dataset``, ``latent_cache.py``).
 """
 from __future__ import annotations
 
