@@ -295,7 +295,6 @@ def test_unet_remat_with_all_fast_paths_matches(unet_reference):
     assert out_err < 1e-5 and grad_err < 1e-5
 
 
-@pytest.mark.slow  # ~7 minutes of compilation on 2 CPU cores (-m slow runs it)
 def test_autoencoder_fast_paths_match_xla():
     """AutoencoderKL (asymmetric-pad stride-2 downsamples, upsample convs, 1x1 quant convs,
     single-head mid attention): conv_impl="matmul" + attention_impl="dot_product" against
