@@ -402,3 +402,33 @@ def test_tfds_class_label_captions(tmp_path):
     expected = {0: "a photo of a cat", 1: "a photo of an airplane"}
     assert batch["caption"].tolist() == [expected[int(v)] for v in batch["label"]]
     assert sorted(batch["label"].tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_exclude_captions(emoji_dir, tmp_path):
+    """data.exclude_captions: matching examples are left out (TFDS and folder sources), the rest
+    keep their order, captions and images; a pattern that matches everything is refused."""
+    from ldm_jax.data.pipeline import make_source
+
+    full = make_source(_cfg(name="emoji", data_dir=emoji_dir), "train")
+    kept = make_source(_cfg(name="emoji", data_dir=emoji_dir, exclude_captions="skin tone"), "train")
+    all_captions = [full.load(i)["caption"] for i in range(len(full))]
+    expected = [i for i, c in enumerate(all_captions) if "skin tone" not in c]
+    assert 0 < len(kept) == len(expected) < len(full)
+    assert kept.indices == expected
+    for j in (0, len(kept) // 2, len(kept) - 1):
+        a, b = kept.load(j), full.load(expected[j])
+        assert a["caption"] == b["caption"] and "skin tone" not in a["caption"]
+        np.testing.assert_array_equal(a["image"], b["image"])
+    ds = create_dataset(_cfg(name="emoji", data_dir=emoji_dir, exclude_captions="skin tone", shuffle=False),
+                        global_batch_size=8, image_size=16)
+    assert next(ds)["caption"].tolist() == [all_captions[i] for i in expected[:8]]
+
+    root = tmp_path / "caps"
+    for i, cap in enumerate(["a cat", "a dog", "a cat and a dog", "a bird"]):
+        _save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(cap)
+    src = make_source(_cfg(name="folder", path=str(root), exclude_captions=r"\bdog\b"))
+    assert src.files == ["0.png", "3.png"] and src.captions == ["a cat", "a bird"]
+    assert src.load(1)["caption"] == "a bird" and src.describe(1).endswith("3.png")
+    with pytest.raises(ValueError, match="leaves no example of 4"):
+        make_source(_cfg(name="folder", path=str(root), exclude_captions="a"))

@@ -44,14 +44,19 @@ the decoding on a few threads, the read-ahead and the batching.
 
 `data_config` keys (an ml_collections.ConfigDict or dict; missing keys take the defaults in
 `DEFAULTS`): name, data_dir, path, image_size, image_key, caption_key, label_key,
-caption_template, random_flip, center_crop, shuffle, drop_remainder, num_epochs,
-num_threads, prefetch_batches, folder_labels, download, use_tfds_load.
+caption_template, exclude_captions, random_flip, center_crop, shuffle, drop_remainder,
+num_epochs, num_threads, prefetch_batches, folder_labels, download, use_tfds_load.
+
+`exclude_captions` (a regular expression, `re.search`): examples whose caption matches are
+left out of the split (`CaptionFilteredSource`); the captions are read once at start, which
+decodes every example of a TFDS split (meant for small datasets such as the emoji one).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from typing import Any
 
@@ -71,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "caption_key": "caption",  # TFDS text feature, or a ClassLabel feature -> template; None: ""
     "label_key": None,  # TFDS ClassLabel/int feature returned as "label"
     "caption_template": "a photo of a {}",  # caption from class names ("a" -> "an" before a vowel)
+    "exclude_captions": None,  # regex: leave out examples whose caption matches (None: keep all)
     "random_flip": False,  # horizontal flip with probability 1/2
     "center_crop": True,  # center square crop + resize; False: resize shorter side + random crop
     "shuffle": True,  # new permutation every epoch, drawn from (seed, epoch)
@@ -146,6 +152,43 @@ class TFDSSource:
         if self.label_key is not None:
             out["label"] = int(rec[self.label_key])
         return out
+
+
+class CaptionFilteredSource:
+    """The examples of ``source`` whose caption does not match ``pattern`` (re.search), in
+    their original order. Captions come from ``source.captions`` when the source has them
+    (image folders), else from loading each example once."""
+
+    def __init__(self, source, pattern: str):
+        self.source, self.pattern = source, pattern
+        regex = re.compile(pattern)
+        captions = getattr(source, "captions", None)
+        if captions is None:
+            captions = [source.load(i).get("caption", "") for i in range(len(source))]
+        self.indices = [i for i, c in enumerate(captions) if not regex.search(str(c))]
+        if not self.indices:
+            raise ValueError(f"data.exclude_captions={pattern!r} leaves no example of {len(source)}")
+        self.has_labels = getattr(source, "has_labels", False)
+        # Per-example lists of the wrapped source, restricted to the kept examples; other
+        # attributes (name, split, root, image_shape) are the source's.
+        for attr in ("files", "captions"):
+            if getattr(source, attr, None) is not None:
+                setattr(self, attr, [getattr(source, attr)[i] for i in self.indices])
+        logger.info("data.exclude_captions=%r: %d of %d examples kept", pattern, len(self.indices), len(source))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(self.indices[index])
+
+    def load(self, index: int) -> dict:
+        return self.source.load(self.indices[index])
+
+    def __getattr__(self, name):
+        if name in ("name", "split", "root", "image_shape", "dataset_info", "_ds"):
+            return getattr(self.source, name)
+        raise AttributeError(name)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -503,7 +546,14 @@ def _tensorflow_importable() -> bool:
 
 
 def make_source(data_config, split: str = "train"):
-    """The random-access source named by `data_config.name` (see module docstring)."""
+    """The random-access source named by `data_config.name` (see module docstring), less the
+    examples `exclude_captions` matches."""
+    source = _make_named_source(data_config, split)
+    pattern = _get(data_config, "exclude_captions")
+    return CaptionFilteredSource(source, pattern) if pattern else source
+
+
+def _make_named_source(data_config, split: str):
     name = _get(data_config, "name")
     if name == "folder":
         import os

@@ -131,7 +131,7 @@ def expected_meta(task, data_cfg, source, split: str = "train") -> Dict[str, Any
     image_size = _data_get(data_cfg, "image_size")
     data = {k: _jsonable(_data_get(data_cfg, k)) for k in
             ("name", "data_dir", "path", "image_key", "caption_key", "label_key", "caption_template",
-             "folder_labels")}
+             "folder_labels", "exclude_captions")}
     data["split"] = split
     return {
         "version": CACHE_VERSION,
