@@ -64,10 +64,21 @@ def get_config(arg: str = ""):
     c.text_encoder.checkpoint = ""  # transformers CLIPTextModel folder; "" = seeded random tiny CLIP
     c.text_encoder.tokenizer = ""   # tokenizer folder; "" = vendored CLIP BPE
     c.text_encoder.seed = 0
+    # Optimise the text encoder jointly with the U-Net (LDM Sec. 3.3): a random encoder must learn
+    # to read the captions; a pretrained CLIP (checkpoint) stays frozen as in Stable Diffusion.
+    c.text_encoder.trainable = False
     c.text_encoder.max_length = 16
     c.text_encoder.pad_token_id = 49407
     c.text_encoder.clip = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                                max_position_embeddings=16)
+
+    # Start from a released model (fine-tuning; ldm_jax/training/init_checkpoint.py): a .ckpt /
+    # .safetensors file, diffusers folder or train.py workdir. Its U-Net weights start training, its
+    # autoencoder and text encoder are the frozen stages unless the checkpoints above are set.
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ""
+    c.init.original_config = ""     # the original YAML of a single-file checkpoint ("" = inferred)
+    c.init.use_ema = False          # a single file's model_ema.* weights instead of model.*
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.conditioning = "text"  # "text", "class" or "none"

@@ -3,18 +3,18 @@ configs/stable-diffusion/v1-inference.yaml): the released architecture exactly (
 KL-f8 autoencoder, CLIP ViT-L/14 text encoder, eps-prediction, CompVis "linear" = diffusers
 "scaled_linear" 0.00085..0.012), on an image folder with captions.
 
-The frozen first stage and text encoder come from a diffusers folder written from the released
-file (the trainer loads diffusers ``vae/`` and transformers ``text_encoder/`` folders):
+Start from the released file: its U-Net weights start training, its autoencoder and text
+encoder become the frozen stages (init.checkpoint, ldm_jax/training/init_checkpoint.py; a
+pickled .ckpt is read without executing anything):
 
-    python -c "import ldm_jax; from ldm_jax.convert import save_diffusers; \
-        save_diffusers(ldm_jax.load_pipeline('v1-5-pruned-emaonly.safetensors'), 'sd15')"
     python train.py --config configs/sd1_finetune.py --workdir /ckpt/sd1_ft \
-        --config.first_stage.checkpoint=sd15/vae --config.text_encoder.checkpoint=sd15/text_encoder \
-        --config.text_encoder.tokenizer=sd15/tokenizer --config.data.path=/data/captioned_images
+        --config.init.checkpoint=v1-5-pruned-emaonly.safetensors --config.data.path=/data/captioned_images
 
-The U-Net starts from random weights: the trainer has no hook yet to initialise it from a
-released checkpoint (see the issue 4 report), so this trains the SD 1.x architecture from
-scratch on the released frozen stages. Optimiser as the CompVis training configs: AdamW at
+(a diffusers folder works too; ``--config.init.original_config=v1-inference.yaml`` when the keys
+alone do not say which model it is). Without init.checkpoint the frozen stages must be given as
+diffusers ``vae/`` / transformers ``text_encoder/`` folders (first_stage.checkpoint,
+text_encoder.checkpoint, text_encoder.tokenizer) and the U-Net trains from scratch.
+Optimiser as the CompVis training configs: AdamW at
 1e-4 with 10k linear warm-up steps (LambdaLinearScheduler), EMA 0.9999, 10% caption dropout.
 """
 import importlib.util
@@ -56,13 +56,13 @@ def sd_base(unet, vae, clip, *, image_size, pad_token_id, prediction_type):
     c.data.path = ""                  # images with .txt / captions.jsonl / captions.csv captions
     c.data.image_size = image_size
     c.data.random_flip = False        # captions can name sides
-    c.first_stage.checkpoint = ""     # diffusers vae/ folder of the released model (required)
+    c.first_stage.checkpoint = ""     # diffusers vae/ folder ("" = init.checkpoint's autoencoder)
     c.first_stage.random_init = False
     c.first_stage.autoencoder = dict(vae)
     c.first_stage.scale_by_std = False
     c.first_stage.scale_factor = vae["scaling_factor"]
     c.first_stage.sample_posterior = True  # LatentDiffusion.get_first_stage_encoding samples
-    c.text_encoder.checkpoint = ""    # transformers CLIPTextModel folder of the released model (required)
+    c.text_encoder.checkpoint = ""    # transformers CLIPTextModel folder ("" = init.checkpoint's)
     c.text_encoder.tokenizer = ""     # its tokenizer/ folder ("" = vendored CLIP BPE)
     c.text_encoder.clip = dict(clip)
     c.text_encoder.max_length = 77

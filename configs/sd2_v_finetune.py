@@ -5,13 +5,12 @@ the penultimate layer, v-prediction), 768x768 images.
 
 As configs/sd1_finetune.py (see there for the frozen stages and the U-Net initialisation):
 
-    python -c "import ldm_jax; from ldm_jax.convert import save_diffusers; \
-        save_diffusers(ldm_jax.load_pipeline('768-v-ema.ckpt', config='v2-inference-v.yaml'), 'sd21v')"
     python train.py --config configs/sd2_v_finetune.py --workdir /ckpt/sd2v_ft \
-        --config.first_stage.checkpoint=sd21v/vae --config.text_encoder.checkpoint=sd21v/text_encoder \
-        --config.text_encoder.tokenizer=sd21v/tokenizer --config.data.path=/data/captioned_images
+        --config.init.checkpoint=768-v-ema.ckpt --config.init.original_config=v2-inference-v.yaml \
+        --config.data.path=/data/captioned_images
 
-save_diffusers writes the penultimate-layer OpenCLIP tower as diffusers does for SD 2.x: 23
+or from a diffusers folder written with ``ldm_jax.convert.save_diffusers(load_pipeline(...), "sd21v")``.
+From a diffusers folder, save_diffusers writes the penultimate-layer OpenCLIP tower as diffusers does for SD 2.x: 23
 layers read at the last one, which is what ``text_encoder.clip`` describes below. The
 tokenizer pads with 0 (open_clip.tokenize).
 """

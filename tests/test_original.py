@@ -630,3 +630,73 @@ def test_released_yaml_with_unsupported_first_stage_is_named():
     with pytest.raises(CheckpointError, match=r"cin-ldm-vq-f8.yaml: first_stage_config ddconfig "
                                               r"attn_resolutions=\[32\] is not supported"):
         spec_from_original_config(read_original_yaml(yaml_path("cin-ldm-vq-f8.yaml")), "cin-ldm-vq-f8.yaml")
+
+
+# ----------------------------------------------------------------------------- fine-tuning from a released file
+
+
+def _emoji_ldm_config(arg=""):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "emoji_ldm_cfg", os.path.join(os.path.dirname(CONFIGS), "..", "configs", "emoji_ldm.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.parametrize("use_ema", [False, True])
+def test_fine_tuning_starts_from_the_released_file(sd1, use_ema):
+    """init.checkpoint = an SD 1.x-layout .ckpt (+ its YAML): the first state's U-Net (params and
+    EMA) is the file's (model.* or model_ema.*), placed on the 2x4 FSDP mesh; the frozen
+    autoencoder, text encoder, tokenizer and scale factor are the file's; a step runs and
+    moves the weights. model.unet = {} takes the file's architecture."""
+    from jax.sharding import PartitionSpec as P
+
+    from ldm_jax.training import sharding as shd
+    from ldm_jax.training.ldm_task import LDMTask
+
+    cfg = _emoji_ldm_config("runlocal")
+    cfg.model.unet = {}
+    cfg.init.checkpoint = sd1["path"]
+    cfg.init.original_config = yaml_path("tiny-v1-inference.yaml")
+    cfg.init.use_ema = use_ema
+    cfg.first_stage.scale_by_std = False
+    cfg.mesh.min_fsdp_size = 2 ** 10
+    task = LDMTask(cfg, shd.make_mesh(2, 4))
+    released = load_original_pipeline(sd1["path"], config=yaml_path("tiny-v1-inference.yaml"), use_ema=use_ema)
+    state = task.init_state(jax.random.PRNGKey(0))
+    host = shd.gather_to_host
+    assert_same_params(host(state.params), host(released.params["unet"]))
+    assert_same_params(host(state.ema_params), host(released.params["unet"]))
+    assert_same_params(host(task.frozen["vae"]), host(released.params["vae"]))
+    assert_same_params(host(task.frozen["text_encoder"]), host(released.params["text_encoder"]))
+    if use_ema:  # the EMA copies differ from model.* (ema_seed), so this really picked them
+        assert not np.allclose(np.asarray(host(state.params)["conv_in"]["kernel"]),
+                               np.asarray(sd1["pipe"].params["unet"]["conv_in"]["kernel"]))
+    assert task.scale_factor == np.float32(0.18215)
+    assert task.tokenizer(["a"]).shape == (1, 77)
+    kernel = state.params["down_blocks_1"]["resnets_0"]["conv1"]["kernel"]
+    assert kernel.shape == (3, 3, 32, 64) and kernel.sharding.spec == P(None, None, None, "fsdp")
+    if use_ema:
+        return  # the step below is the same program for both
+    before = np.asarray(host(state.params)["conv_in"]["kernel"])
+    batch = {"image": np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
+             "caption": np.asarray(["a red apple", "a blue car"] * 4)}
+    state1, metrics = task.train_step(state, shd.shard_batch(task.prepare_batch(batch), task.mesh))
+    assert np.isfinite(float(metrics["loss"]))
+    assert np.abs(np.asarray(host(state1.params)["conv_in"]["kernel"]) - before).max() > 0
+
+
+def test_fine_tuning_refuses_another_architecture(sd1):
+    """model.unet that does not describe the file's U-Net: a CheckpointError naming the leaves."""
+    from ldm_jax.training import sharding as shd
+    from ldm_jax.training.ldm_task import LDMTask
+
+    cfg = _emoji_ldm_config("runlocal")  # a (32, 64) U-Net with 2 heads and 32-wide context
+    cfg.model.unet = dict(cfg.model.unet, cross_attention_dim=64)
+    cfg.init.checkpoint = sd1["path"]
+    cfg.init.original_config = yaml_path("tiny-v1-inference.yaml")
+    with pytest.raises(CheckpointError, match=r"sd1.ckpt: its U-Net does not match config.model.unet: .*"
+                                              r"(missing|unexpected|checkpoint \()"):
+        LDMTask(cfg, shd.make_mesh(1, 1, devices=jax.devices()[:1]))

@@ -690,3 +690,124 @@ def test_task_loads_pretrained_first_stage_and_text_encoder(tmp_path):
     bad.first_stage.checkpoint = str(tmp_path)   # the pipeline root, not its vae/ folder
     with pytest.raises(FileNotFoundError, match="expected a diffusers vae/ folder"):
         LDMTask(bad, shd.make_mesh(2, 4))
+
+
+def test_trainable_text_encoder_step_sharded_and_sampled_from_workdir(reference, tmp_path):
+    """text_encoder.trainable (LDM Sec. 3.3: tau and eps_theta optimised jointly): the state holds
+    {"unet", "text_encoder"}, the encoder starts from the frozen seeded init, the first step has
+    the frozen run's loss and U-Net update (same forward), every encoder weight the captions
+    reach gets a gradient, the 2x4-mesh step equals the single-device one, and a train.py
+    workdir samples with the *trained* encoder (EMA)."""
+    from ldm_jax.convert.workdir_pipeline import load_workdir_pipeline
+
+    cfg = tiny_config()
+    cfg.text_encoder.trainable = True
+    runs = {}
+    for data, fsdp in [(1, 1), (2, 4)]:
+        task = LDMTask(cfg, mesh_of(data, fsdp))
+        assert task.frozen["text_encoder"] is None
+        state = task.init_state(jax.random.PRNGKey(0))
+        assert set(state.params) == {"unet", "text_encoder"} == set(state.ema_params)
+        start = host(state)
+        task.set_scale_factor(reference["scale_factor"])
+        batch = shd.shard_batch(task.prepare_batch(reference["host_batch"]), task.mesh)
+        state1, metrics = task.train_step(state, batch)
+        runs[(data, fsdp)] = dict(start=start, state1=host(state1), metrics=jax.device_get(metrics))
+
+    one, sharded = runs[(1, 1)], runs[(2, 4)]
+    frozen_te = host(reference["task24"].frozen["text_encoder"])
+    assert_trees_close(one["start"].params["text_encoder"], frozen_te, atol=0.0, what="start = seeded init")
+    assert_trees_close(one["start"].ema_params["text_encoder"], frozen_te, atol=0.0, what="EMA start")
+    assert_trees_close(one["start"].params["unet"], reference["state0"].params, atol=0.0, what="U-Net init")
+    # Same forward as the frozen-encoder step: same loss, and the same U-Net gradient up to the
+    # global-norm clipping factor (the encoder's gradient now counts in the norm): Adam's
+    # mu = (1 - b1) * clipped grad is c * the frozen run's mu with one c <= 1 for every leaf.
+    assert abs(float(one["metrics"]["loss"]) - float(reference["metrics"]["loss"])) < 1e-6
+    assert float(one["metrics"]["grad_norm"]) > float(reference["metrics"]["grad_norm"])
+    mu_u = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(one["state1"].opt_state[1][0].mu["unet"])])
+    mu_r = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(reference["state1"].opt_state[1][0].mu)])
+    c = float(mu_u @ mu_r / (mu_r @ mu_r))
+    assert 0.05 < c <= 1.0 + 1e-6
+    np.testing.assert_allclose(mu_u, c * mu_r, atol=1e-6 * np.abs(mu_r).max() + 1e-9, rtol=1e-4)
+    # The encoder is trained: Adam's mu = (1 - b1) * grad is non-zero in every layer.
+    mu_te = one["state1"].opt_state[1][0].mu["text_encoder"]
+    flat = {shd.path_str(p): np.abs(np.asarray(x)).max() for p, x in jax.tree_util.tree_flatten_with_path(mu_te)[0]}
+    assert len(flat) > 10 and min(flat.values()) > 0, {k: v for k, v in flat.items() if v == 0}
+    moved = np.abs(np.asarray(one["state1"].params["text_encoder"]["final_layer_norm"]["scale"])
+                   - np.asarray(frozen_te["final_layer_norm"]["scale"])).max()
+    assert moved > 1e-4
+    # Sharded == unsharded, encoder included.
+    assert abs(float(sharded["metrics"]["loss"]) - float(one["metrics"]["loss"])) < 1e-5
+    assert_trees_close(sharded["state1"], one["state1"], atol=1e-5, what="trainable encoder 2x4 vs 1x1")
+
+    # A run through the loop, then the workdir's pipeline uses the trained encoder's EMA weights.
+    loop_cfg = _loop_config(2)
+    loop_cfg.text_encoder.trainable = True
+    task = LDMTask(loop_cfg, mesh_of(2, 4))
+    state = loop.train(loop_cfg, str(tmp_path), task=task, mesh=task.mesh, progress=False)
+    (tmp_path / "config.json").write_text(loop_cfg.to_json_best_effort())  # as train.py writes it
+    pipe = load_workdir_pipeline(str(tmp_path))
+    assert_trees_close(host(pipe.params["text_encoder"]), host(state.ema_params["text_encoder"]), atol=0.0,
+                       what="workdir text encoder")
+    assert_trees_close(host(pipe.params["unet"]), host(state.ema_params["unet"]), atol=0.0, what="workdir U-Net")
+    drift = np.abs(np.asarray(host(pipe.params["text_encoder"])["final_layer_norm"]["scale"])
+                   - np.asarray(frozen_te["final_layer_norm"]["scale"])).max()
+    assert drift > 0
+
+
+def test_class_label_through_cross_attention(tmp_path):
+    """diffusion.conditioning="class_crossattn" (the cin256 ClassEmbedder): a (num_classes + 1)-row
+    table trained with the U-Net gives one context token; the step's loss equals the loss written
+    out by hand (CFG-dropped labels -> the last, unconditional row), only the rows of labels in
+    the batch get a gradient, and the trained workdir samples by class label."""
+    from ldm_jax.convert.workdir_pipeline import load_workdir_pipeline
+    from ldm_jax.diffusion.losses import sample_training_inputs
+    from ldm_jax.diffusion.schedule import add_noise
+    from ldm_jax.training import ldm_step
+
+    cfg = _loop_config(1)
+    cfg.mesh.data = cfg.mesh.fsdp = 1
+    cfg.diffusion.conditioning = "class_crossattn"
+    cfg.diffusion.num_classes = 5
+    cfg.diffusion.cond_drop_prob = 0.3
+    cfg.first_stage.scale_by_std = False
+    cfg.sample.class_labels = (0, 4)
+    task = LDMTask(cfg, mesh_of(1, 1))
+    state = task.init_state(jax.random.PRNGKey(0))
+    table = np.asarray(state.params["text_encoder"]["embedding"]["embedding"])
+    assert table.shape == (6, 32)
+    latents = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 4)))
+    labels = np.array([0, 1, 1, 2, 0, 1, 2, 0])
+    batch = task.prepare_batch({"latents": latents, "label": labels})
+    assert batch["input_ids"].tolist() == [[c] for c in labels]
+
+    key = jax.random.fold_in(state.rng, state.step)
+    t_b, noise = sample_training_inputs(jax.random.fold_in(key, ldm_step._NOISE), jnp.zeros(latents.shape),
+                                        task.schedule, 0.0)
+    drop = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, ldm_step._COND_DROP), 0.3, (8,)))
+    assert 0 < drop.sum() < 8
+    context = table[np.where(drop, 5, labels)][:, None, :]
+    x0 = latents * task.scale_factor
+    out = task.unet.apply({"params": state.params["unet"]}, add_noise(task.schedule, x0, noise, t_b), t_b, context)
+    expected = float(jnp.mean(jnp.square(out - noise)))
+
+    state1, metrics = task.train_step(state, shd.shard_batch(batch, task.mesh))
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    mu = np.abs(np.asarray(state1.opt_state[1][0].mu["text_encoder"]["embedding"]["embedding"])).max(axis=1)
+    used = set(np.where(drop, 5, labels).tolist())
+    assert all((mu[r] > 0) == (r in used) for r in range(6)), (mu, used)
+
+    state = loop.train(cfg, str(tmp_path), task=task, mesh=task.mesh, progress=False)  # synthetic: labels 0..3
+    (tmp_path / "config.json").write_text(cfg.to_json_best_effort())
+    pipe = load_workdir_pipeline(str(tmp_path))
+    assert_trees_close(host(pipe.params["text_encoder"]), host(state.ema_params["text_encoder"]), atol=0.0)
+    images = np.asarray(pipe([""] * 2, class_labels=[0, 4], num_inference_steps=2, guidance_scale=3.0, height=16,
+                             width=16))
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    with pytest.raises(ValueError, match="out of range"):
+        pipe([""], class_labels=[6], num_inference_steps=2)
+
+    bad = _loop_config(1)
+    bad.diffusion.conditioning = "class_crossattn"
+    with pytest.raises(ValueError, match="needs diffusion.num_classes"):
+        LDMTask(bad, mesh_of(1, 1))

@@ -26,6 +26,7 @@ RELEASED = {
     "sd1_finetune.py": ("v1-inference.yaml", 859_520_964),
     "sd2_v_finetune.py": ("v2-inference-v.yaml", 865_910_724),
     "ldm_celebahq256.py": ("celebahq-ldm-vq-4.yaml", None),
+    "ldm_cin256.py": ("cin256-v2.yaml", 400_920_579),
 }
 
 
@@ -77,6 +78,10 @@ def test_zoo_config_builds_the_released_architecture(path):
         clip_params = jax.eval_shape(CLIPTextModel(clip_cfg).init, jax.random.PRNGKey(0), ids)["params"]
         assert count(clip_params) == reference_clip_size(clip_cfg)
         assert c.text_encoder.pad_token_id == (49407 if spec.cond_stage == "clip" else 0)
+    elif spec.cond_stage == "class":  # ClassEmbedder: the label as one learned cross-attention token
+        assert c.diffusion.conditioning == "class_crossattn"
+        assert c.diffusion.num_classes + 1 == spec.cond_stage_params["n_classes"]
+        assert spec.cond_stage_params["embed_dim"] == unet_cfg.cross_attention_dim
     else:
         assert spec.cond_stage == "none" and c.diffusion.conditioning == "none"
 

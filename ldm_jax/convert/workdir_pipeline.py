@@ -3,9 +3,9 @@
     workdir/config.json        the run's configuration (written by train.py)
     workdir/checkpoints/N/     orbax checkpoints (params, EMA params, metadata)
 
-The U-Net weights are the EMA weights when the run kept them; the frozen first
-stage and text encoder are rebuilt from the configuration exactly as training
-built them, and the latent scale factor comes from the checkpoint metadata
+The U-Net weights (and the text encoder's, when it was trained jointly) are the EMA
+weights when the run kept them; the frozen first stage and a frozen text encoder
+are rebuilt from the configuration exactly as training built them, and the latent scale factor comes from the checkpoint metadata
 (``scale_by_std``).
 """
 from __future__ import annotations
@@ -47,10 +47,10 @@ def load_workdir_pipeline(workdir: str, dtype: str = "float32", use_ema: bool = 
         raise CheckpointError(f"{workdir}: no checkpoint under checkpoints/ yet")
     state, extra = restored
     task.load_metadata(extra)
-    unet_params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
+    unet_params, te_params = task.trained_params(state, use_ema)
     params = {"unet": unet_params, "vae": task.frozen["vae"]}
     if task.text_encoder is not None:
-        params["text_encoder"] = task.frozen["text_encoder"]
+        params["text_encoder"] = te_params
     vae = task.vae.clone(config=dataclasses.replace(task.vae.config, scaling_factor=task.scale_factor))
     # The sampler options a freshly trained model wants: no x0 clipping (latents are unit-variance,
     # not images), SD's leading spacing with offset 1.

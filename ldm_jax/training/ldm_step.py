@@ -4,9 +4,12 @@
 
 with z = E(x) * scale_factor from the frozen first stage (a posterior sample for KL
 autoencoders, the pre-quantisation latents for VQ ones, as CompVis
-``get_first_stage_encoding``), tau the frozen text encoder (or a class-label table in
-the U-Net), and eps / v / x0 targets, min-SNR weights and offset noise from
-``ldm_jax.diffusion.losses``.
+``get_first_stage_encoding``), tau the text encoder (or a class-label table in the
+U-Net), and eps / v / x0 targets, min-SNR weights and offset noise from
+``ldm_jax.diffusion.losses``. tau is frozen (Stable Diffusion) or, with
+``LDMStepConfig.train_text_encoder``, optimised jointly with the U-Net as in the
+paper's conditional LDMs (Sec. 3.3, Eq. 3: "both tau_theta and eps_theta are jointly
+optimized"); the trained parameters are then ``{"unet": ..., "text_encoder": ...}``.
 
 ``make_train_step(...)`` returns a pure function ``train_step(state, batch, frozen) ->
 (state, metrics)``:
@@ -58,11 +61,15 @@ class LDMStepConfig:
     cond_drop_prob: float = 0.1            # P(condition -> empty prompt / null class), for CFG
     null_class: Optional[int] = None       # class id of "no label"; None = num_class_embeds - 1
     sample_posterior: bool = True          # KL first stage: z ~ q(z|x) (CompVis) rather than its mean
+    train_text_encoder: bool = False       # optimise tau jointly (params {"unet", "text_encoder"})
 
     def __post_init__(self):
         check_prediction_type(self.prediction_type)
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"LDMStepConfig.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        if self.train_text_encoder and self.conditioning != "text":
+            raise ValueError("LDMStepConfig.train_text_encoder needs conditioning='text', "
+                             f"got {self.conditioning!r}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"LDMStepConfig.cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
 
@@ -84,6 +91,13 @@ def first_stage_latents(vae: nn.Module, vae_params, image_bhwc: jax.Array, eps_b
     else:  # VQEncoding
         z = enc.pre_quant
     return jax.lax.stop_gradient(z.astype(jnp.float32))
+
+
+def split_trained_params(params, train_text_encoder: bool):
+    """(U-Net params, text-encoder params or None) of the trained parameter tree."""
+    if train_text_encoder:
+        return params["unet"], params["text_encoder"]
+    return params, None
 
 
 def latent_shape(vae: Optional[nn.Module], batch) -> tuple:
@@ -125,6 +139,7 @@ def make_train_step(
         null_class = n_cls - 1 if cfg.null_class is None else int(cfg.null_class)
 
     def loss_fn(params, mb, index, frozen, dropout_key):
+        unet_params, te_params = split_trained_params(params, cfg.train_text_encoder)
         # Frozen first stage (Sec. 3.1): z = E(x) * scale_factor.
         if "latents" in mb:
             z = mb["latents"].astype(jnp.float32)
@@ -137,15 +152,18 @@ def make_train_step(
             # Classifier-free guidance training (Ho & Salimans 2022, Sec. 3.2): dropped
             # examples see the empty prompt's ids.
             ids = jnp.where(mb["drop"][:, None], frozen["empty_ids"], mb["input_ids"])
-            context = jax.lax.stop_gradient(
-                text_encoder.apply({"params": frozen["text_encoder"]}, ids.astype(jnp.int32)))
+            if te_params is not None:
+                context = text_encoder.apply({"params": te_params}, ids.astype(jnp.int32))
+            else:
+                context = jax.lax.stop_gradient(
+                    text_encoder.apply({"params": frozen["text_encoder"]}, ids.astype(jnp.int32)))
         elif use_class:
             labels = jnp.where(mb["drop"], null_class, mb["label"]).astype(jnp.int32)
 
         # Forward process q(z_t | z_0) (Ho et al. 2020 Eq. 4) and the regression target.
         x_t = add_noise(schedule, x0, mb["noise"], mb["t"])
         target = prediction_target(schedule, x0, mb["noise"], mb["t"], cfg.prediction_type)
-        out = unet.apply({"params": params}, x_t.astype(unet.dtype), mb["t"], context, labels, train=True,
+        out = unet.apply({"params": unet_params}, x_t.astype(unet.dtype), mb["t"], context, labels, train=True,
                          rngs={"dropout": jax.random.fold_in(dropout_key, index)})
         weights = None
         if cfg.min_snr_gamma is not None:

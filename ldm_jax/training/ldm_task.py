@@ -10,10 +10,15 @@ Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
   ``first_stage.scale_by_std`` / ``first_stage.scale_factor``;
 * ``text_encoder.checkpoint`` (a transformers CLIPTextModel folder; "" = a seeded random
   CLIP from ``text_encoder.clip``), ``text_encoder.tokenizer`` (folder; "" = vendored
-  CLIP BPE), ``text_encoder.max_length``, ``text_encoder.pad_token_id``, ``text_encoder.seed``;
+  CLIP BPE), ``text_encoder.max_length``, ``text_encoder.pad_token_id``, ``text_encoder.seed``,
+  ``text_encoder.trainable`` (optimise it jointly with the U-Net, LDM Sec. 3.3; the trained
+  parameters are then ``{"unet": ..., "text_encoder": ...}``, starting from the checkpoint
+  or the seeded init);
 * ``diffusion.*`` (schedule, prediction type, min-SNR, offset noise, conditioning, CFG
   dropout), ``train.*`` (OptimizerConfig fields + ``num_steps``), ``mesh.min_fsdp_size``,
   ``mesh.rules``, ``sample.*``;
+* ``init.checkpoint`` / ``init.original_config`` / ``init.use_ema``: start from a released
+  model's U-Net and take its frozen stages (``init_checkpoint.py``);
 * ``data.precompute_latents``: train on latents encoded once into ``WORKDIR/latents``
   (``latent_dataset``, ``latent_cache.py``).
 """
@@ -31,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax.diffusion.schedule import NoiseSchedule
 from ldm_jax.models.unet import UNet, UNetConfig, unet_dummy_inputs
-from ldm_jax.training import ldm_step, optim
+from ldm_jax.training import init_checkpoint, ldm_step, optim
 from ldm_jax.training import sharding as shd
 from ldm_jax.training import state as state_lib
 
@@ -71,11 +76,15 @@ def _init_frozen(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
     return shd.shard_tree(params, shd.tree_shardings(params, mesh, min_fsdp_size, rules))
 
 
-def build_first_stage(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size: int, rules):
-    """(autoencoder module, params) from ``config.first_stage``."""
+def build_first_stage(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size: int, rules, init_pipe=None):
+    """(autoencoder module, params) from ``config.first_stage`` (or ``init_pipe``'s when
+    ``first_stage.checkpoint`` is unset)."""
     from ldm_jax.models.autoencoder import AutoencoderConfig, build_autoencoder, init_params
 
     path = _get(cfg, "checkpoint", "") or ""
+    if not path and init_pipe is not None:
+        params = init_pipe.params["vae"]
+        return init_pipe.vae, shd.shard_tree(params, shd.tree_shardings(params, mesh, min_fsdp_size, rules))
     if path:
         from ldm_jax.training import autoencoder_task  # noqa: F401  (registers the autoencoder-workdir loader)
 
@@ -106,13 +115,21 @@ def build_first_stage(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size
     return module, params
 
 
-def build_text_encoder(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size: int, rules):
-    """(CLIPTextModel, params, tokenizer) from ``config.text_encoder``."""
+def build_text_encoder(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size: int, rules, init_pipe=None):
+    """(CLIPTextModel, params, tokenizer) from ``config.text_encoder`` (or ``init_pipe``'s
+    when ``text_encoder.checkpoint`` is unset)."""
     from ldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
     from ldm_jax.text.tokenizer import CLIPTokenizer
 
     path = _get(cfg, "checkpoint", "") or ""
     tok_path = _get(cfg, "tokenizer", "") or ""
+    if not path and init_pipe is not None:
+        if init_pipe.text_encoder is None:
+            raise ValueError(f"init.checkpoint={init_pipe.source}: the model has no text encoder; "
+                             "set diffusion.conditioning to match it, or text_encoder.checkpoint")
+        params = init_pipe.params["text_encoder"]
+        params = shd.shard_tree(params, shd.tree_shardings(params, mesh, min_fsdp_size, rules))
+        return init_pipe.text_encoder, params, init_pipe.tokenizer
     if path:
         from ldm_jax.convert import load_text_encoder
 
@@ -132,6 +149,38 @@ def build_text_encoder(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_siz
     return module, params, tokenizer
 
 
+def build_class_embedder(diff_cfg, ctx_dim: Optional[int], seed: int, dtype, mesh: Mesh, min_fsdp_size: int, rules,
+                         init_pipe=None):
+    """(ClassEmbedder, params, ClassLabelTokenizer) for ``conditioning="class_crossattn"``:
+    ``diffusion.num_classes`` labels plus the unconditional one (the last row, CFG's null
+    label), ``ctx_dim`` wide; from ``init_pipe`` (a cin256-style model) when given."""
+    from ldm_jax.models.class_embedder import ClassEmbedder, ClassLabelTokenizer
+
+    if init_pipe is not None:
+        if not isinstance(init_pipe.text_encoder, ClassEmbedder):
+            raise ValueError(f"init.checkpoint={init_pipe.source}: diffusion.conditioning='class_crossattn' needs a "
+                             "class-conditional model (a ClassEmbedder cond stage, as cin256)")
+        module, params = init_pipe.text_encoder, init_pipe.params["text_encoder"]
+    else:
+        if ctx_dim is None:
+            raise ValueError("diffusion.conditioning='class_crossattn' needs a U-Net with cross-attention "
+                             "(model.unet.cross_attention_dim)")
+        n = _get(diff_cfg, "num_classes", None)
+        if n is None or int(n) < 1:
+            raise ValueError("diffusion.conditioning='class_crossattn' needs diffusion.num_classes (the labels are "
+                             "0 .. num_classes - 1; one more row is the unconditional label)")
+        module = ClassEmbedder(int(n) + 1, int(ctx_dim), dtype=dtype)
+        params = _init_frozen(lambda k: module.init(k, jnp.zeros((1, 1), jnp.int32))["params"],
+                              jax.random.PRNGKey(seed), mesh, min_fsdp_size, rules)
+    if module.embed_dim != ctx_dim:
+        raise ValueError(f"model.unet.cross_attention_dim={ctx_dim} does not match the class embedding width "
+                         f"{module.embed_dim}")
+    return module, params, ClassLabelTokenizer(module.num_classes)
+
+
+CONDITIONINGS = ("text", "class", "class_crossattn", "none")
+
+
 class LDMTask:
     """Hooks for ``loop.train``: init/abstract state, batch preparation, the jitted step,
     scale-by-std at the start, metadata for checkpoints and sample grids."""
@@ -146,12 +195,25 @@ class LDMTask:
         self.rules = [tuple(r) for r in (_get(config.mesh, "rules", ()) or ())]
         sharding_kw = dict(mesh=mesh, min_fsdp_size=self.min_fsdp_size, rules=self.rules)
 
+        # init.checkpoint: a released model whose U-Net starts training and whose stages are frozen.
+        self.init_pipe = init_checkpoint.load_init_pipeline(_get(config, "init"), self.dtype.name, attention_impl)
         unet_fields = _as_dict(model.unet)
+        if not unet_fields:
+            if self.init_pipe is None:
+                raise ValueError("config.model.unet is empty: give the U-Net's fields, or init.checkpoint to take "
+                                 "its architecture")
+            unet_fields = init_checkpoint.unet_fields_from(self.init_pipe)
         unet_fields["remat_blocks"] = bool(_get(model, "remat", unet_fields.get("remat_blocks", False)))
         self.unet = UNet(UNetConfig(**unet_fields), dtype=self.dtype, attention_impl=attention_impl)
 
         diff = config.diffusion
-        conditioning = _get(diff, "conditioning", "text")
+        # "class_crossattn": the label through cross-attention (the LDM ClassEmbedder of cin256), a
+        # learned (B, 1, D) context trained with the U-Net; to the step it is a trained text encoder.
+        self.conditioning = _get(diff, "conditioning", "text")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"diffusion.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        class_crossattn = self.conditioning == "class_crossattn"
+        conditioning = "text" if class_crossattn else self.conditioning
         self.step_cfg = ldm_step.LDMStepConfig(
             prediction_type=_get(diff, "prediction_type", "epsilon"),
             min_snr_gamma=_get(diff, "min_snr_gamma", None) or None,
@@ -160,6 +222,8 @@ class LDMTask:
             cond_drop_prob=float(_get(diff, "cond_drop_prob", 0.1)),
             null_class=_get(diff, "null_class", None),
             sample_posterior=bool(_get(config.first_stage, "sample_posterior", True)),
+            train_text_encoder=class_crossattn or (
+                conditioning == "text" and bool(_get(config.text_encoder, "trainable", False))),
         )
         self.schedule_config = dict(
             num_train_timesteps=int(_get(diff, "num_train_timesteps", 1000)),
@@ -170,24 +234,31 @@ class LDMTask:
         )
         self.schedule = NoiseSchedule.from_diffusers_config(self.schedule_config)
 
-        self.vae, vae_params = build_first_stage(config.first_stage, self.dtype, attention_impl, **sharding_kw)
+        self.vae, vae_params = build_first_stage(config.first_stage, self.dtype, attention_impl, **sharding_kw,
+                                                 init_pipe=self.init_pipe)
         self.text_encoder = self.tokenizer = None
         te_params = empty_ids = None
-        if conditioning == "text":
-            self.text_encoder, te_params, self.tokenizer = build_text_encoder(
-                config.text_encoder, self.dtype, attention_impl, **sharding_kw)
-            empty_ids = jnp.asarray(self.tokenizer([""]))
         ucfg = self.unet.config
         ctx_dim = ucfg.per_block("cross_attention_dim")[-1] if ucfg.uses_cross_attention else None
-        if self.text_encoder is not None and ctx_dim != self.text_encoder.config.hidden_size:
-            raise ValueError(f"model.unet.cross_attention_dim={ctx_dim} does not match the text encoder width "
-                             f"{self.text_encoder.config.hidden_size}")
+        if class_crossattn:
+            self.text_encoder, te_params, self.tokenizer = build_class_embedder(
+                diff, ctx_dim, int(_get(config.text_encoder, "seed", 0)), self.dtype, **sharding_kw,
+                init_pipe=self.init_pipe)
+            empty_ids = jnp.asarray(self.tokenizer([""]))
+        elif conditioning == "text":
+            self.text_encoder, te_params, self.tokenizer = build_text_encoder(
+                config.text_encoder, self.dtype, attention_impl, **sharding_kw, init_pipe=self.init_pipe)
+            empty_ids = jnp.asarray(self.tokenizer([""]))
+            if ctx_dim != self.text_encoder.config.hidden_size:
+                raise ValueError(f"model.unet.cross_attention_dim={ctx_dim} does not match the text encoder width "
+                                 f"{self.text_encoder.config.hidden_size}")
 
         fixed = _get(config.first_stage, "scale_factor", None)
         self.scale_by_std = bool(_get(config.first_stage, "scale_by_std", False))
         self.scale_factor = float(np.float32(fixed if fixed is not None else self.vae.config.scaling_factor))
         rep = shd.replicated(mesh)
-        frozen = {"vae": vae_params, "text_encoder": te_params,
+        # A trained text encoder starts from te_params (see init_state) and lives in the state.
+        frozen = {"vae": vae_params, "text_encoder": None if self.step_cfg.train_text_encoder else te_params,
                   "scale_factor": jax.device_put(jnp.float32(self.scale_factor), rep),
                   "empty_ids": None if empty_ids is None else shd.shard_tree(np.asarray(empty_ids), rep)}
         self.frozen = frozen
@@ -203,10 +274,24 @@ class LDMTask:
         x, t, ctx, labels = unet_dummy_inputs(self.unet.config, batch=1, context_len=8)
         dummy = [jnp.zeros(a.shape, a.dtype) if a is not None else None for a in (x, t, ctx, labels)]
         unet = self.unet
-        self._init_fn = state_lib.make_init_fn(lambda k: unet.init(k, *dummy)["params"], self.tx,
-                                               use_ema=self.opt_cfg.ema_decay > 0)
+        init_params = lambda k: unet.init(k, *dummy)["params"]  # noqa: E731
+        if self.step_cfg.train_text_encoder:
+            # Placeholder text-encoder weights of the right shapes; init_state puts the start weights in.
+            te = self.text_encoder
+            ids = jnp.zeros((1, np.asarray(self.tokenizer([""])).shape[1]), jnp.int32)  # (1, 1) for class tokens
+            init_params = lambda k: {"unet": unet.init(k, *dummy)["params"],  # noqa: E731
+                                     "text_encoder": te.init(jax.random.PRNGKey(0), ids)["params"]}
+        self._init_fn = state_lib.make_init_fn(init_params, self.tx, use_ema=self.opt_cfg.ema_decay > 0)
         self._abstract, self.state_shardings = state_lib.abstract_train_state(
             self._init_fn, mesh, self.min_fsdp_size, self.rules)
+        # Start weights put into a fresh state by init_state: {"unet": ..., "text_encoder": ...}.
+        self._start_params = {}
+        if self.init_pipe is not None:
+            expected, _ = ldm_step.split_trained_params(self._abstract.params, self.step_cfg.train_text_encoder)
+            init_checkpoint.check_same_structure(expected, self.init_pipe.params["unet"], self.init_pipe.source)
+            self._start_params["unet"] = self.init_pipe.params["unet"]
+        if self.step_cfg.train_text_encoder:
+            self._start_params["text_encoder"] = te_params
         step_fn = ldm_step.make_train_step(self.unet, self.schedule, self.tx, self.step_cfg, self.opt_cfg,
                                            vae=self.vae, text_encoder=self.text_encoder, mesh=mesh)
         self.step_fn = step_fn  # the pure function (tests compare it unjitted)
@@ -219,12 +304,36 @@ class LDMTask:
         self._pipeline = None
         if jax.process_index() == 0:
             n = state_lib.param_count(self._abstract.params)
-            log.info("U-Net: %.2fM trained parameters (%s compute); mesh %s", n / 1e6, self.dtype.name,
-                     dict(mesh.shape))
+            log.info("%s: %.2fM trained parameters (%s compute); mesh %s",
+                     "U-Net + text encoder" if self.step_cfg.train_text_encoder else "U-Net", n / 1e6,
+                     self.dtype.name, dict(mesh.shape))
 
     # ------------------------------------------------------------------ loop hooks
     def init_state(self, rng: jax.Array):
-        return self._init_jit(rng)
+        """A fresh state; the U-Net from init.checkpoint and a trained text encoder from its
+        start weights when given (params and EMA alike)."""
+        state = self._init_jit(rng)
+        if not self._start_params:
+            return state
+        joint = self.step_cfg.train_text_encoder
+
+        def put(params):
+            for name, start in self._start_params.items():
+                where = self.state_shardings.params[name] if joint else self.state_shardings.params
+                # A copy placed like the state (params and EMA own their buffers: the step donates them).
+                copied = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=where)(start)
+                params = {**params, name: copied} if joint else copied
+            return params
+
+        return state.replace(params=put(state.params),
+                             ema_params=None if state.ema_params is None else put(state.ema_params))
+
+    def trained_params(self, state, use_ema: bool = True):
+        """(U-Net params, text-encoder params) to sample with: the EMA weights when kept, and
+        the frozen text encoder unless it was trained."""
+        params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
+        unet_params, te_params = ldm_step.split_trained_params(params, self.step_cfg.train_text_encoder)
+        return unet_params, (te_params if te_params is not None else self.frozen["text_encoder"])
 
     def abstract_state(self):
         return self._abstract
@@ -239,7 +348,12 @@ class LDMTask:
                 out["latents_std"] = np.asarray(host_batch["latents_std"], np.float32)
         else:
             out["image"] = np.asarray(host_batch["image"])
-        if self.step_cfg.conditioning == "text":
+        if self.conditioning == "class_crossattn":
+            if "label" not in host_batch:
+                raise KeyError("class-conditional training needs a 'label' field in the data "
+                               "(data.label_key, or data.folder_labels=True for an image folder)")
+            out["input_ids"] = self.tokenizer(np.asarray(host_batch["label"], np.int64).tolist())
+        elif self.step_cfg.conditioning == "text":
             out["input_ids"] = self.tokenizer([str(c) for c in np.asarray(host_batch["caption"]).tolist()])
         elif self.step_cfg.conditioning == "class":
             if "label" not in host_batch:
@@ -323,14 +437,16 @@ class LDMTask:
         fixed ``sample.prompts`` / ``sample.class_labels``, with few sampler steps."""
         cfg = self.config.sample
         pipe = self._sample_pipeline()
-        pipe.params["unet"] = state.ema_params if state.ema_params is not None else state.params
+        pipe.params["unet"], te_params = self.trained_params(state)
+        if te_params is not None:
+            pipe.params["text_encoder"] = te_params
         kw = dict(num_inference_steps=int(_get(cfg, "num_inference_steps", 20)),
                   guidance_scale=float(_get(cfg, "guidance_scale", 3.0)), seed=int(_get(cfg, "seed", 0)),
                   sampler=_get(cfg, "sampler", "ddim"), height=self._image_size(), width=self._image_size())
-        if self.step_cfg.conditioning == "text":
+        if self.step_cfg.conditioning == "text" and self.conditioning != "class_crossattn":
             prompts = list(_get(cfg, "prompts", ["a red square"]))
             return pipe(prompts, **kw)
-        if self.step_cfg.conditioning == "class":
+        if self.conditioning in ("class", "class_crossattn"):
             labels = list(_get(cfg, "class_labels", [0, 1, 2, 3]))
             return pipe([""] * len(labels), class_labels=labels, **kw)
         n = int(_get(cfg, "num_images", 4))
