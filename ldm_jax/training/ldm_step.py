@@ -15,7 +15,9 @@ optimized"); the trained parameters are then ``{"unet": ..., "text_encoder": ...
 (state, metrics)``:
 
 * ``batch``: ``"image"`` uint8 (B, H, W, 3) or float in [-1, 1]; or ``"latents"``
-  (B, h, w, c) precomputed, *unscaled* first-stage latents (scaled here). Text models
+  (B, h, w, c) precomputed, *unscaled* first-stage latents (scaled here), with
+  ``"latents_std"`` when they are a KL posterior's mean and std (a sample is drawn here
+  with the eps the image path would draw). Text models
   also take ``"input_ids"`` (B, L) int32, class-conditional ones ``"label"`` (B,) int32.
 * ``frozen``: ``{"vae": params | None, "text_encoder": params | None,
   "scale_factor": () float32, "empty_ids": (1, L) int32 | None}``.
@@ -100,6 +102,11 @@ def split_trained_params(params, train_text_encoder: bool):
     return params, None
 
 
+def posterior_sample(mean: jax.Array, std: jax.Array, key: jax.Array) -> jax.Array:
+    """z = mean + std * eps, eps = normal(key): a KL posterior sample from precomputed (mean, std)."""
+    return mean.astype(jnp.float32) + std.astype(jnp.float32) * jax.random.normal(key, mean.shape, jnp.float32)
+
+
 def latent_shape(vae: Optional[nn.Module], batch) -> tuple:
     """(B, h, w, c) of the latents of ``batch`` (from "latents", or "image" and the VAE config)."""
     if "latents" in batch:
@@ -182,7 +189,10 @@ def make_train_step(
         t_b, noise = sample_training_inputs(jax.random.fold_in(key, _NOISE), jnp.zeros(shape, jnp.float32),
                                             schedule, cfg.offset_noise)
         extra["t"], extra["noise"] = t_b, noise
-        if "latents" not in batch and cfg.sample_posterior:
+        if "latents_std" in batch:  # cached KL posterior: the sample the image path would draw
+            std = batch.pop("latents_std")
+            batch["latents"] = posterior_sample(batch["latents"], std, jax.random.fold_in(key, _POSTERIOR))
+        elif "latents" not in batch and cfg.sample_posterior:
             extra["eps"] = jax.random.normal(jax.random.fold_in(key, _POSTERIOR), shape, jnp.float32)
         if use_text or use_class:
             extra["drop"] = jax.random.bernoulli(jax.random.fold_in(key, _COND_DROP), cfg.cond_drop_prob, (b,))

@@ -300,7 +300,6 @@ class LDMTask:
             ldm_step.jit_train_step(step_fn, mesh, self.state_shardings, self.frozen_shardings), "train_step")
         self._init_jit = shd.SyncedJit(jax.jit(self._init_fn, out_shardings=self.state_shardings), "init")
         self._latent_std_fn = None
-        self._jitted_posterior = None
         self._pipeline = None
         if jax.process_index() == 0:
             n = state_lib.param_count(self._abstract.params)
@@ -370,7 +369,7 @@ class LDMTask:
             # Precomputed KL posterior (mean, std): the posterior sample the image path would
             # draw (same eps: normal(fold_in(rng, stream)), see make_latent_std_fn).
             def posterior_std(mean, std_, rng):
-                return jnp.std(mean + std_ * jax.random.normal(rng, mean.shape, jnp.float32), ddof=1)
+                return jnp.std(ldm_step.posterior_sample(mean, std_, rng), ddof=1)
 
             fn = shd.SyncedJit(jax.jit(posterior_std, out_shardings=shd.replicated(self.mesh)), "latent_std")
             std = float(fn(batch["latents"], batch["latents_std"],
@@ -394,28 +393,7 @@ class LDMTask:
         self.frozen["scale_factor"] = jax.device_put(jnp.float32(self.scale_factor), shd.replicated(self.mesh))
 
     def train_step(self, state, batch):
-        if "latents_std" in batch:
-            return self._posterior_step()(state, batch, self.frozen)
         return self._jitted(state, batch, self.frozen)
-
-    def _posterior_step(self):
-        """The jitted step for precomputed KL posteriors {"latents": mean, "latents_std": std}:
-        z = mean + std * eps with eps = normal(fold_in(fold_in(rng, step), _POSTERIOR)), the
-        eps the step draws for images, then the plain step on {"latents": z}."""
-        if self._jitted_posterior is None:
-            step_fn = self.step_fn
-
-            def step_with_posterior(state, batch, frozen):
-                batch = dict(batch)
-                std = batch.pop("latents_std")
-                key = jax.random.fold_in(state.rng, state.step)
-                eps = jax.random.normal(jax.random.fold_in(key, ldm_step._POSTERIOR), std.shape, jnp.float32)
-                batch["latents"] = batch["latents"].astype(jnp.float32) + std * eps
-                return step_fn(state, batch, frozen)
-
-            self._jitted_posterior = shd.SyncedJit(ldm_step.jit_train_step(
-                step_with_posterior, self.mesh, self.state_shardings, self.frozen_shardings), "train_step")
-        return self._jitted_posterior
 
     def latent_dataset(self, config, workdir: str, seed: int):
         """``data.precompute_latents``: the training iterator over ``WORKDIR/latents`` (encoded
