@@ -48,22 +48,9 @@ from ldm_jax.training import optim
 from ldm_jax.training import sharding as shd
 from ldm_jax.training import state as state_lib
 from ldm_jax.training.ldm_step import images_to_float
+from ldm_jax.training.config_access import config_as_dict as _as_dict, config_get as _get
 
 log = logging.getLogger(__name__)
-
-
-def _get(cfg, key: str, default=None):
-    try:
-        value = cfg[key]
-    except (KeyError, AttributeError, TypeError):
-        return default
-    return default if value is None else value
-
-
-def _as_dict(cfg) -> Dict[str, Any]:
-    if cfg is None:
-        return {}
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 # ----------------------------------------------------------------------------- metrics

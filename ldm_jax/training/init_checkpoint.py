@@ -21,6 +21,7 @@ from typing import Any, Dict, List
 import jax
 
 from ldm_jax.convert.errors import CheckpointError
+from ldm_jax.training.config_access import config_get as _get
 from ldm_jax.training import sharding as shd
 
 
@@ -62,11 +63,3 @@ def check_same_structure(expected, got, source: str, what: str = "U-Net") -> Non
         raise CheckpointError(
             f"init.checkpoint={source}: its {what} does not match config.model.unet: {shown}. "
             "Set model.unet to the checkpoint's architecture, or model.unet={} to take it from the checkpoint")
-
-
-def _get(cfg, key: str, default=None):
-    try:
-        value = cfg[key]
-    except (KeyError, AttributeError, TypeError):
-        return default
-    return default if value is None else value

@@ -54,20 +54,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.data.pipeline import DataIterator, _get as _data_get, make_source, preprocess
+from ldm_jax.training.config_access import config_get as _cfg_get
 from ldm_jax.training import sharding as shd
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 CACHE_DIRNAME = "latents"
-
-
-def _cfg_get(cfg, key, default=None):
-    try:
-        value = cfg[key]
-    except (KeyError, AttributeError, TypeError):
-        return default
-    return default if value is None else value
 
 
 def _jsonable(x):

@@ -39,6 +39,7 @@ from ldm_jax.models.unet import UNet, UNetConfig, unet_dummy_inputs
 from ldm_jax.training import init_checkpoint, ldm_step, optim
 from ldm_jax.training import sharding as shd
 from ldm_jax.training import state as state_lib
+from ldm_jax.training.config_access import config_as_dict as _as_dict, config_get as _get
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +52,6 @@ FIRST_STAGE_LOADERS: List[Tuple[Callable[[str], bool], Callable[..., Tuple[Any, 
 
 def register_first_stage_loader(predicate: Callable[[str], bool], loader: Callable[..., Tuple[Any, Any]]) -> None:
     FIRST_STAGE_LOADERS.append((predicate, loader))
-
-
-def _get(cfg, key: str, default=None):
-    """ConfigDict / dict lookup with a default (ConfigDict raises on missing keys)."""
-    try:
-        value = cfg[key]
-    except (KeyError, AttributeError, TypeError):
-        return default
-    return default if value is None and default is not None else value
-
-
-def _as_dict(cfg) -> Dict[str, Any]:
-    if cfg is None:
-        return {}
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 def _init_frozen(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, min_fsdp_size: int, rules):

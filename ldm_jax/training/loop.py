@@ -40,6 +40,7 @@ import numpy as np
 
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import sharding as shd
+from ldm_jax.training.config_access import config_get as _get
 
 log = logging.getLogger(__name__)
 
@@ -220,14 +221,6 @@ def _count_skipped(dataset) -> int:
     if all(g["indices"] is not None for g in gathered):
         return len(set().union(*(g["indices"] for g in gathered)))
     return sum(g["count"] for g in gathered)
-
-
-def _get(cfg, key, default):
-    try:
-        value = cfg[key]
-    except (KeyError, AttributeError):
-        return default
-    return default if value is None else value
 
 
 # ------------------------------------------------------------------ the loop
