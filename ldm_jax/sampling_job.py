@@ -123,20 +123,22 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
     bar = tqdm(total=len(todo) * job.n_samples, unit="img", disable=not progress or p != 0,
                desc=f"sampling ({len(mine) - len(todo)} batches already done)")
     t0, made = time.perf_counter(), 0
-    for b in todo:
-        prompt = job.prompts[b // job.n_iter]
-        seed = job.seed + b
-        images = pipe(
-            [prompt] * job.n_samples, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
-            guidance_scale=job.scale, height=job.height, width=job.width, seed=seed, sampler=job.sampler,
-            eta=job.eta, init_image=init, strength=job.strength, mask=job.mask,
-            class_labels=None if job.class_label is None else [job.class_label] * job.n_samples)
-        for k, image in enumerate(images):
-            _write_png(sample_path(outdir, b * job.n_samples + k), image, _metadata(job, prompt, seed, k))
-        made += len(images)
-        bar.update(len(images))
-        bar.set_postfix(img_per_s=f"{made / (time.perf_counter() - t0):.2f}")
-    bar.close()
+    try:
+        for b in todo:
+            prompt = job.prompts[b // job.n_iter]
+            seed = job.seed + b
+            images = pipe(
+                [prompt] * job.n_samples, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
+                guidance_scale=job.scale, height=job.height, width=job.width, seed=seed, sampler=job.sampler,
+                eta=job.eta, init_image=init, strength=job.strength, mask=job.mask,
+                class_labels=None if job.class_label is None else [job.class_label] * job.n_samples)
+            for k, image in enumerate(images):
+                _write_png(sample_path(outdir, b * job.n_samples + k), image, _metadata(job, prompt, seed, k))
+            made += len(images)
+            bar.update(len(images))
+            bar.set_postfix(img_per_s=f"{made / (time.perf_counter() - t0):.2f}")
+    finally:  # an interrupted job still leaves a clean terminal line
+        bar.close()
     paths = [sample_path(outdir, n) for n in range(job.num_batches * job.n_samples)]
     if p == 0 and all(os.path.isfile(x) for x in paths):
         grid = make_grid(np.stack([np.asarray(Image.open(x).convert("RGB"), np.float32) / 255 for x in paths]),

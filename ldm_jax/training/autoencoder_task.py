@@ -184,13 +184,16 @@ class AutoencoderTask:
             self._init_fn, mesh, self.min_fsdp_size, self.rules)
         self.step_fn = losses.make_train_step(self.ae, self.loss, self.tx, self.tx_disc, self.opt_cfg, mesh=mesh,
                                               sample_posterior=self.sample_posterior)
-        self._jitted = losses.jit_train_step(self.step_fn, mesh, self.state_shardings, self.frozen_shardings)
+        # SyncedJit: with several processes, compile, then meet at a barrier before the first run
+        # (a peer still compiling would time out the first collective; see sharding.SyncedJit).
+        self._jitted = shd.SyncedJit(
+            losses.jit_train_step(self.step_fn, mesh, self.state_shardings, self.frozen_shardings), "ae_train_step")
         self._actnorm_init = None
         self._actnorm_pending = False
         if self.disc_config.norm == "actnorm":
-            self._actnorm_init = jax.jit(losses.make_actnorm_init(self.discriminator),
-                                         in_shardings=(self.state_shardings, shd.batch_sharding(mesh)),
-                                         out_shardings=self.state_shardings, donate_argnums=(0,))
+            self._actnorm_init = shd.SyncedJit(jax.jit(
+                losses.make_actnorm_init(self.discriminator), in_shardings=(self.state_shardings, shd.batch_sharding(mesh)),
+                out_shardings=self.state_shardings, donate_argnums=(0,)), "actnorm_init")
 
         # VQ codebook initialisation: "uniform" (taming's U(-1/K, 1/K)) or "data" (from the
         # first batch's latents, see autoencoder_losses.make_codebook_data_init).
@@ -200,9 +203,9 @@ class AutoencoderTask:
         self._codebook_init = None
         self._codebook_pending = False
         if kind == "vq" and self.codebook_init == "data":
-            self._codebook_init = jax.jit(losses.make_codebook_data_init(self.ae),
-                                          in_shardings=(self.state_shardings, shd.batch_sharding(mesh)),
-                                          out_shardings=self.state_shardings, donate_argnums=(0,))
+            self._codebook_init = shd.SyncedJit(jax.jit(
+                losses.make_codebook_data_init(self.ae), in_shardings=(self.state_shardings, shd.batch_sharding(mesh)),
+                out_shardings=self.state_shardings, donate_argnums=(0,)), "codebook_init")
 
         ecfg = _get(config, "eval", {})
         self.eval_batch_size = int(_get(ecfg, "batch_size", self.global_batch_size))
@@ -221,7 +224,7 @@ class AutoencoderTask:
 
     # ------------------------------------------------------------------ loop hooks
     def init_state(self, rng: jax.Array):
-        self._state = jax.jit(self._init_fn, out_shardings=self.state_shardings)(rng)
+        self._state = shd.SyncedJit(jax.jit(self._init_fn, out_shardings=self.state_shardings), "ae_init")(rng)
         return self._state
 
     def abstract_state(self):
