@@ -335,6 +335,8 @@ class DataIterator:
                        self.source.describe(index), type(err).__name__, err)
 
     def _load_slot(self, local_position: int) -> dict:
+        """The example for one slot: the stream's example there, or the next readable one
+        (unreadable ones are marked and skipped), plus its index and padding mask."""
         position = self._global_position(local_position)
         _, real = self.example_at(position)
         random = self.random_flip or (self.image_size is not None and not self.center_crop)
@@ -346,21 +348,29 @@ class DataIterator:
             # Augmentation draws from (seed, slot position), not from the example used.
             rng = np.random.default_rng([self.seed, 1, position]) if random else None
             try:
-                ex = self.source.load(index)
-                image = preprocess(ex["image"], self.image_size, center_crop=self.center_crop,
-                                   random_flip=self.random_flip, rng=rng)
+                out = self._example(index, rng)
             except Exception as err:  # noqa: BLE001 - any decode failure means "unreadable"
                 self._mark_bad(index, err)
                 continue
-            out = {"image": image, "caption": str(ex.get("caption", "")),
-                   "index": np.int64(index)}
+            out["index"] = np.int64(index)
             if self.has_labels:
-                out["label"] = np.int32(ex["label"])
+                out["label"] = np.int32(out["label"])
             if not self.drop_remainder:
                 out["mask"] = np.bool_(real)
             return out
         raise RuntimeError(f"no readable example found after stream position {position} "
                            f"({len(self._bad)} of {self.n} examples are unreadable)")
+
+    def _example(self, index: int, rng) -> dict:
+        """One source example's fields ("image" preprocessed, "caption"[, "label"]); raises
+        when it cannot be read. ``rng``: the slot's augmentation generator (None: none)."""
+        ex = self.source.load(index)
+        image = preprocess(ex["image"], self.image_size, center_crop=self.center_crop,
+                           random_flip=self.random_flip, rng=rng)
+        out = {"image": image, "caption": str(ex.get("caption", ""))}
+        if self.has_labels:
+            out["label"] = ex["label"]
+        return out
 
     # -- iteration
 

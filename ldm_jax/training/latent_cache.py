@@ -214,7 +214,8 @@ def build_cache(task, data_cfg, source, cache_dir: str, expected: Dict[str, Any]
                         type(err).__name__, err)
             return None, None
 
-    tmp = arrays = None
+    tmp = None
+    arrays: Dict[str, np.ndarray] = {}  # process 0: output name -> memory-mapped .npy being written
     records: Dict[int, Any] = {}
     num_chunks = math.ceil(n / batch_size)
     bar = None
@@ -259,8 +260,6 @@ def build_cache(task, data_cfg, source, cache_dir: str, expected: Dict[str, Any]
                     for name, value in out.items():
                         value = np.asarray(value)
                         key = name + suffix
-                        if arrays is None:
-                            arrays = {}
                         if key not in arrays:
                             arrays[key] = np.lib.format.open_memmap(
                                 os.path.join(tmp, key + ".npy"), mode="w+", dtype=np.float32,
@@ -357,29 +356,13 @@ class LatentIterator(DataIterator):
     "latents_std"], "caption", "index"[, "label"][, "mask"]} in the image pipeline's order,
     with its flips (drawn from (seed, position) exactly as ``preprocess`` draws them)."""
 
-    def _load_slot(self, local_position: int) -> dict:
-        position = self._global_position(local_position)
-        _, real = self.example_at(position)
-        limit = 2 * self.per_epoch + self.n
-        for k in range(position, position + limit):
-            index, _ = self.example_at(k)
-            if index in self._bad:
-                continue
-            try:
-                ex = self.source.load(index)
-            except Exception as err:  # noqa: BLE001
-                self._mark_bad(index, err)
-                continue
-            rng = np.random.default_rng([self.seed, 1, position]) if self.random_flip else None
-            flip = bool(self.random_flip and rng.random() < 0.5)
-            out = {**self.source.latents(index, flip), "caption": ex["caption"], "index": np.int64(index)}
-            if self.has_labels:
-                out["label"] = np.int32(ex["label"])
-            if not self.drop_remainder:
-                out["mask"] = np.bool_(real)
-            return out
-        raise RuntimeError(f"no readable example found after stream position {position} "
-                           f"({len(self._bad)} of {self.n} examples are unreadable)")
+    def _example(self, index: int, rng) -> dict:
+        ex = self.source.load(index)  # caption / label; raises for an example the cache marked unreadable
+        flip = bool(rng is not None and rng.random() < 0.5)  # preprocess's draw (rng is None without random_flip)
+        out = {**self.source.latents(index, flip), "caption": ex["caption"]}
+        if self.has_labels:
+            out["label"] = ex["label"]
+        return out
 
     @staticmethod
     def _batch_fn(examples: list) -> dict:
