@@ -5,8 +5,8 @@
 
 The U-Net weights (and the text encoder's, when it was trained jointly) are the EMA
 weights when the run kept them; the frozen first stage and a frozen text encoder
-are rebuilt from the configuration exactly as training built them, and the latent scale factor comes from the checkpoint metadata
-(``scale_by_std``).
+are rebuilt from the configuration exactly as training built them, and the latent
+scale factor comes from the checkpoint metadata (``scale_by_std``).
 """
 from __future__ import annotations
 

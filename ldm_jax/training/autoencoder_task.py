@@ -47,8 +47,8 @@ from ldm_jax.training import autoencoder_losses as losses
 from ldm_jax.training import optim
 from ldm_jax.training import sharding as shd
 from ldm_jax.training import state as state_lib
-from ldm_jax.training.ldm_step import images_to_float
 from ldm_jax.training.config_access import config_as_dict as _as_dict, config_get as _get
+from ldm_jax.training.ldm_step import images_to_float
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +190,12 @@ class AutoencoderTask:
             losses.jit_train_step(self.step_fn, mesh, self.state_shardings, self.frozen_shardings), "ae_train_step")
         self._actnorm_init = None
         self._actnorm_pending = False
+        # First-batch initialisers (state, batch) -> state, donating the state.
+        init_shardings = dict(in_shardings=(self.state_shardings, shd.batch_sharding(mesh)),
+                              out_shardings=self.state_shardings, donate_argnums=(0,))
         if self.disc_config.norm == "actnorm":
-            self._actnorm_init = shd.SyncedJit(jax.jit(
-                losses.make_actnorm_init(self.discriminator), in_shardings=(self.state_shardings, shd.batch_sharding(mesh)),
-                out_shardings=self.state_shardings, donate_argnums=(0,)), "actnorm_init")
+            self._actnorm_init = shd.SyncedJit(
+                jax.jit(losses.make_actnorm_init(self.discriminator), **init_shardings), "actnorm_init")
 
         # VQ codebook initialisation: "uniform" (taming's U(-1/K, 1/K)) or "data" (from the
         # first batch's latents, see autoencoder_losses.make_codebook_data_init).
@@ -203,9 +205,8 @@ class AutoencoderTask:
         self._codebook_init = None
         self._codebook_pending = False
         if kind == "vq" and self.codebook_init == "data":
-            self._codebook_init = shd.SyncedJit(jax.jit(
-                losses.make_codebook_data_init(self.ae), in_shardings=(self.state_shardings, shd.batch_sharding(mesh)),
-                out_shardings=self.state_shardings, donate_argnums=(0,)), "codebook_init")
+            self._codebook_init = shd.SyncedJit(
+                jax.jit(losses.make_codebook_data_init(self.ae), **init_shardings), "codebook_init")
 
         ecfg = _get(config, "eval", {})
         self.eval_batch_size = int(_get(ecfg, "batch_size", self.global_batch_size))

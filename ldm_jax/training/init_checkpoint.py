@@ -21,8 +21,8 @@ from typing import Any, Dict, List
 import jax
 
 from ldm_jax.convert.errors import CheckpointError
-from ldm_jax.training.config_access import config_get as _get
 from ldm_jax.training import sharding as shd
+from ldm_jax.training.config_access import config_get as _get
 
 
 def load_init_pipeline(init_cfg, dtype: str, attention_impl: str):
@@ -33,9 +33,10 @@ def load_init_pipeline(init_cfg, dtype: str, attention_impl: str):
     import ldm_jax
 
     kwargs: Dict[str, Any] = {}
-    if str(path).endswith((".ckpt", ".safetensors", ".pt", ".pth", ".bin")):
+    if path.endswith((".ckpt", ".safetensors", ".pt", ".pth", ".bin")):
         kwargs["use_ema"] = bool(_get(init_cfg, "use_ema", False))
     pipe = ldm_jax.load_pipeline(path, config=_get(init_cfg, "original_config", "") or None, dtype=dtype, **kwargs)
+
     def with_attention(module):
         return module.clone(attention_impl=attention_impl) if hasattr(module, "attention_impl") else module
 

@@ -300,18 +300,15 @@ class LDMTask:
         state = self._init_jit(rng)
         if not self._start_params:
             return state
-        joint = self.step_cfg.train_text_encoder
+        # Copies placed like the state (params and EMA own their buffers: the step donates them).
+        copy = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=self.state_shardings.params)
+        joint = self.step_cfg.train_text_encoder  # params {"unet", "text_encoder"}: replace the parts given
 
-        def put(params):
-            for name, start in self._start_params.items():
-                where = self.state_shardings.params[name] if joint else self.state_shardings.params
-                # A copy placed like the state (params and EMA own their buffers: the step donates them).
-                copied = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=where)(start)
-                params = {**params, name: copied} if joint else copied
-            return params
+        def start(params):
+            return copy({**params, **self._start_params} if joint else self._start_params["unet"])
 
-        return state.replace(params=put(state.params),
-                             ema_params=None if state.ema_params is None else put(state.ema_params))
+        return state.replace(params=start(state.params),
+                             ema_params=None if state.ema_params is None else start(state.ema_params))
 
     def trained_params(self, state, use_ema: bool = True):
         """(U-Net params, text-encoder params) to sample with: the EMA weights when kept, and
@@ -407,7 +404,7 @@ class LDMTask:
         kw = dict(num_inference_steps=int(_get(cfg, "num_inference_steps", 20)),
                   guidance_scale=float(_get(cfg, "guidance_scale", 3.0)), seed=int(_get(cfg, "seed", 0)),
                   sampler=_get(cfg, "sampler", "ddim"), height=self._image_size(), width=self._image_size())
-        if self.step_cfg.conditioning == "text" and self.conditioning != "class_crossattn":
+        if self.conditioning == "text":
             prompts = list(_get(cfg, "prompts", ["a red square"]))
             return pipe(prompts, **kw)
         if self.conditioning in ("class", "class_crossattn"):
