@@ -86,6 +86,14 @@ PRESETS = {
         vae_channels=(32, 32), vae_layers=1, text_layers=2, text_heads=4, text_ffn=64,
         txt2img_steps=2, vae_batch=1, reps=3, train_reps=2, txt2img_reps=2,
     ),
+    # The gpu preset's code paths (bfloat16 compute, float32 master weights in training) at tiny
+    # shapes: a CPU dry run of what a GPU session will execute.
+    "gpu_dry": Preset(
+        name="gpu_dry", block_out_channels=(32, 64, 64, 64), layers_per_block=1, heads=8,
+        context_dim=32, context_len=77, latent=16, unet_batches=(2, 4), train_batch=4, dtype="bfloat16",
+        vae_channels=(32, 32), vae_layers=1, text_layers=2, text_heads=4, text_ffn=64,
+        txt2img_steps=3, vae_batch=1, reps=3, train_reps=2, txt2img_reps=2,
+    ),
     "gpu": Preset(
         name="gpu", block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, heads=8,
         context_dim=768, context_len=77, latent=64, unet_batches=(2, 16), train_batch=16, dtype="bfloat16",

@@ -74,10 +74,13 @@ def wait_for_quiet(max_load: float, max_wait_s: float) -> tuple:
 
 
 # ------------------------------------------------------------------ subprocess runner
+MIN_CASE_S = 30  # with --budget-s: a measurement is not started with less time than this left
 class Runner:
-    def __init__(self, preset: str, folder: str, timeout_s: float, log, single_core: bool = False):
+    def __init__(self, preset: str, folder: str, timeout_s: float, log, single_core: bool = False,
+                 deadline: float = None):
         self.preset, self.folder, self.timeout_s, self.log = preset, folder, timeout_s, log
         self.single_core = single_core
+        self.deadline = deadline  # time.time() after which nothing runs (--budget-s)
 
     def __call__(self, case: str, side: str, *extra: str, env_update=None) -> dict:
         cmd = [sys.executable, os.path.join(ROOT, "bench", "cases.py"), case, side, "--preset", self.preset,
@@ -99,13 +102,19 @@ class Runner:
             core = min(os.sched_getaffinity(0))
             preexec = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
         label = " ".join([case, side, *extra])
+        timeout_s = self.timeout_s
+        if self.deadline is not None:
+            timeout_s = min(timeout_s, self.deadline - time.time())
+            if timeout_s < MIN_CASE_S:
+                self.log(f"  {label}: skipped (time budget spent)")
+                return {"error": "skipped: --budget-s spent before this measurement"}
         load_before = load_average()
         t_launch = time.time()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, env=env, cwd=ROOT,
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT,
                                   preexec_fn=preexec)
         except subprocess.TimeoutExpired:
-            res = {"error": f"timeout after {self.timeout_s:.0f}s"}
+            res = {"error": f"timeout after {timeout_s:.0f}s"}
         else:
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode == 0 and lines:
@@ -145,53 +154,57 @@ def best(results: list) -> dict:
 # ------------------------------------------------------------------ sections
 def run_sections(preset, runner: Runner, only, rounds: int, conv_variants, attention_variants,
                  checkpoint=lambda partial: None) -> dict:
-    """Every measurement of the chosen sections; ``checkpoint(partial_results)`` after each one
+    """Every measurement of the chosen sections, in the order of ``only`` (so a run under a time
+    budget measures what matters most first); ``checkpoint(partial_results)`` after each one
     (so a killed or timed-out run still leaves its raw results on disk)."""
-    R = {}
-    pairs = []  # (key, case, side, extra args)
-    if "unet_fwd" in only:
-        for b in preset.unet_batches:
-            pairs.append((f"unet_fwd_B{b}_torch", "unet_fwd", "torch", ["--batch", str(b)]))
-            pairs.append((f"unet_fwd_B{b}_jax", "unet_fwd", "jax", ["--batch", str(b)]))
-            for att in attention_variants:
-                pairs.append((f"unet_fwd_B{b}_jax_attn-{att}", "unet_fwd", "jax",
-                              ["--batch", str(b), "--attention", att]))
-    if "train_step" in only:
-        b = str(preset.train_batch)
-        pairs.append(("train_step_torch", "train_step", "torch", ["--batch", b]))
-        pairs.append(("train_step_jax", "train_step", "jax", ["--batch", b]))
-        for cv in conv_variants:
-            pairs.append((f"train_step_jax_conv-{cv}", "train_step", "jax", ["--batch", b, "--conv", cv]))
-        for att in attention_variants:
-            pairs.append((f"train_step_jax_attn-{att}", "train_step", "jax", ["--batch", b, "--attention", att]))
-    if "vae_decode" in only:
-        pairs.append(("vae_decode_torch", "vae_decode", "torch", []))
-        pairs.append(("vae_decode_jax", "vae_decode", "jax", []))
-    if "txt2img" in only:
-        pairs.append(("txt2img_torch", "txt2img", "torch", []))
-        pairs.append(("txt2img_jax", "txt2img", "jax", []))
-    rounds_results = {key: [] for key, *_ in pairs}
+    no_cache = {"LDM_JAX_COMPILATION_CACHE": None, "JAX_COMPILATION_CACHE_DIR": None}
+    cache_dir = tempfile.mkdtemp(prefix="ldm_jax_bench_cache_") if "first_image" in only else None
+    b_train = str(preset.train_batch)
+    per_section = {
+        "unet_fwd": [entry for b in preset.unet_batches for entry in (
+            [(f"unet_fwd_B{b}_torch", "unet_fwd", "torch", ["--batch", str(b)]),
+             (f"unet_fwd_B{b}_jax", "unet_fwd", "jax", ["--batch", str(b)])]
+            + [(f"unet_fwd_B{b}_jax_attn-{att}", "unet_fwd", "jax", ["--batch", str(b), "--attention", att])
+               for att in attention_variants])],
+        "train_step": (
+            [("train_step_torch", "train_step", "torch", ["--batch", b_train]),
+             ("train_step_jax", "train_step", "jax", ["--batch", b_train])]
+            + [(f"train_step_jax_conv-{cv}", "train_step", "jax", ["--batch", b_train, "--conv", cv])
+               for cv in conv_variants]
+            + [(f"train_step_jax_attn-{att}", "train_step", "jax", ["--batch", b_train, "--attention", att])
+               for att in attention_variants]),
+        "vae_decode": [("vae_decode_torch", "vae_decode", "torch", []), ("vae_decode_jax", "vae_decode", "jax", [])],
+        "txt2img": [("txt2img_torch", "txt2img", "torch", []), ("txt2img_jax", "txt2img", "jax", [])],
+        # Time to first image is measured once (not per round): the cache-write run must precede the warm one.
+        "first_image": [("first_image_torch", "first_image", "torch", []),
+                        ("first_image_jax_cache_write", "first_image", "jax", ["--cache-dir", cache_dir]),
+                        ("first_image_jax_cache_warm", "first_image", "jax", ["--cache-dir", cache_dir]),
+                        ("first_image_jax_cold", "first_image", "jax", [])],
+    }
+    entries = [e for section in only for e in per_section[section]]
+    results = {key: [] for key, *_ in entries}
     for r in range(rounds):
         if rounds > 1:
             runner.log(f"round {r + 1}/{rounds}")
-        for key, case, side, extra in pairs:
-            rounds_results[key].append(runner(case, side, *extra))
-            checkpoint({k: v for k, v in rounds_results.items() if v})
-    for key, results in rounds_results.items():
-        R[key] = dict(best(results), rounds=len(results))
-        if len(results) > 1:
-            R[key]["round_medians_ms"] = [r["ms"]["median"] for r in results if "ms" in r]
+        for key, case, side, extra in entries:
+            if case == "first_image" and r > 0:
+                continue
+            env_update = no_cache if case == "first_image" else None
+            results[key].append(runner(case, side, *extra, env_update=env_update))
+            checkpoint(_collect(results, cache_dir))
+    return _collect(results, cache_dir)
 
-    if "first_image" in only:
-        no_cache = {"LDM_JAX_COMPILATION_CACHE": None, "JAX_COMPILATION_CACHE_DIR": None}
-        R["first_image_torch"] = runner("first_image", "torch")
-        checkpoint(R)
-        R["first_image_jax_cold"] = runner("first_image", "jax", env_update=no_cache)
-        checkpoint(R)
-        cache_dir = tempfile.mkdtemp(prefix="ldm_jax_bench_cache_")
-        R["first_image_jax_cache_write"] = runner("first_image", "jax", "--cache-dir", cache_dir, env_update=no_cache)
-        checkpoint(R)
-        R["first_image_jax_cache_warm"] = runner("first_image", "jax", "--cache-dir", cache_dir, env_update=no_cache)
+
+def _collect(results: dict, cache_dir) -> dict:
+    """Per row the least-disturbed round (and every round's median when there were several)."""
+    R = {}
+    for key, rounds_done in results.items():
+        if not rounds_done:
+            continue
+        R[key] = dict(best(rounds_done), rounds=len(rounds_done))
+        if len(rounds_done) > 1:
+            R[key]["round_medians_ms"] = [r["ms"]["median"] for r in rounds_done if "ms" in r]
+    if cache_dir and "first_image_jax_cache_warm" in R:
         R["first_image_cache_dir_mb"] = round(_dir_size(cache_dir) / 2**20, 1)
     return R
 
@@ -363,11 +376,15 @@ def main(argv=None):
     ap.add_argument("--wait-load", type=float, default=None, help="first wait for the 1-min load to drop below this")
     ap.add_argument("--wait-max", type=float, default=1800)
     ap.add_argument("--timeout", type=float, default=None, help="seconds per measurement process")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget of the whole run (model build included): measurements that would "
+                         "start later are skipped, a running one is stopped at the budget; sections run in "
+                         "--only's order, so list the important ones first")
     ap.add_argument("--single-core", action="store_true",
                     help="CPU: pin every process to one core with one thread per library and report process "
                          "CPU time (robust on a shared, loaded machine) instead of wall time")
     ap.add_argument("--conv-variants", default=None,
-                    help="extra JAX train-step rows with these conv impls (default: xla on cpu, none on gpu)")
+                    help="extra JAX train-step rows with these conv impls (default: xla on cpu, none for the gpu presets)")
     ap.add_argument("--from-json", default=None,
                     help="only re-render the table of a finished run from its results_<preset>.json")
     ap.add_argument("--unet-batches", default=None, help="U-Net forward batches (default: the preset's), e.g. 2")
@@ -386,9 +403,10 @@ def main(argv=None):
     attention_variants = [a for a in args.attention_variants.split(",") if a]
     conv_variants = args.conv_variants
     if conv_variants is None:
-        conv_variants = "" if args.preset == "gpu" else "xla"
+        conv_variants = "" if args.preset.startswith("gpu") else "xla"
     conv_variants = [c for c in conv_variants.split(",") if c]
 
+    t_run = time.time()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     global METRIC
     if args.from_json:
@@ -417,15 +435,19 @@ def main(argv=None):
     log(f"model folder {folder} ready ({time.time() - t0:.0f} s)")
     timeout = args.timeout or (1800 if preset.name == "gpu" else 900)
     METRIC = "cpu_median" if args.single_core else "median"
-    runner = Runner(preset.name, folder, timeout, log, single_core=args.single_core)
+    deadline = t_run + args.budget_s if args.budget_s else None
+    runner = Runner(preset.name, folder, timeout, log, single_core=args.single_core, deadline=deadline)
     json_path = args_json_path(args.out, preset.name)
     os.makedirs(os.path.dirname(json_path), exist_ok=True)
 
-    def checkpoint(partial):
-        with open(json_path + ".partial", "w") as f:
-            json.dump({"env": env, "partial": partial}, f, indent=1, default=str)
+    def save(path, results):
+        # Same format as the final file, so `--from-json FILE.partial` renders a killed run's table.
+        with open(path, "w") as f:
+            json.dump({"env": env, "preset": preset.__dict__, "loads": (load_start, load_average()),
+                       "metric": METRIC, "argv": argv, "results": results}, f, indent=1, default=str)
 
-    R = run_sections(preset, runner, only, args.rounds, conv_variants, attention_variants, checkpoint)
+    R = run_sections(preset, runner, only, args.rounds, conv_variants, attention_variants,
+                     lambda partial: save(json_path + ".partial", partial))
     loads = (load_start, load_average())
     rows = table(preset, R)
     md = markdown(preset, env, R, rows, loads, argv)
@@ -433,10 +455,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(md)
-    with open(json_path, "w") as f:
-        json.dump({"env": env, "preset": preset.__dict__, "loads": loads, "metric": METRIC, "argv": argv,
-                   "results": R}, f,
-                  indent=1, default=str)
+    save(json_path, R)
     if os.path.exists(json_path + ".partial"):
         os.remove(json_path + ".partial")
     log(f"wrote {args.out} and {args_json_path(args.out, preset.name)}")
