@@ -8,6 +8,8 @@
     python sample.py --checkpoint PATH --class_label 207                 # class-conditional models
     python sample.py --checkpoint PATH                                   # unconditional models: no prompt
     python sample.py --checkpoint bsr_sr.ckpt --config bsr_sr.yaml --cond-img low_res.png   # concat-conditioned
+    python sample.py --checkpoint x4-upscaler-ema.ckpt --config x4-upscaling.yaml --prompt "..." \
+                     --cond-img low_res.png --noise-level 20                                # SD 2 x4 upscaler
 
 PATH: a diffusers folder, a CompVis/Stability .ckpt/.safetensors file, or a
 train.py workdir. Writes outdir/samples/NNNNN.png (generation settings in the
@@ -47,21 +49,26 @@ def parse_args(argv=None):
     p.add_argument("--cond-img", dest="cond_img", default=None,
                    help="conditioning image of a concat-conditioned model (super-resolution: the low-res image, "
                         "the output is the autoencoder factor larger); Pipeline's cond_image=")
+    p.add_argument("--noise-level", "--noise_level", dest="noise_level", type=int, default=None,
+                   help="noise-augmented upscalers (SD 2 x4 upscaler): the level the --cond-img low-res image is "
+                        "noised to and the U-Net is told, an int below the model's max_noise_level (350 for the "
+                        "released x4 upscaler); default 20 as diffusers; Pipeline's noise_level=")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     return p.parse_args(argv)
 
 
-class _WithCondImage:
-    """The pipeline with ``cond_image=`` added to every call (the sampling job passes the rest)."""
+class _WithInputs:
+    """The pipeline with fixed keywords (``cond_image=``, ``noise_level=``) added to every call (the
+    sampling job passes the rest)."""
 
-    def __init__(self, pipe, cond_image):
-        self._pipe, self._cond_image = pipe, cond_image
+    def __init__(self, pipe, **inputs):
+        self._pipe, self._inputs = pipe, inputs
 
     def __getattr__(self, name):
         return getattr(self._pipe, name)
 
     def __call__(self, *args, **kwargs):
-        return self._pipe(*args, cond_image=self._cond_image, **kwargs)
+        return self._pipe(*args, **self._inputs, **kwargs)
 
 
 def main(argv=None) -> int:
@@ -93,8 +100,16 @@ def main(argv=None) -> int:
         no_prompt = not args.from_file and args.prompt is None and args.class_label is None
         if no_prompt and pipe.text_encoder is not None:
             raise ValueError("this model is text- or class-conditioned: give --prompt, --from-file or --class_label")
+        inputs = {}
         if args.cond_img:
-            pipe = _WithCondImage(pipe, args.cond_img)
+            inputs["cond_image"] = args.cond_img
+        if args.noise_level is not None:
+            if not getattr(pipe, "is_upscaler", False):
+                raise ValueError("--noise-level is for noise-augmented upscalers (the SD 2 x4 upscaler); "
+                                 "this model is not one")
+            inputs["noise_level"] = args.noise_level
+        if inputs:
+            pipe = _WithInputs(pipe, **inputs)
         run_sampling_job(pipe, job, args.outdir)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)

@@ -26,7 +26,7 @@ BASE_LR = 4.5e-6
 
 
 def full_size(c, *, kind, autoencoder, loss, image_size=256, batch_size=64, grad_accum_steps=1):
-    """Shared full-size settings (all four LDM first-stage configs)."""
+    """Shared full-size settings (all the LDM first-stage configs)."""
     c.model.kind = kind
     c.model.autoencoder = dict(layers_per_block=2, norm_num_groups=32, mid_block_attention=True,
                                scaling_factor=1.0, **autoencoder)

@@ -12,7 +12,8 @@ step count, shapes and the mode (txt2img / img2img / inpaint) are static.
 Randomness is a function of ``seed`` only: the initial noise is
 ``normal(fold_in(key(seed), 0))``, the per-step sampler noise
 ``fold_in(fold_in(key(seed), 1), step)`` and the VAE posterior sample
-``fold_in(key(seed), 2)`` (``3`` for the masked image of an inpainting model).
+``fold_in(key(seed), 2)`` (``3`` for the masked image of an inpainting model,
+``4`` for the noise augmenting the low-res image of an upscaler).
 """
 from __future__ import annotations
 
@@ -27,14 +28,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.guidance import guided_denoiser
-from ldm_jax.diffusion.schedule import NoiseSchedule
+from ldm_jax.diffusion.schedule import NoiseSchedule, add_noise
 from ldm_jax.diffusion.scheduler_config import resolve_scheduler_options
 from ldm_jax.image_io import prepare_image, prepare_mask
 
 Prompt = Union[str, Sequence[str]]
 
 # Streams folded into the seed's key.
-_NOISE, _STEPS, _POSTERIOR, _MASKED_POSTERIOR = 0, 1, 2, 3
+_NOISE, _STEPS, _POSTERIOR, _MASKED_POSTERIOR, _COND_NOISE = 0, 1, 2, 3, 4
 
 
 @dataclasses.dataclass
@@ -57,6 +58,11 @@ class Pipeline:
     # inpainting); "" for models loaded from diffusers folders / workdirs.
     conditioning_key: Optional[str] = None
     cond_stage: str = ""
+    # Noise-augmented upscalers (LatentUpscaleDiffusion / diffusers StableDiffusionUpscalePipeline, the SD 2
+    # x4 upscaler): the diffusers scheduler config of the schedule that noises the low-res image, and the
+    # exclusive bound of the noise level (the U-Net's class label); None for every other model.
+    low_res_scheduler_config: Optional[Dict[str, Any]] = None
+    max_noise_level: Optional[int] = None
     _jit_cache: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ properties
@@ -75,6 +81,11 @@ class Pipeline:
     @property
     def schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_diffusers_config(self.scheduler_config)
+
+    @property
+    def is_upscaler(self) -> bool:
+        """A noise-augmented upscaler: ``cond_image=`` (low-res image) + ``noise_level=``."""
+        return self.low_res_scheduler_config is not None
 
     @property
     def default_size(self) -> int:
@@ -110,6 +121,8 @@ class Pipeline:
         class_labels: Optional[Sequence[int]] = None,
         cond_image=None,
         image_conditioning: Optional[np.ndarray] = None,
+        noise_level: int = 20,
+        cond_noise: Optional[np.ndarray] = None,
         return_latents: bool = False,
         return_intermediates: bool = False,
     ):
@@ -131,16 +144,30 @@ class Pipeline:
         ``LatentDiffusion.get_learned_conditioning``). ``image_conditioning``: the k
         channels themselves, (B, h, w, k) NHWC, concatenated as given (any other cond
         stage, e.g. a segmentation map already through its SpatialRescaler). The
-        unconditional branch of classifier-free guidance gets the same channels. Returns float32
+        unconditional branch of classifier-free guidance gets the same channels.
+
+        Noise-augmented upscalers (``is_upscaler``: the SD 2 x4 upscaler, original
+        ``LatentUpscaleDiffusion`` with ``hybrid-adm``, or a diffusers
+        ``StableDiffusionUpscalePipeline`` folder): ``cond_image`` is the low-resolution image
+        at the latent size (the output is the autoencoder factor larger), noised to
+        ``noise_level`` (an int in [0, max_noise_level), diffusers' default 20) with the
+        model's low-res schedule; the level is also the U-Net's class label, in both
+        guidance branches. ``cond_noise``: the standard-normal noise (B, h, w, 3) used for
+        that instead of the seed's. The noise level is traced (no recompilation). Returns float32
         (B, H, W, 3) in [0, 1]; with ``return_latents`` the final latents
         (B, h, w, C) instead; with ``return_intermediates`` a pair (that output,
         the latents after every sampler step (S, B, h, w, C)).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if self.conditioning_key in ("hybrid-adm", "crossattn-adm"):
-            raise ValueError(f"{self.source}: conditioning_key {self.conditioning_key!r} (the SD 2 x4 upscaler's "
-                             "noise-augmented low-res image and noise-level label, LatentUpscaleDiffusion) is not "
-                             "implemented by Pipeline; the weights load, the U-Net can be applied directly")
+        if self.conditioning_key in ("hybrid-adm", "crossattn-adm") and not self.is_upscaler:
+            raise ValueError(f"{self.source}: conditioning_key {self.conditioning_key!r} without a noise-augmented "
+                             "low-res image (low_scale_config, the SD 2 x4 upscaler) is not implemented by Pipeline: "
+                             "its class-label input (c_adm) is not known; the U-Net can be applied directly")
+        if self.is_upscaler:
+            self._check_upscaler_inputs(noise_level, class_labels, cond_image, image_conditioning)
+        elif cond_noise is not None:
+            raise ValueError("cond_noise is the noise of a noise-augmented upscaler's low-res image; this model "
+                             "is not one")
         if class_labels is not None and self.unet.config.num_class_embeds is None:
             # LDM class-conditional models take the label through cross-attention (ClassEmbedder):
             # their "tokenizer" reads class indices as prompts.
@@ -166,6 +193,8 @@ class Pipeline:
             height, width = init_bhwc.shape[1:3]
         concat, concat_kind = self._concat_input(cond_image, image_conditioning, batch, height, width,
                                                  inpaint=mask is not None)
+        if self.is_upscaler:
+            concat_kind = "noise_augmented"
         if concat is not None and concat_kind == "first_stage":
             height, width = concat.shape[1:3]
         elif concat is not None:
@@ -194,6 +223,13 @@ class Pipeline:
             noise = jnp.asarray(latents, jnp.float32)
             if noise.shape != latent_shape:
                 raise ValueError(f"latents must have shape {latent_shape} (B, h, w, C), got {tuple(noise.shape)}")
+        if concat_kind == "noise_augmented":
+            if cond_noise is None:
+                cond_noise = jax.random.normal(jax.random.fold_in(key, _COND_NOISE), concat.shape, jnp.float32)
+            cond_noise = jnp.asarray(cond_noise, jnp.float32)
+            if cond_noise.shape != concat.shape:
+                raise ValueError(f"cond_noise must have the shape of the low-res image batch {concat.shape} "
+                                 f"(B, h, w, 3), got {tuple(cond_noise.shape)}")
 
         inputs = dict(
             noise=noise,
@@ -203,6 +239,8 @@ class Pipeline:
             init=None if init_bhwc is None else jnp.asarray(init_bhwc * 2.0 - 1.0),
             mask=None if mask is None else jnp.asarray(prepare_mask(mask, batch, height, width)),
             concat=None if concat is None else jnp.asarray(concat, jnp.float32),
+            cond_noise=cond_noise if concat_kind == "noise_augmented" else None,
+            noise_level=jnp.full((batch,), noise_level, jnp.int32) if concat_kind == "noise_augmented" else None,
         )
         use_cfg = guidance_scale > 1.0 and (self.text_encoder is not None or class_labels is not None)
         fn = self._generate_fn(mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind)
@@ -224,12 +262,22 @@ class Pipeline:
             if labels is not None and use_cfg:
                 # The CompVis class-conditional models reserve the last class as "no label".
                 uncond_labels = jnp.full_like(labels, self.unet.config.num_class_embeds - 1)
+            if concat_kind == "noise_augmented":
+                # The noise level is the ADM label y; guidance gives both branches the same level and the
+                # same noised image (LatentUpscaleDiffusion.log_images, diffusers' upscale pipeline).
+                labels = inputs["noise_level"]
 
             noise = inputs["noise"]
             extra_channels = None
             inpaint = None
             if concat_kind == "first_stage":
                 extra_channels = self._first_stage_condition(params, inputs["concat"])
+            elif concat_kind == "noise_augmented":
+                # Noise conditioning augmentation (Ho et al. 2021, "Cascaded Diffusion Models", Sec. 4.1):
+                # c = sqrt(abar_l) x_low + sqrt(1 - abar_l) eps under the low-res schedule, at level l.
+                low_res_schedule = NoiseSchedule.from_diffusers_config(self.low_res_scheduler_config)
+                extra_channels = add_noise(low_res_schedule, inputs["concat"], inputs["cond_noise"],
+                                           inputs["noise_level"])
             elif concat_kind is not None:
                 extra_channels = inputs["concat"]
             x = samplers.scale_initial_noise(plan, noise)
@@ -338,6 +386,24 @@ class Pipeline:
                                  f"divide the batch of {batch}")
             arr = np.concatenate([arr] * (batch // arr.shape[0]))
         return arr, kind
+
+    def _check_upscaler_inputs(self, noise_level, class_labels, cond_image, image_conditioning) -> None:
+        what = self.source or "this model"
+        if class_labels is not None:
+            raise ValueError(f"{what} is a noise-augmented upscaler: its class label is the noise level; pass "
+                             "noise_level= instead of class_labels=")
+        if image_conditioning is not None:
+            raise ValueError(f"{what} is an upscaler: give it cond_image= (the low-resolution image), not "
+                             "image_conditioning=")
+        if cond_image is None:
+            raise ValueError(f"{what} is an upscaler: pass cond_image= (the low-resolution image in [0, 1], "
+                             f"at the latent size: the output is {self.vae_scale_factor}x larger)")
+        if isinstance(noise_level, (bool, np.bool_)) or not isinstance(noise_level, (int, np.integer)):
+            raise ValueError(f"noise_level must be an int, got {noise_level!r}")
+        if not 0 <= noise_level < self.max_noise_level:
+            # ImageConcatWithNoiseAugmentation trains on levels randint(0, max_noise_level).
+            raise ValueError(f"noise_level must be in [0, {self.max_noise_level}) (max_noise_level of {what}), "
+                             f"got {noise_level}")
 
     def _first_stage_condition(self, params, image_bhwc):
         """``LatentDiffusion.get_learned_conditioning`` with ``__is_first_stage__``: the

@@ -27,16 +27,19 @@ from ldm_jax.models.quantizer import VectorQuantizer, codebook_perplexity, codeb
 ATOL = 1e-4  # issue requirement, float32
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-# (id, f, block_out_channels, layers_per_block, groups, latent_channels, image side, extra config)
+# (id, f, block_out_channels, layers_per_block, groups, latent_channels, image side, extra config);
+# extra "attn": levels (0 = full resolution) built as AttnDownEncoderBlock2D / AttnUpDecoderBlock2D
 KL_CASES = [
     ("f4", (16, 32, 32), 2, 8, 4, 16, {}),
     ("f8", (16, 16, 32, 32), 1, 8, 4, 32, {"scaling_factor": 0.13025}),
     ("f16", (8, 8, 16, 16, 16), 1, 4, 3, 32, {"use_quant_conv": False, "use_post_quant_conv": False}),
+    ("f4_attn", (16, 32, 32), 2, 8, 4, 16, {"attn": (1, 2)}),  # two levels, the lowest one included
 ]
 VQ_CASES = [
     ("f4", (16, 32, 32), 2, 8, 3, 16, {"num_vq_embeddings": 64}),
     ("f8", (16, 16, 32, 32), 1, 8, 4, 32,
      {"num_vq_embeddings": 32, "vq_embed_dim": 6, "mid_block_add_attention": False}),
+    ("f8_attn", (16, 16, 32, 32), 1, 8, 4, 32, {"num_vq_embeddings": 32, "attn": (1,)}),  # up_blocks.2
 ]
 
 
@@ -70,10 +73,14 @@ def randomize_(model, seed):
 
 
 def _diffusers_kwargs(channels, lpb, groups, latent, extra):
-    n = len(channels)
-    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
-                up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(channels),
-                layers_per_block=lpb, norm_num_groups=groups, latent_channels=latent, **extra)
+    extra = dict(extra)
+    levels = extra.pop("attn", ())
+    attn = [i in levels for i in range(len(channels))]
+    return dict(in_channels=3, out_channels=3,
+                down_block_types=["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
+                up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)],
+                block_out_channels=list(channels), layers_per_block=lpb, norm_num_groups=groups,
+                latent_channels=latent, **extra)
 
 
 def _build_kl(spec, folder):
@@ -115,6 +122,7 @@ def case(tmp_path_factory):
             folder = str(tmp_path_factory.mktemp(f"vae_{kind}_{name}"))
             built = (_build_kl if kind == "kl" else _build_vq)(specs[name], folder)
             module, params = load_vae(folder)
+            assert module.config.attention_levels == tuple(specs[name][-1].get("attn", ()))  # really built
             cache[kind, name] = dict(built, folder=folder, module=module, params=params)
         return cache[kind, name]
 
@@ -356,6 +364,63 @@ def test_config_from_diffusers_fields():
                                     "down_block_types": ["DownEncoderBlock2D"] * 4,
                                     "up_block_types": ["UpDecoderBlock2D"] * 4}, "AutoencoderKL")
     assert sd.double_z and sd.downsample_factor == 8 and sd.scaling_factor == 0.18215
+
+
+def test_attention_levels_from_and_to_diffusers_block_types():
+    """Attn*Block2D per level <-> AutoencoderConfig.attention_levels, both ways; what one field cannot
+    express (attention at different encoder and decoder levels) is refused, naming the key."""
+    from ldm_jax.convert.export import vae_config_to_diffusers
+
+    down = ["DownEncoderBlock2D", "AttnDownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"]
+    up = ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D", "UpDecoderBlock2D"]  # lowest first
+    config = {"_class_name": "AutoencoderKL", "block_out_channels": [32, 32, 64, 64],
+              "down_block_types": down, "up_block_types": up}
+    cfg = vae_config_from_diffusers(config)
+    assert cfg.attention_levels == (1, 3)
+    written = vae_config_to_diffusers(cfg, 64)
+    assert (written["down_block_types"], written["up_block_types"]) == (down, up)
+    assert vae_config_from_diffusers(written) == cfg
+    plain = vae_config_from_diffusers({**config, "down_block_types": ["DownEncoderBlock2D"] * 4,
+                                       "up_block_types": ["UpDecoderBlock2D"] * 4})
+    assert plain.attention_levels == () and plain == AutoencoderConfig(block_out_channels=(32, 32, 64, 64),
+                                                                       layers_per_block=1)
+    with pytest.raises(CheckpointError, match=r"down_block_types.*encoder levels \[1, 3\] but decoder levels "
+                                              r"\[0, 2\]"):
+        vae_config_from_diffusers({**config, "up_block_types": list(reversed(up))})
+    with pytest.raises(CheckpointError, match=r"up_block_types.*AttnDownEncoderBlock2D"):
+        vae_config_from_diffusers({**config, "up_block_types": down})
+    for bad in ((4,), (1, 1), (-1,)):
+        with pytest.raises(ValueError, match="attention_levels"):
+            AutoencoderConfig(block_out_channels=(32, 32, 64, 64), attention_levels=bad)
+    assert AutoencoderConfig(attention_levels=[3, 1]).attention_levels == (1, 3)  # JSON lists, any order
+
+
+@pytest.mark.parametrize("kind,name", [("kl", "f4_attn"), ("vq", "f8_attn")])
+def test_attention_levels_export_round_trip(case, kind, name, tmp_path):
+    """save_vae writes Attn*Block2D folders that diffusers loads with no missing or unexpected weight
+    and runs with the reference's outputs; load_vae reads them back to the same parameters."""
+    import diffusers
+
+    from ldm_jax.convert.export import save_vae
+
+    c = case(kind, name)
+    folder = str(tmp_path / "vae")
+    save_vae(c["module"], c["params"], folder, sample_size=c["x"].shape[1])
+    cls = diffusers.AutoencoderKL if kind == "kl" else diffusers.VQModel
+    exported, info = cls.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+    assert exported.config.down_block_types == c["ref"].config.down_block_types
+    assert exported.config.up_block_types == c["ref"].config.up_block_types
+    with torch.no_grad():
+        x = nchw(c["x"])
+        want = c["ref"](x, sample_posterior=False) if kind == "kl" else c["ref"](x)
+        got = exported(x, sample_posterior=False) if kind == "kl" else exported(x)
+    err = max_err(nhwc(got.sample), nhwc(want.sample))
+    print(f"\n{kind} {name}: exported diffusers model vs the reference: max abs error {err:.2e}")
+    assert err < ATOL
+    module, params = load_vae(folder)
+    assert module.config == c["module"].config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, c["params"])
 
 
 def test_scaling_factor_is_data_only(case):

@@ -682,7 +682,7 @@ def test_emoji_default_config(kind, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["emoji_autoencoder", "autoencoder_kl_f8", "autoencoder_kl_f4", "autoencoder_vq_f4",
-                                  "autoencoder_vq_f8"])
+                                  "autoencoder_vq_f8", "autoencoder_kl_f16", "autoencoder_kl_f32", "autoencoder_vq_f16"])
 def test_configs_build(name):
     """Every first-stage config gives valid model / discriminator / loss / optimizer settings."""
     from ldm_jax.models.autoencoder import AutoencoderConfig

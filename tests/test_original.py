@@ -594,6 +594,7 @@ def _count(tree):
     ("cin256-v2.yaml", ("crossattn", "class", "UNet2DConditionModel", 3, "VQModel")),
     ("v2-inpainting-inference.yaml", ("hybrid", "open_clip", "UNet2DConditionModel", 9, "AutoencoderKL")),
     ("x4-upscaling.yaml", ("hybrid-adm", "open_clip", "UNet2DConditionModel", 7, "AutoencoderKL")),
+    ("cin-ldm-vq-f8.yaml", ("crossattn", "class", "UNet2DConditionModel", 4, "VQModel")),  # attn_resolutions [32]
 ])
 def test_released_ldm_yamls_build_the_original_parameter_counts(name, expected):
     """Released YAMLs, verbatim: the parsed spec, and our U-Net / first stage at the released size have
@@ -625,11 +626,105 @@ def test_released_ldm_yamls_build_the_original_parameter_counts(name, expected):
     assert (_count(ours_unet), _count(ours_vae)) == (want_unet, want_vae)
 
 
-def test_released_yaml_with_unsupported_first_stage_is_named():
-    """cin-ldm-vq-f8.yaml (verbatim): its VQ-f8 first stage has attention inside the levels."""
+def test_first_stage_attn_resolutions_become_levels():
+    """cin-ldm-vq-f8.yaml (verbatim): attn_resolutions [32] at resolution 256 is level 3 of 4 (256 / 2**3),
+    the lowest; attn_type none makes every AttnBlock an Identity; a resolution that puts the encoder's and
+    the decoder's attention at different levels (the original halves down and doubles up) is named."""
+    original = read_original_yaml(yaml_path("cin-ldm-vq-f8.yaml"))
+    vae = spec_from_original_config(original, "cin-ldm-vq-f8.yaml").vae
+    assert vae["down_block_types"] == ["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"]
+    assert vae["up_block_types"] == ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3
+    dd = original["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
+    dd["attn_type"] = "none"
+    vae = spec_from_original_config(original, "cin-ldm-vq-f8.yaml").vae
+    assert vae["down_block_types"] == ["DownEncoderBlock2D"] * 4 and not vae["mid_block_add_attention"]
+    dd.update(attn_type="vanilla", resolution=260, attn_resolutions=[65])  # encoder 260/130/65, decoder 32/64
     with pytest.raises(CheckpointError, match=r"cin-ldm-vq-f8.yaml: first_stage_config ddconfig "
-                                              r"attn_resolutions=\[32\] is not supported"):
-        spec_from_original_config(read_original_yaml(yaml_path("cin-ldm-vq-f8.yaml")), "cin-ldm-vq-f8.yaml")
+                                              r"attn_resolutions=\[65\] with resolution=260 is not supported.*"
+                                              r"encoder levels \[2\] but decoder levels \[\]"):
+        spec_from_original_config(original, "cin-ldm-vq-f8.yaml")
+
+
+# First stages with AttnBlocks inside the levels (ddconfig attn_resolutions; KL-f16/f32, VQ-f8/f16):
+# (ddconfig, levels with attention). KL: levels 0 and 1 of 3 (16 and 8 px); VQ: the lowest, level 2 (4 px).
+AE_ATTN = {
+    "kl": (dict(AE, ch_mult=[1, 2, 2], attn_resolutions=[16, 8]), (0, 1)),
+    "vq": (dict(AE, double_z=False, z_channels=3, ch_mult=[1, 2, 2], attn_resolutions=[4]), (2,)),
+}
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_first_stage_attention_in_levels_matches_original(kind, tmp_path):
+    """The original Encoder/Decoder with attn_resolutions, loaded from its original names (with the
+    YAML and inferred from the keys) against the original modules; exported to diffusers
+    (AttnDownEncoderBlock2D / AttnUpDecoderBlock2D), run there, and read back."""
+    import diffusers
+    import yaml
+
+    dd, levels = AE_ATTN[kind]
+    cfg = read_original_yaml(yaml_path(f"tiny-uncond-ldm-{kind}.yaml"))
+    p = cfg["model"]["params"]
+    p["first_stage_config"]["params"]["ddconfig"] = dd
+    p["unet_config"]["params"].pop("num_classes", None)  # unconditional: save_diffusers writes an LDMPipeline
+    config = str(tmp_path / "attn.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump(cfg, f)
+    embed = p["first_stage_config"]["params"]["embed_dim"]
+    unet = unet_model(7, **{**UNCOND_UNET, "in_channels": embed, "out_channels": embed})
+    first = first_stage(17, dd, embed, n_embed=16 if kind == "vq" else None)
+    assert {i for i in range(3) if len(first.encoder.down[i].attn)} == set(levels)
+    sd = ldm_state_dict(unet, first, None, betas=ldm_betas(0.0015, 0.0195))
+    path = save_ckpt(str(tmp_path / f"{kind}.ckpt"), sd)
+    pipe = ldm_jax.load_pipeline(path, config=config)
+    assert pipe.vae.config.attention_levels == levels and pipe.vae.config.downsample_factor == 4
+    inferred = load_original_pipeline(path)
+    assert inferred.vae.config.attention_levels == levels
+    assert_same_params(inferred.params["vae"], pipe.params["vae"])
+
+    image = np.random.default_rng(6).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    if kind == "kl":
+        check_kl_autoencoder(pipe, first, "KL with attn_resolutions")
+        with torch.no_grad():
+            z, _ = first.encode(torch.from_numpy(image))
+    else:
+        with torch.no_grad():
+            z = first.encode(torch.from_numpy(image))
+            _, indices = first.quantize_latents(z)
+        enc = jit_apply(pipe.vae, "encode")(pipe.params["vae"], nhwc(image))
+        np.testing.assert_array_equal(enc.indices, indices.numpy())
+        assert len(np.unique(indices.numpy())) > 4  # several codes in use
+        dec = jit_apply(pipe.vae, "decode")(pipe.params["vae"], enc.pre_quant)
+        with torch.no_grad():
+            want = first.decode(z)
+        errs = max_err(nchw(enc.pre_quant), z), max_err(nchw(dec), want)
+        print(f"VQ with attn_resolutions: pre-quant {errs[0]:.2e}, quantise+decode {errs[1]:.2e}")
+        assert max(errs) < TOL
+    with torch.no_grad():
+        want = first.decode(z).numpy()
+    assert want.std() > 0.1  # a non-trivial comparison
+
+    folder = save_diffusers(pipe, str(tmp_path / "ldm"))
+    cls = diffusers.AutoencoderKL if kind == "kl" else diffusers.VQModel
+    exported, info = cls.from_pretrained(folder, subfolder="vqvae", output_loading_info=True)
+    assert not any(info.values()), info
+    assert [t.startswith("Attn") for t in exported.config.down_block_types] == [i in levels for i in range(3)]
+    with torch.no_grad():
+        x = torch.from_numpy(image)
+        latents = exported.encode(x).latent_dist.mean if kind == "kl" else exported.encode(x).latents
+        decoded = exported.decode(z).sample.numpy()
+    errs = max_err(latents, z), max_err(decoded, want)
+    print(f"{kind} exported to diffusers vs original: encode {errs[0]:.2e}, decode {errs[1]:.2e}")
+    assert max(errs) < TOL
+    back = ldm_jax.load_pipeline(folder)
+    assert back.vae.config == pipe.vae.config
+    assert_same_params(back.params["vae"], pipe.params["vae"])
+
+    if 0 in levels:  # a missing weight is named by its original key (up.0: the full-resolution level)
+        del sd["first_stage_model.decoder.up.0.attn.1.proj_out.weight"]
+        path = save_safetensors(str(tmp_path / "missing.safetensors"), sd)
+        with pytest.raises(CheckpointError, match=r"missing.*first_stage_model\.decoder\.up\.0\.attn\.1\."
+                                                  r"proj_out\.weight"):
+            ldm_jax.load_pipeline(path, config=config)
 
 
 # ----------------------------------------------------------------------------- fine-tuning from a released file

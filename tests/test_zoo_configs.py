@@ -1,9 +1,12 @@
 """configs/ for the released model families (sd1_finetune, sd2_v_finetune, ldm_celebahq256, ...):
 every such config builds its models' parameter shapes (jax.eval_shape, nothing allocated), and
-the architecture is exactly the one the released YAML describes."""
+the architecture is exactly the one the released YAML describes. The first-stage configs
+(autoencoder_*.py) likewise against the released first stages' ddconfigs."""
+import contextlib
 import dataclasses
 import glob
 import importlib.util
+import io
 import os
 
 import jax
@@ -11,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.convert.original_config import read_original_yaml, spec_from_original_config
+from ldm_jax.convert.original_config import read_original_yaml, spec_from_original_config, vae_config_from_ldm
 from ldm_jax.convert.unet_diffusers import unet_abstract_params, unet_config_from_diffusers
 from ldm_jax.convert.vae_diffusers import vae_config_from_diffusers
 from ldm_jax.models.autoencoder import AutoencoderConfig, abstract_params, build_autoencoder
@@ -27,6 +30,21 @@ RELEASED = {
     "sd2_v_finetune.py": ("v2-inference-v.yaml", 865_910_724),
     "ldm_celebahq256.py": ("celebahq-ldm-vq-4.yaml", None),
     "ldm_cin256.py": ("cin256-v2.yaml", 400_920_579),
+}
+
+
+FIRST_STAGE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "autoencoder_*.py")))
+# config -> the released first stage (CompVis latent-diffusion configs/autoencoder/*.yaml and
+# models/first_stage_models/*/config.yaml; all ch 128, num_res_blocks 2, resolution 256):
+# (embed_dim, n_embed (None: KL), z_channels, ch_mult, attn_resolutions)
+FIRST_STAGES = {
+    "autoencoder_kl_f4.py": (3, None, 3, [1, 2, 4], []),
+    "autoencoder_kl_f8.py": (4, None, 4, [1, 2, 4, 4], []),
+    "autoencoder_kl_f16.py": (16, None, 16, [1, 1, 2, 2, 4], [16]),
+    "autoencoder_kl_f32.py": (64, None, 64, [1, 1, 2, 2, 4, 4], [16, 8]),
+    "autoencoder_vq_f4.py": (3, 8192, 3, [1, 2, 4], []),
+    "autoencoder_vq_f8.py": (4, 16384, 4, [1, 2, 2, 4], [32]),
+    "autoencoder_vq_f16.py": (8, 16384, 8, [1, 1, 2, 2, 4], [16]),
 }
 
 
@@ -97,3 +115,35 @@ def reference_clip_size(cfg):
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
             max_position_embeddings=cfg.max_position_embeddings, hidden_act=cfg.hidden_act))
     return sum(p.numel() for p in model.parameters())
+
+
+def test_every_first_stage_config_is_checked_against_a_released_ddconfig():
+    assert sorted(os.path.basename(p) for p in FIRST_STAGE_CONFIGS) == sorted(FIRST_STAGES)
+
+
+@pytest.mark.parametrize("path", FIRST_STAGE_CONFIGS, ids=os.path.basename)
+def test_first_stage_config_builds_the_released_architecture(path):
+    """The config's AutoencoderConfig is the one the released ddconfig converts to, and has exactly as
+    many parameters as the original Encoder + Decoder (+ quant convs, codebook) built from that ddconfig
+    (on torch's meta device: no memory, no init)."""
+    import torch
+
+    from original_ckpt import FirstStage
+
+    embed_dim, n_embed, z, mult, attn = FIRST_STAGES[os.path.basename(path)]
+    kind = "kl" if n_embed is None else "vq"
+    ddconfig = dict(double_z=kind == "kl", z_channels=z, resolution=256, in_channels=3, out_ch=3, ch=128,
+                    ch_mult=mult, num_res_blocks=2, attn_resolutions=attn, dropout=0.0)
+    params = dict(embed_dim=embed_dim, ddconfig=ddconfig, **({} if n_embed is None else {"n_embed": n_embed}))
+    target = "ldm.models.autoencoder." + ("AutoencoderKL" if kind == "kl" else "VQModelInterface")
+    c = load_config(path)
+    ours = AutoencoderConfig(**{**c.model.autoencoder, "kind": c.model.kind})  # as the autoencoder trainer builds it
+    released = vae_config_from_diffusers(vae_config_from_ldm({"target": target, "params": params}, 1.0, 32, "released"))
+    assert ours == released
+    assert len(ours.attention_levels) == len(attn) and c.data.image_size == 256
+    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):  # the original prints shapes
+        original = FirstStage(ddconfig, embed_dim, n_embed)
+    want = sum(t.numel() for t in original.state_dict().values())
+    got = count(abstract_params(build_autoencoder(ours)))
+    print(f"{os.path.basename(path)}: {got:,} parameters (original {want:,})")
+    assert got == want

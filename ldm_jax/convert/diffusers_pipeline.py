@@ -6,6 +6,8 @@
                                      name it vqvae)
     folder/text_encoder/, tokenizer/ CLIPTextModel + CLIPTokenizer (absent for unconditional models)
     folder/scheduler/scheduler_config.json
+    folder/low_res_scheduler/        StableDiffusionUpscalePipeline only: the DDPMScheduler that noises the
+                                     low-res image (with model_index.json's max_noise_level, default 350)
 """
 from __future__ import annotations
 
@@ -56,6 +58,16 @@ def load_diffusers_pipeline(folder: str, dtype: str = "float32", attention_impl:
     extra = {}
     if index.get("_class_name") == "LDMSuperResolutionPipeline":  # latents + the low-res image in [-1, 1]
         extra = dict(conditioning_key="concat", cond_stage="identity")
+    elif index.get("_class_name") == "StableDiffusionUpscalePipeline":
+        # latents + the noise-augmented low-res image, the noise level as the class label (the SD 2 x4
+        # upscaler; diffusers' default max_noise_level is 350)
+        if not _present(index, "low_res_scheduler"):
+            raise CheckpointError(f"{index_path}: a StableDiffusionUpscalePipeline needs its low_res_scheduler")
+        low_res = read_json(os.path.join(folder, "low_res_scheduler", "scheduler_config.json"))
+        max_level = index.get("max_noise_level", 350)
+        if isinstance(max_level, bool) or not isinstance(max_level, int) or max_level < 1:
+            raise CheckpointError(f"{index_path}: max_noise_level={max_level!r} is not a positive integer")
+        extra = dict(conditioning_key="hybrid-adm", low_res_scheduler_config=low_res, max_noise_level=max_level)
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
                     scheduler_config=scheduler_config, source=folder, sample_size=int(sample_size), **extra)
 

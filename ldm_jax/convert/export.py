@@ -11,7 +11,10 @@ outputs, and that ``ldm_jax.load_pipeline`` reads back to the same parameters:
 * unconditional LDMs (VQ or KL first stage): ``LDMPipeline`` (unet/, vqvae/,
   scheduler/; diffusers calls the autoencoder "vqvae" whatever its class);
 * super-resolution LDMs (the low-res image concatenated to the latents, scale
-  factor 1, CompVis bsr_sr): ``LDMSuperResolutionPipeline`` (same layout).
+  factor 1, CompVis bsr_sr): ``LDMSuperResolutionPipeline`` (same layout);
+* noise-augmented upscalers (the SD 2 x4 upscaler, scale factor 0.08333):
+  ``StableDiffusionUpscalePipeline`` (as SD, plus low_res_scheduler/ and
+  ``max_noise_level`` in model_index.json).
 
 Class-conditional LDMs (a ``ClassEmbedder`` or a U-Net label table) and other
 concat conditioning have no diffusers pipeline and are refused with a
@@ -203,10 +206,12 @@ def vae_config_to_diffusers(cfg, sample_size: int) -> Dict[str, Any]:
     """``AutoencoderConfig`` -> diffusers ``AutoencoderKL`` / ``VQModel`` config.json dict
     (the inverse of ``vae_config_from_diffusers``)."""
     n = len(cfg.block_out_channels)
+    attn = [i in cfg.attention_levels for i in range(n)]  # per level, 0 = full resolution
     common = {
         "_diffusers_version": DIFFUSERS_VERSION,
         "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "down_block_types": ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
+        "up_block_types": ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)],
         "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
         "act_fn": "silu", "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.norm_num_groups,
         "sample_size": int(sample_size), "scaling_factor": cfg.scaling_factor,
@@ -308,6 +313,13 @@ def diffusers_pipeline_class(pipe) -> str:
     if pipe.text_encoder is not None:
         if not isinstance(pipe.text_encoder, CLIPTextModel):
             raise ValueError(f"save_diffusers: unsupported text encoder {type(pipe.text_encoder).__name__}")
+        if getattr(pipe, "is_upscaler", False):
+            # diffusers resets any other VAE scaling factor to the released x4 upscaler's 0.08333
+            if extra != 3 or float(pipe.vae.config.scaling_factor) != 0.08333:
+                raise ValueError(f"save_diffusers: {what} is a noise-augmented upscaler with {extra} image channels "
+                                 f"and scale_factor {pipe.vae.config.scaling_factor}; diffusers' "
+                                 "StableDiffusionUpscalePipeline takes 3 (RGB) and 0.08333 only")
+            return "StableDiffusionUpscalePipeline"
         if extra == 0:
             return "StableDiffusionPipeline"
         if extra == pipe.vae.config.embed_dim + 1:
@@ -353,8 +365,16 @@ def save_diffusers(pipe, folder: str) -> str:
                           pipe.tokenizer.pad_token_id)
         save_tokenizer(pipe.tokenizer, os.path.join(folder, "tokenizer"))
         index.update({"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                      "safety_checker": [None, None], "feature_extractor": [None, None],
-                      "image_encoder": [None, None], "requires_safety_checker": False})
+                      "safety_checker": [None, None], "feature_extractor": [None, None]})
+        if pipeline_class == "StableDiffusionUpscalePipeline":
+            low_res = {"_class_name": "DDPMScheduler", **dict(pipe.low_res_scheduler_config),
+                       "_diffusers_version": DIFFUSERS_VERSION}
+            os.makedirs(os.path.join(folder, "low_res_scheduler"), exist_ok=True)
+            _write_json(os.path.join(folder, "low_res_scheduler", "scheduler_config.json"), low_res)
+            index.update({"low_res_scheduler": ["diffusers", "DDPMScheduler"], "watermarker": [None, None],
+                          "max_noise_level": int(pipe.max_noise_level)})
+        else:
+            index.update({"image_encoder": [None, None], "requires_safety_checker": False})
     _write_json(os.path.join(folder, "model_index.json"), index)
     return folder
 

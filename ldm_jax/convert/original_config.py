@@ -10,6 +10,8 @@ described by the YAML they were trained with (``v1-inference.yaml``,
     model.params.first_stage_config         AutoencoderKL / VQModelInterface (+ ddconfig)
     model.params.cond_stage_config          FrozenCLIPEmbedder / FrozenOpenCLIPEmbedder /
                                             ClassEmbedder / __is_unconditional__ / __is_first_stage__
+    model.params.low_scale_config           LatentUpscaleDiffusion (SD 2 x4 upscaler): the low-res
+                                            image's noise schedule and max_noise_level
 
 That YAML is read with ``yaml.safe_load`` (``read_original_yaml``); without
 one, a YAML-shaped dict is inferred from the checkpoint's keys and shapes
@@ -83,6 +85,11 @@ class OriginalSpec:
     sample_size: int              # default latent side (model.params.image_size)
     source: str                   # the YAML path, or "<file> (inferred from keys)"
     qkv_new_order: bool = False   # AttentionBlock use_new_attention_order (q/k/v split before heads)
+    # LatentUpscaleDiffusion's low_scale_config (ImageConcatWithNoiseAugmentation, the SD 2 x4 upscaler):
+    # the schedule that noises the low-res image (a diffusers scheduler config) and the exclusive bound of
+    # the noise level; None for other models (see low_scale_from_ldm).
+    low_res_scheduler: Optional[Dict[str, Any]] = None
+    max_noise_level: Optional[int] = None
 
 
 def _num(value, key: str, source: str) -> float:
@@ -297,6 +304,30 @@ def unet_config_from_ldm(unet_params: Mapping, sample_size: int, source: str) ->
 # ----------------------------------------------------------------------------- autoencoder
 
 
+def first_stage_attention_levels(ddconfig: Mapping, source: str) -> List[bool]:
+    """Per level (0 = full resolution): does the CompVis Encoder / Decoder put an AttnBlock after
+    each ResnetBlock there? It does where the level's feature-map side ``curr_res`` is in
+    ``attn_resolutions``: ``resolution // 2**i`` in the encoder, ``(resolution // 2**(n-1)) * 2**(n-1-i)``
+    in the decoder (the same unless ``resolution`` is not a multiple of 2**(n-1): refused).
+    ``attn_type: none`` makes every attention an Identity (no weights)."""
+    n = len(ddconfig["ch_mult"])
+    sides = {int(r) for r in ddconfig.get("attn_resolutions") or ()}
+    if not sides or ddconfig.get("attn_type", "vanilla") == "none":
+        return [False] * n
+    if "resolution" not in ddconfig:
+        raise CheckpointError(f"{source}: first_stage_config ddconfig attn_resolutions needs ddconfig resolution")
+    resolution = int(ddconfig["resolution"])
+    encoder = [resolution // 2 ** i in sides for i in range(n)]
+    decoder = [(resolution // 2 ** (n - 1)) * 2 ** (n - 1 - i) in sides for i in range(n)]
+    if encoder != decoder:
+        raise CheckpointError(
+            f"{source}: first_stage_config ddconfig attn_resolutions={sorted(sides)} with resolution={resolution} "
+            f"is not supported (the original puts attention at encoder levels "
+            f"{[i for i, a in enumerate(encoder) if a]} but decoder levels {[i for i, a in enumerate(decoder) if a]}; "
+            "only the same levels in both are implemented)")
+    return encoder
+
+
 def vae_config_from_ldm(first_stage_config: Mapping, scale_factor: float, sample_size: int,
                         source: str) -> Dict[str, Any]:
     """``first_stage_config`` (AutoencoderKL / VQModelInterface + ddconfig) -> diffusers vae config dict."""
@@ -314,9 +345,6 @@ def vae_config_from_ldm(first_stage_config: Mapping, scale_factor: float, sample
         raise CheckpointError(f"{source}: first stage {target!r} is not supported (AutoencoderKL, VQModelInterface)")
     bad = lambda key, value, why: CheckpointError(  # noqa: E731
         f"{source}: first_stage_config ddconfig {key}={value!r} is not supported ({why})")
-    if dd.get("attn_resolutions"):
-        raise bad("attn_resolutions", dd["attn_resolutions"],
-                  "attention inside the encoder/decoder levels is not implemented; only the middle block's")
     for key, ok in (("resamp_with_conv", True), ("give_pre_end", False), ("tanh_out", False),
                     ("use_linear_attn", False)):
         if key in dd and dd[key] != ok:
@@ -327,12 +355,13 @@ def vae_config_from_ldm(first_stage_config: Mapping, scale_factor: float, sample
     z = int(dd["z_channels"])
     embed_dim = int(params.get("embed_dim", z))
     ch = int(dd["ch"])
+    attn = first_stage_attention_levels(dd, source)  # AttnBlocks inside the levels (attn_resolutions)
     config = {
         "in_channels": int(dd.get("in_channels", 3)),
         "out_channels": int(dd.get("out_ch", 3)),
         "block_out_channels": [ch * int(m) for m in dd["ch_mult"]],
-        "down_block_types": ["DownEncoderBlock2D"] * len(dd["ch_mult"]),
-        "up_block_types": ["UpDecoderBlock2D"] * len(dd["ch_mult"]),
+        "down_block_types": ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
+        "up_block_types": ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)],
         "layers_per_block": int(dd["num_res_blocks"]),
         "act_fn": "silu", "norm_num_groups": 32,  # ldm Normalize(): GroupNorm(32, eps=1e-6)
         "latent_channels": z,
@@ -379,6 +408,49 @@ def resolve_conditioning_key(model_params: Mapping, cond_target: str, source: st
     return key
 
 
+# ImageConcatWithNoiseAugmentation(noise_schedule_config, max_noise_level=1000): register_schedule's defaults.
+_LOW_SCALE_SCHEDULE_DEFAULTS = dict(linear_start=1e-4, linear_end=2e-2, timesteps=1000, beta_schedule="linear",
+                                    cosine_s=8e-3)
+
+
+def low_scale_from_ldm(model_params: Mapping, conditioning_key: Optional[str], num_classes, source: str):
+    """(low-res schedule as a diffusers scheduler config, max_noise_level) of ``model.params.low_scale_config``
+    (``LatentUpscaleDiffusion``), or (None, None) without one.
+
+    The SD 2 x4 upscaler's ``ImageConcatWithNoiseAugmentation`` noises the low-res image with its own
+    schedule at a level l < max_noise_level (noise conditioning augmentation, Ho et al. 2021 "Cascaded
+    Diffusion Models" Sec. 4.1); the image goes in as concatenated channels and l as the U-Net's class
+    label (``hybrid-adm``), so l must also index the label table."""
+    cfg = model_params.get("low_scale_config")
+    if cfg is None:
+        return None, None
+    target = _target_name(cfg, "low_scale_config", source)
+    if target.rsplit(".", 1)[-1] != "ImageConcatWithNoiseAugmentation":
+        raise CheckpointError(f"{source}: low_scale_config target {target!r} is not supported (only "
+                              "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation)")
+    if conditioning_key != "hybrid-adm":
+        raise CheckpointError(f"{source}: low_scale_config with conditioning_key {conditioning_key!r} is not "
+                              "supported (the upscaler concatenates the low-res image and takes the noise level as "
+                              "the class label: 'hybrid-adm')")
+    params = dict(cfg.get("params") or {})
+    if not isinstance(params.get("noise_schedule_config"), Mapping):
+        raise CheckpointError(f"{source}: low_scale_config.params.noise_schedule_config is missing")
+    noise = {**_LOW_SCALE_SCHEDULE_DEFAULTS, **params["noise_schedule_config"]}
+    # The same CompVis schedule names as model.params (CompVis "linear" = diffusers "scaled_linear").
+    full = scheduler_config_from_ldm(noise, f"{source} (low_scale_config)")
+    schedule = {"_class_name": "DDPMScheduler",
+                **{k: full[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                        "trained_betas")}}
+    max_level = params.get("max_noise_level", 1000)
+    if isinstance(max_level, bool) or not isinstance(max_level, int) or max_level < 1:
+        raise CheckpointError(f"{source}: low_scale_config max_noise_level={max_level!r} is not a positive integer")
+    bound = min(schedule["num_train_timesteps"], num_classes if isinstance(num_classes, int) else 0)
+    if max_level > bound:
+        raise CheckpointError(f"{source}: low_scale_config max_noise_level={max_level} exceeds the "
+                              f"{schedule['num_train_timesteps']} steps of its schedule or the U-Net's "
+                              f"num_classes={num_classes} (the noise level is the class label)")
+    return schedule, max_level
+
 
 def spec_from_original_config(cfg: Mapping, source: str, prediction_type: Optional[str] = None,
                               scale_factor: Optional[float] = None) -> OriginalSpec:
@@ -423,6 +495,8 @@ def spec_from_original_config(cfg: Mapping, source: str, prediction_type: Option
     if conditioning_key == "concat" and cond_stage in ("clip", "open_clip", "class"):
         raise CheckpointError(f"{source}: conditioning_key 'concat' with a {cond_name} cond stage is not supported "
                               "(a text/class context needs 'crossattn' or 'hybrid')")
+    low_res_scheduler, max_noise_level = low_scale_from_ldm(p, conditioning_key, unet_params.get("num_classes"),
+                                                            source)
     if scheduler["prediction_type"] == "v_prediction" and unet_params.get("context_dim") == 1024:
         sample_size = max(sample_size, 96)  # SD 2.x 768-v: diffusers' default 768 px
     return OriginalSpec(
@@ -430,4 +504,5 @@ def spec_from_original_config(cfg: Mapping, source: str, prediction_type: Option
         vae=vae, cond_stage=cond_stage, cond_stage_params=cond_params,
         conditioning_key=conditioning_key, scheduler=scheduler, sample_size=sample_size,
         source=source, qkv_new_order=bool(unet_params.get("use_new_attention_order", False)),
+        low_res_scheduler=low_res_scheduler, max_noise_level=max_noise_level,
     )

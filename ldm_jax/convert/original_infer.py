@@ -132,15 +132,20 @@ def infer_first_stage_config(vae: Mapping[str, np.ndarray], source: str) -> Dict
     num_res = 1 + max(int(m.group(1)) for k in vae for m in [re.match(r"^encoder\.down\.0\.block\.(\d+)\.", k)] if m)
     z = int(need("decoder.conv_in.weight").shape[1])
     enc_out = int(need("encoder.conv_out.weight").shape[0])
-    attn = sorted(k for k in vae if re.match(r"^(encoder\.down|decoder\.up)\.\d+\.attn\.", k))
-    if attn:
-        raise CheckpointError(f"{source}: autoencoder with attention inside its levels ({VAE_PREFIX}{attn[0]}, "
-                              "ddconfig attn_resolutions) is not supported; only the middle block's")
+    # AttnBlocks inside the levels (down.{i}.attn.* / up.{i}.attn.*, both in resolution order): as the
+    # feature-map sides attn_resolutions of a 256-pixel ddconfig, 256 // 2**level
+    levels = {part: {int(m.group(1)) for k in vae for m in [re.match(rf"^{part}\.(\d+)\.attn\.", k)] if m}
+              for part in ("encoder.down", "decoder.up")}
+    if levels["encoder.down"] != levels["decoder.up"]:
+        raise CheckpointError(
+            f"{source}: the autoencoder has attention at encoder levels {sorted(levels['encoder.down'])} but decoder "
+            f"levels {sorted(levels['decoder.up'])} ({VAE_PREFIX}encoder.down.*.attn / decoder.up.*.attn); only the "
+            "same levels in both (ddconfig attn_resolutions) is supported")
     ddconfig = {
         "double_z": enc_out == 2 * z, "z_channels": z, "resolution": 256,
         "in_channels": int(conv_in.shape[1]), "out_ch": int(need("decoder.conv_out.weight").shape[0]),
         "ch": ch, "ch_mult": mult, "num_res_blocks": num_res,
-        "attn_resolutions": [],
+        "attn_resolutions": [256 // 2 ** i for i in sorted(levels["encoder.down"])],
         "attn_type": "vanilla" if "encoder.mid.attn_1.q.weight" in vae else "none",
     }
     if "quantize.embedding.weight" in vae:
@@ -198,6 +203,10 @@ def infer_original_config(state_dict: Mapping[str, np.ndarray], source: str) -> 
             raise CheckpointError(f"{source}: only EMA weights (model_ema.*) and no {UNET_PREFIX}* keys; their "
                                   "names cannot be recovered without the non-EMA keys")
         raise CheckpointError(f"{source}: not an original latent-diffusion checkpoint (no {UNET_PREFIX}* keys)")
+    if any(k.startswith("low_scale_model.") for k in state_dict):
+        raise CheckpointError(f"{source}: a LatentUpscaleDiffusion checkpoint (the SD 2 x4 upscaler: "
+                              "low_scale_model.* buffers); its max_noise_level, scale_factor and parameterization "
+                              "are not in the weights: pass its original YAML (config='x4-upscaling.yaml')")
     vae = {k: v for k, v in _sub(state_dict, VAE_PREFIX).items() if not k.startswith("loss.")}
     if not vae:
         raise CheckpointError(f"{source}: no first-stage autoencoder weights ({VAE_PREFIX}*)")

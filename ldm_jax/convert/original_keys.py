@@ -5,6 +5,7 @@ A single-file checkpoint holds every model under one prefix:
     model.diffusion_model.*    openaimodel UNetModel  -> diffusers U-Net names
     model_ema.*                the same, EMA copies, with the dots removed
     first_stage_model.*        ldm Encoder/Decoder    -> diffusers AutoencoderKL / VQModel names
+                               (down.{i}.attn.{j} -> down_blocks.{i}.attentions.{j}, Attn*Block2D)
     cond_stage_model.*         text encoder / class embedding (see original_pipeline)
 
 The U-Net renaming follows the block structure of the configuration (not a
@@ -210,6 +211,11 @@ _VAE_UP = (
     (re.compile(r"^decoder\.up\.(\d+)\.block\.(\d+)\.(.+)$"), "decoder.up_blocks.{0}.resnets.{1}.{2}"),
     (re.compile(r"^decoder\.up\.(\d+)\.upsample\.(.+)$"), "decoder.up_blocks.{0}.upsamplers.0.{1}"),
 )
+# AttnBlocks inside the levels (ddconfig attn_resolutions): down.{i}.attn.{j} / up.{i}.attn.{j}
+_VAE_LEVEL_ATTENTION = re.compile(r"^(encoder\.down|decoder\.up)\.(\d+)\.attn\.(\d+)\.(norm|q|k|v|proj_out)\."
+                                  r"(weight|bias)$")
+_VAE_ATTENTION_CONV = re.compile(r"\.(mid\.attn_1|down\.\d+\.attn\.\d+|up\.\d+\.attn\.\d+)\."
+                                 r"(q|k|v|proj_out)\.weight$")
 
 
 def prepare_vae(vae_weights: Mapping[str, np.ndarray], num_levels: int) -> Tuple[Dict[str, np.ndarray], Rename]:
@@ -217,12 +223,13 @@ def prepare_vae(vae_weights: Mapping[str, np.ndarray], num_levels: int) -> Tuple
 
     ``decoder.up.{i}`` is stored in resolution order (up.0 = full resolution),
     diffusers' ``up_blocks`` in execution order: ``up_blocks.{n-1-i}``. The
-    middle attention's 1x1 convolutions become linear weights.
+    attention blocks' 1x1 convolutions (middle, and ``attn.{j}`` inside the
+    levels) become linear weights.
     """
     out = {}
     for key, value in vae_weights.items():
         value = np.asarray(value)
-        if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and value.ndim == 4:
+        if _VAE_ATTENTION_CONV.search(key) and value.ndim == 4:
             value = value[:, :, 0, 0]
         out[key] = value
 
@@ -240,6 +247,12 @@ def prepare_vae(vae_weights: Mapping[str, np.ndarray], num_levels: int) -> Tuple
             if m:
                 level = int(m.group(1))
                 return _resnet_shortcut(template.format(num_levels - 1 - level, *m.groups()[1:]))
+        m = _VAE_LEVEL_ATTENTION.match(local)
+        if m:
+            part, level, j, name, leaf = m.groups()
+            if part == "encoder.down":
+                return f"encoder.down_blocks.{level}.attentions.{j}.{_VAE_ATTENTION[name]}.{leaf}"
+            return f"decoder.up_blocks.{num_levels - 1 - int(level)}.attentions.{j}.{_VAE_ATTENTION[name]}.{leaf}"
         return local  # conv_in / conv_out / quant_conv / post_quant_conv / quantize.embedding
 
     return out, rename
@@ -298,6 +311,15 @@ def vae_original_name(num_levels: int) -> Callable[[str], str]:
         m = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", key)
         if m:
             return f"{VAE_PREFIX}{m.group(1)}.mid.attn_1.{attention_back.get(m.group(2), m.group(2))}.{m.group(3)}"
+        m = re.match(r"^(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)\.(weight|bias)$",
+                     key)
+        if m:
+            block = int(m.group(2))
+            if m.group(1) == "encoder.down_blocks":
+                old = f"encoder.down.{block}"
+            else:  # up_blocks run from the lowest resolution
+                old = f"decoder.up.{num_levels - 1 - block}"
+            return f"{VAE_PREFIX}{old}.attn.{m.group(3)}.{attention_back.get(m.group(4), m.group(4))}.{m.group(5)}"
         m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.+)$", key)
         if m:
             level = num_levels - 1 - int(m.group(1))

@@ -26,7 +26,10 @@ Families (``cond_stage_config``):
 
 Inpainting models (9 input channels, ``conditioning_key: hybrid``) run through
 ``Pipeline``'s inpaint mode as the diffusers ones do; other hybrid models take
-the text context and ``cond_image=`` / ``image_conditioning=``.
+the text context and ``cond_image=`` / ``image_conditioning=``. The SD 2 x4
+upscaler (``LatentUpscaleDiffusion``, ``hybrid-adm`` with a ``low_scale_config``)
+takes the text context, ``cond_image=`` (the low-res image, noise-augmented with
+the YAML's low-scale schedule) and ``noise_level=`` (the U-Net's class label).
 
 The CLIP head count is ``hidden_size // 64`` (OpenAI CLIP and OpenCLIP both
 use 64-channel heads); the YAML does not carry it.
@@ -249,4 +252,5 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
                     scheduler_config=spec.scheduler, source=path, sample_size=spec.sample_size,
-                    conditioning_key=spec.conditioning_key, cond_stage=spec.cond_stage)
+                    conditioning_key=spec.conditioning_key, cond_stage=spec.cond_stage,
+                    low_res_scheduler_config=spec.low_res_scheduler, max_noise_level=spec.max_noise_level)

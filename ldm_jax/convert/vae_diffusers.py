@@ -7,9 +7,11 @@ the old attention names that many hub VAE checkpoints still carry
 (``query``/``key``/``value``/``proj_attn``, diffusers < 0.14) are renamed to
 ``to_q``/``to_k``/``to_v``/``to_out.0`` as diffusers does on load.
 
-Anything the Flax model does not implement (other block types, activation,
-spatial norm, ...) is a ``CheckpointError`` naming config.json, the key and
-the value, never a silent approximation.
+The ``Attn*`` block types (attention after every resnet of a level) become
+``AutoencoderConfig.attention_levels``; they must sit at the same levels in the
+encoder and the decoder. Anything the Flax model does not implement (other
+block types, activation, spatial norm, ...) is a ``CheckpointError`` naming
+config.json, the key and the value, never a silent approximation.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ from ldm_jax.models.autoencoder import AutoencoderConfig, abstract_params, build
 from ldm_jax.models.layers import ATTENTION_IMPLS
 
 SUPPORTED_CLASSES = ("AutoencoderKL", "VQModel")
+# config.json key -> (plain block, the same with a self-attention after every resnet)
+BLOCK_TYPES = {"down_block_types": ("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+               "up_block_types": ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")}
 WEIGHT_STEMS = ("diffusion_pytorch_model",)
 
 _DEPRECATED_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
@@ -61,11 +66,21 @@ def vae_config_from_diffusers(config_dict: Mapping[str, Any], class_name: Option
 
     block_out_channels = tuple(cfg.get("block_out_channels", (64,)))
     n = len(block_out_channels)
-    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        types = list(cfg.get(key, [block] * n))
-        if len(types) != n or any(t != block for t in types):
-            raise _unsupported(source, key, types,
-                               f"only {n} x {block!r} (one per block_out_channels entry) is implemented")
+    types, attention = {}, {}  # block-types key -> the types, the levels (0 = full resolution) with attention
+    for key, (block, attn_block) in BLOCK_TYPES.items():
+        types[key] = list(cfg.get(key, [block] * n))
+        if len(types[key]) != n or any(t not in (block, attn_block) for t in types[key]):
+            raise _unsupported(source, key, types[key], f"only {n} x {block!r} or {attn_block!r} (one per "
+                               "block_out_channels entry) is implemented")
+        # up_block_types run from the lowest resolution: entry u is level n - 1 - u
+        attention[key] = {(i if key == "down_block_types" else n - 1 - i) for i, t in enumerate(types[key])
+                          if t == attn_block}
+    down, up = attention["down_block_types"], attention["up_block_types"]
+    if down != up:
+        raise _unsupported(source, "down_block_types", types["down_block_types"],
+                           f"attention at encoder levels {sorted(down)} but decoder levels {sorted(up)} "
+                           f"(up_block_types {types['up_block_types']}); only the same levels in both "
+                           "(CompVis attn_resolutions) is implemented")
     checks = {"act_fn": "silu", "norm_type": "group"}
     for key, want in checks.items():
         if cfg.get(key, want) != want:
@@ -81,6 +96,7 @@ def vae_config_from_diffusers(config_dict: Mapping[str, Any], class_name: Option
         layers_per_block=int(cfg.get("layers_per_block", 1)),
         norm_num_groups=int(cfg.get("norm_num_groups", 32)),
         mid_block_attention=bool(cfg.get("mid_block_add_attention", True)),
+        attention_levels=tuple(sorted(down)),
         scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
     )
     if kind == "kl":

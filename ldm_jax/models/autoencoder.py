@@ -9,7 +9,11 @@ regularised either by a small KL penalty towards N(0, I) ("KL-reg",
 The network is the CompVis / diffusers ``Encoder`` / ``Decoder``: ResNet blocks
 (GroupNorm eps 1e-6, no time embedding), stride-2 convolutions with the
 asymmetric (0, 1, 0, 1) padding, one single-head spatial self-attention in the
-middle block, nearest-neighbour upsampling. Submodule names follow diffusers
+middle block, nearest-neighbour upsampling. Levels listed in
+``attention_levels`` (CompVis ``ddconfig.attn_resolutions``; the larger LDM
+first stages KL-f16/f32, VQ-f8/f16) add the same self-attention after every
+ResNet block of that level, in the encoder and in the decoder (diffusers
+``Attn{Down,Up}*Block2D``, ``down_blocks_i.attentions_j``). Submodule names follow diffusers
 (``encoder.down_blocks_0.resnets_1``, ``decoder.up_blocks_0.upsamplers_0.conv``,
 ``quant_conv``, ``post_quant_conv``, ``quantize.embedding``) so a diffusers
 ``vae/`` state dict maps onto the parameters mechanically
@@ -56,6 +60,11 @@ class AutoencoderConfig:
     layers_per_block: int = 2           # ResNet blocks per encoder level (decoder has one more)
     norm_num_groups: int = 32           # GroupNorm groups
     mid_block_attention: bool = True    # single-head self-attention in the middle blocks
+    attention_levels: Tuple[int, ...] = ()  # levels (indices into block_out_channels, 0 = full resolution) with
+                                        # that self-attention after every ResNet block, encoder and decoder alike.
+                                        # CompVis attn_resolutions lists feature-map sides, resolution // 2**level;
+                                        # levels keep the config independent of the image size (converters map
+                                        # them; diffusers: AttnDownEncoderBlock2D / AttnUpDecoderBlock2D)
     use_quant_conv: bool = True         # 1x1 conv after the encoder (KL: 2c -> 2c; VQ: c -> vq_embed_dim)
     use_post_quant_conv: bool = True    # 1x1 conv before the decoder
     num_vq_embeddings: int = 256        # VQ: codebook size K (CompVis n_embed)
@@ -78,6 +87,12 @@ class AutoencoderConfig:
                 raise ValueError(
                     f"AutoencoderConfig: block_out_channels {self.block_out_channels} are not all "
                     f"divisible by norm_num_groups={self.norm_num_groups}")
+        levels = tuple(int(i) for i in self.attention_levels)
+        n = len(self.block_out_channels)
+        if len(set(levels)) != len(levels) or any(not 0 <= i < n for i in levels):
+            raise ValueError(f"AutoencoderConfig.attention_levels must be distinct levels in [0, {n}), "
+                             f"got {self.attention_levels}")
+        object.__setattr__(self, "attention_levels", tuple(sorted(levels)))
         if self.layers_per_block < 1:
             raise ValueError(f"AutoencoderConfig.layers_per_block must be >= 1, got {self.layers_per_block}")
         if self.conv_impl not in CONV_IMPLS:
@@ -173,6 +188,12 @@ class DiagonalGaussianDistribution:
 # ----------------------------------------------------------------------------- blocks
 
 
+def _self_attention(channels: int, groups: int, impl: AttentionImpl, name: str, **kw) -> nn.Module:
+    """The autoencoder's AttnBlock: GroupNorm, one head over H*W, residual (diffusers Attention)."""
+    return layers.Attention(heads=1, dim_head=channels, qkv_bias=True, norm_groups=groups,
+                            norm_epsilon=_EPS, impl=impl, name=name, **kw)
+
+
 class _MidBlock(nn.Module):
     """diffusers UNetMidBlock2D without time embedding: resnet, [attention], resnet."""
 
@@ -190,15 +211,13 @@ class _MidBlock(nn.Module):
         h_bhwc = ResnetBlock(self.channels, self.groups, _EPS, name="resnets_0", conv_impl=self.conv_impl,
                              **kw)(h_bhwc)
         if self.attention:
-            h_bhwc = layers.Attention(
-                heads=1, dim_head=self.channels, qkv_bias=True, norm_groups=self.groups,
-                norm_epsilon=_EPS, impl=self.attention_impl, name="attentions_0", **kw,
-            )(h_bhwc)
+            h_bhwc = _self_attention(self.channels, self.groups, self.attention_impl, "attentions_0", **kw)(h_bhwc)
         return ResnetBlock(self.channels, self.groups, _EPS, name="resnets_1", conv_impl=self.conv_impl, **kw)(h_bhwc)
 
 
 class _DownEncoderBlock(nn.Module):
-    """diffusers DownEncoderBlock2D: ``num_layers`` resnets, then an optional stride-2 conv."""
+    """diffusers DownEncoderBlock2D: ``num_layers`` resnets, then an optional stride-2 conv.
+    With ``attention``: AttnDownEncoderBlock2D (CompVis Encoder: ``down[i].block[j]`` then ``down[i].attn[j]``)."""
 
     channels: int
     num_layers: int
@@ -207,20 +226,27 @@ class _DownEncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv_impl: Optional[str] = None
+    attention: bool = False
+    attention_impl: AttentionImpl = "xla"
 
     @nn.compact
     def __call__(self, h_bhwc: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        akw = dict(kw)
         kw["conv_impl"] = self.conv_impl
         for j in range(self.num_layers):
             h_bhwc = ResnetBlock(self.channels, self.groups, _EPS, name=f"resnets_{j}", **kw)(h_bhwc)
+            if self.attention:
+                h_bhwc = _self_attention(self.channels, self.groups, self.attention_impl, f"attentions_{j}",
+                                         **akw)(h_bhwc)
         if self.add_downsample:
             h_bhwc = layers.Downsample(self.channels, asymmetric_pad=True, name="downsamplers_0", **kw)(h_bhwc)
         return h_bhwc
 
 
 class _UpDecoderBlock(nn.Module):
-    """diffusers UpDecoderBlock2D: ``num_layers`` resnets, then optional 2x nearest upsampling + conv."""
+    """diffusers UpDecoderBlock2D: ``num_layers`` resnets, then optional 2x nearest upsampling + conv.
+    With ``attention``: AttnUpDecoderBlock2D (CompVis Decoder: ``up[i].block[j]`` then ``up[i].attn[j]``)."""
 
     channels: int
     num_layers: int
@@ -229,13 +255,19 @@ class _UpDecoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv_impl: Optional[str] = None
+    attention: bool = False
+    attention_impl: AttentionImpl = "xla"
 
     @nn.compact
     def __call__(self, h_bhwc: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        akw = dict(kw)
         kw["conv_impl"] = self.conv_impl
         for j in range(self.num_layers):
             h_bhwc = ResnetBlock(self.channels, self.groups, _EPS, name=f"resnets_{j}", **kw)(h_bhwc)
+            if self.attention:
+                h_bhwc = _self_attention(self.channels, self.groups, self.attention_impl, f"attentions_{j}",
+                                         **akw)(h_bhwc)
         if self.add_upsample:
             h_bhwc = layers.Upsample(self.channels, name="upsamplers_0", **kw)(h_bhwc)
         return h_bhwc
@@ -260,6 +292,7 @@ class Encoder(nn.Module):
         for i, ch in enumerate(channels):
             h = _DownEncoderBlock(
                 ch, cfg.layers_per_block, cfg.norm_num_groups, add_downsample=i < len(channels) - 1,
+                attention=i in cfg.attention_levels, attention_impl=self.attention_impl,
                 name=f"down_blocks_{i}", **ckw)(h)
         h = _MidBlock(channels[-1], cfg.norm_num_groups, cfg.mid_block_attention,
                       self.attention_impl, name="mid_block", **ckw)(h)
@@ -280,15 +313,16 @@ class Decoder(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ckw = dict(conv_impl=cfg.conv_impl, **kw)
-        ckw = dict(conv_impl=cfg.conv_impl, **kw)
         reversed_channels = tuple(reversed(cfg.block_out_channels))
         h = conv3x3(reversed_channels[0], name="conv_in", **ckw)(z_bhwc.astype(self.dtype))
         h = _MidBlock(reversed_channels[0], cfg.norm_num_groups, cfg.mid_block_attention,
                       self.attention_impl, name="mid_block", **ckw)(h)
-        for i, ch in enumerate(reversed_channels):
+        n = len(reversed_channels)
+        for i, ch in enumerate(reversed_channels):  # up_blocks_i is level n - 1 - i
             h = _UpDecoderBlock(
-                ch, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                add_upsample=i < len(reversed_channels) - 1, name=f"up_blocks_{i}", **ckw)(h)
+                ch, cfg.layers_per_block + 1, cfg.norm_num_groups, add_upsample=i < n - 1,
+                attention=(n - 1 - i) in cfg.attention_levels, attention_impl=self.attention_impl,
+                name=f"up_blocks_{i}", **ckw)(h)
         h = GroupNorm(cfg.norm_num_groups, _EPS, name="conv_norm_out", **kw)(h)
         return conv3x3(cfg.out_channels, name="conv_out", **ckw)(nn.silu(h))
 
