@@ -88,7 +88,7 @@ def main(argv=None):
     variants = [tuple(v.split(":")) for v in args.variants.split(",") if v]
     tunet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"))
     junet, jparams = load_unet(os.path.join(folder, "unet"))
-    jparams = jax.tree_util.tree_map(jnp.asarray, jparams)
+    jparams = jax.device_put(jparams)
     rng = np.random.default_rng(0)
     hw = preset.latent
 

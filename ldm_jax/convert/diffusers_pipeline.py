@@ -15,7 +15,6 @@ import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 from ldm_jax.convert.clip_transformers import load_text_encoder
 from ldm_jax.convert.errors import CheckpointError
@@ -54,7 +53,7 @@ def load_diffusers_pipeline(folder: str, dtype: str = "float32", attention_impl:
     sample_size = unet_json.get("sample_size") or 64
     if isinstance(sample_size, (list, tuple)):
         sample_size = sample_size[0]
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    params = jax.device_put(params)  # one batched transfer (a per-leaf jnp.asarray dispatches an op per leaf)
     extra = {}
     if index.get("_class_name") == "LDMSuperResolutionPipeline":  # latents + the low-res image in [-1, 1]
         extra = dict(conditioning_key="concat", cond_stage="identity")

@@ -249,7 +249,7 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
     text_encoder, text_params, tokenizer = _load_cond_stage(spec, state, path, kw)
     if text_encoder is not None:
         params["text_encoder"] = text_params
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    params = jax.device_put(params)  # one batched transfer (a per-leaf jnp.asarray dispatches an op per leaf)
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
                     scheduler_config=spec.scheduler, source=path, sample_size=spec.sample_size,
                     conditioning_key=spec.conditioning_key, cond_stage=spec.cond_stage,

@@ -149,4 +149,4 @@ def load_vae(folder: str, dtype="float32", param_dtype="float32", attention_impl
     state_dict = read_state_dict(weights_path)
     target = abstract_params(module)
     params = convert_state_dict(state_dict, target, source=weights_path, rename=rename_deprecated_attention)
-    return module, jax.tree_util.tree_map(jnp.asarray, params)
+    return module, jax.device_put(params)

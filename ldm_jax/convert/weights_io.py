@@ -31,7 +31,7 @@ _SAFETENSORS_DTYPES = {
 
 
 def read_safetensors(path: str) -> StateDict:
-    """All tensors of a .safetensors file as numpy arrays (views on one buffer)."""
+    """All tensors of a .safetensors file as numpy arrays (read-only views on the memory-mapped file)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -46,7 +46,9 @@ def read_safetensors(path: str) -> StateDict:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
-        data = f.read()
+        # Map the file instead of reading it: the tensors are read-only views that are paged in when
+        # they are copied (to the device, or cast), so a 3-4 GB checkpoint is not first copied to memory.
+        data = memoryview(_map_readonly(f, size))[8 + header_len:] if size > 8 + header_len else b""
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
@@ -74,6 +76,17 @@ def read_safetensors(path: str) -> StateDict:
         arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
         out[key] = arr.reshape(shape)
     return out
+
+
+def _map_readonly(f, size: int):
+    """The whole file as a read-only buffer (mmap; a plain read where mapping is not possible)."""
+    import mmap
+
+    try:
+        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        f.seek(0)
+        return f.read()
 
 
 def read_state_dict(path: str) -> StateDict:
