@@ -251,7 +251,8 @@ def table(preset, R: dict) -> list:
         if t is None and j is None:
             continue
         note = f"compile {j['compile_s']} s" if j and "compile_s" in j else ""
-        if j and "gflop" in j and _ms(j):
+        # XLA's FLOP count leaves out cuDNN custom calls (GPU convolutions, fused attention): CPU only.
+        if j and "gflop" in j and _ms(j) and "cudnn_fmha_traced" not in j:
             note += f"; {j['gflop']:.0f} GFLOP (XLA count), {j['gflop'] / (_ms(j) / 1e3):.0f} GFLOP/s"
         rows.append((f"U-Net forward B{b}", _fmt_ms(_ms(t)), _fmt_ms(_ms(j)), _ratio(_ms(t), _ms(j)), note))
         for key in sorted(k for k in R if k.startswith(f"unet_fwd_B{b}_jax_attn-")):
