@@ -178,3 +178,61 @@ def test_read_json_errors(tmp_path):
         read_json(str(bad))
     with pytest.raises(CheckpointError, match="no such file"):
         read_json(str(tmp_path / "missing.json"))
+
+
+def test_loaded_parameters_do_not_share_memory_with_the_file(tmp_path):
+    """read_safetensors maps files instead of reading them; a loaded pipeline must still own its
+    parameters: overwriting the files afterwards (e.g. save_diffusers into the same folder) must not
+    change them. On CPU, jax.device_put may alias suitably aligned host memory, mapped pages too."""
+    import glob
+
+    import jax
+
+    import ldm_jax
+    from tests.tiny_sd import tiny_sd_pipeline
+
+    from safetensors.numpy import load_file
+
+    folder = str(tmp_path / "sd")
+    tiny_sd_pipeline(folder)
+    files = glob.glob(os.path.join(folder, "*", "*.safetensors"))
+    assert len(files) == 3
+    for path in files:  # rewrite each file so its data section starts 64-byte aligned (aliasable)
+        tensors = load_file(path)
+        for pad in range(64):
+            save_numpy(tensors, path, metadata={"pad": "x" * pad})
+            if (8 + _header_len(path)) % 64 == 0:
+                break
+        assert sum(v.ctypes.data % 64 == 0 for v in read_safetensors(path).values()) >= 3
+    pipe = ldm_jax.load_pipeline(folder)
+    before = jax.tree_util.tree_map(np.array, pipe.params)  # private copies
+    for path in files:  # overwrite every tensor's bytes in place (same size, same inode)
+        with open(path, "r+b") as f:
+            f.seek(8 + _header_len(path))
+            f.write(np.full(os.path.getsize(path) - 8 - _header_len(path), 0x7F, np.uint8).tobytes())
+    after = jax.tree_util.tree_map(np.asarray, pipe.params)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(before)[0]]
+    changed = [p for p, a, b in zip(paths, jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after))
+               if not np.array_equal(a, b)]
+    assert not changed, f"{len(changed)} of {len(paths)} parameters follow the file, e.g. {changed[:3]}"
+
+
+def _header_len(path: str) -> int:
+    with open(path, "rb") as f:
+        return int(np.frombuffer(f.read(8), "<u8")[0])
+
+
+def test_write_safetensors_replaces_a_mapped_file_without_touching_its_readers(tmp_path, rng):
+    """read_safetensors returns views on the mapped file; write_safetensors writes a new file and
+    renames it over the old one, so such views keep the old tensors (an in-place rewrite would
+    change them, or crash the reader with SIGBUS when the file got shorter)."""
+    from ldm_jax.convert.export import write_safetensors
+
+    path = str(tmp_path / "w.safetensors")
+    old = {"w": rng.standard_normal((64, 64)).astype(np.float32)}
+    write_safetensors(path, old)
+    views = read_safetensors(path)
+    write_safetensors(path, {"w": np.zeros((2,), np.float32)})  # shorter file, same name
+    np.testing.assert_array_equal(views["w"], old["w"])
+    np.testing.assert_array_equal(read_safetensors(path)["w"], np.zeros(2, np.float32))
+    assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]  # no temporary file left

@@ -20,7 +20,7 @@ from ldm_jax.convert.clip_transformers import load_text_encoder
 from ldm_jax.convert.errors import CheckpointError
 from ldm_jax.convert.unet_diffusers import load_unet
 from ldm_jax.convert.vae_diffusers import load_vae
-from ldm_jax.convert.weights_io import read_json
+from ldm_jax.convert.weights_io import place_params, read_json
 from ldm_jax.text.tokenizer import CLIPTokenizer
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -53,7 +53,7 @@ def load_diffusers_pipeline(folder: str, dtype: str = "float32", attention_impl:
     sample_size = unet_json.get("sample_size") or 64
     if isinstance(sample_size, (list, tuple)):
         sample_size = sample_size[0]
-    params = jax.device_put(params)  # one batched transfer (a per-leaf jnp.asarray dispatches an op per leaf)
+    params = place_params(params)
     extra = {}
     if index.get("_class_name") == "LDMSuperResolutionPipeline":  # latents + the low-res image in [-1, 1]
         extra = dict(conditioning_key="concat", cond_stage="identity")

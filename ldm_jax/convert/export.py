@@ -124,11 +124,19 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Op
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays:
-            f.write(arr.tobytes())
+    # Written next to the target and renamed over it: a reader that has the old file memory-mapped
+    # (read_safetensors) keeps the old contents instead of seeing them change or crashing (SIGBUS).
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for arr in arrays:
+                f.write(arr.tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

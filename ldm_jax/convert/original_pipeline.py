@@ -60,7 +60,7 @@ from ldm_jax.convert.original_keys import (
 )
 from ldm_jax.convert.unet_diffusers import unet_abstract_params, unet_config_from_diffusers
 from ldm_jax.convert.vae_diffusers import vae_config_from_diffusers
-from ldm_jax.convert.weights_io import read_safetensors, unwrap_state_dict
+from ldm_jax.convert.weights_io import place_params, read_safetensors, unwrap_state_dict
 from ldm_jax.models.autoencoder import abstract_params as vae_abstract_params
 from ldm_jax.models.autoencoder import build_autoencoder
 from ldm_jax.models.class_embedder import ClassEmbedder, ClassLabelTokenizer
@@ -249,7 +249,7 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
     text_encoder, text_params, tokenizer = _load_cond_stage(spec, state, path, kw)
     if text_encoder is not None:
         params["text_encoder"] = text_params
-    params = jax.device_put(params)  # one batched transfer (a per-leaf jnp.asarray dispatches an op per leaf)
+    params = place_params(params)
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
                     scheduler_config=spec.scheduler, source=path, sample_size=spec.sample_size,
                     conditioning_key=spec.conditioning_key, cond_stage=spec.cond_stage,

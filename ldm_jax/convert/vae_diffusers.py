@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from ldm_jax.convert.errors import CheckpointError
 from ldm_jax.convert.mapping import convert_state_dict
-from ldm_jax.convert.weights_io import find_weights, read_json, read_state_dict
+from ldm_jax.convert.weights_io import find_weights, place_params, read_json, read_state_dict
 from ldm_jax.models.autoencoder import AutoencoderConfig, abstract_params, build_autoencoder
 from ldm_jax.models.layers import ATTENTION_IMPLS
 
@@ -149,4 +149,4 @@ def load_vae(folder: str, dtype="float32", param_dtype="float32", attention_impl
     state_dict = read_state_dict(weights_path)
     target = abstract_params(module)
     params = convert_state_dict(state_dict, target, source=weights_path, rename=rename_deprecated_attention)
-    return module, jax.device_put(params)
+    return module, place_params(params)

@@ -31,7 +31,8 @@ _SAFETENSORS_DTYPES = {
 
 
 def read_safetensors(path: str) -> StateDict:
-    """All tensors of a .safetensors file as numpy arrays (read-only views on the memory-mapped file)."""
+    """All tensors of a .safetensors file as numpy arrays: read-only views on the memory-mapped file
+    (copy them, or place them with ``place_params``, before overwriting that file in place)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -87,6 +88,21 @@ def _map_readonly(f, size: int):
     except (OSError, ValueError):
         f.seek(0)
         return f.read()
+
+
+def place_params(tree):
+    """Converted parameters (numpy, possibly read-only views on a memory-mapped weight file) as
+    device arrays that own their memory, in one batched transfer (a ``jnp.asarray`` per leaf
+    would dispatch an op per leaf). On a CPU backend ``device_put`` keeps suitably aligned host
+    memory instead of copying it (``may_alias=False`` does not change that for numpy inputs),
+    mapped file pages included, and the parameters would change when the file is overwritten:
+    there, views are copied first. Accelerators copy to their own memory anyway."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        tree = jax.tree_util.tree_map(
+            lambda a: np.array(a) if isinstance(a, np.ndarray) and not a.flags.owndata else a, tree)
+    return jax.device_put(tree)
 
 
 def read_state_dict(path: str) -> StateDict:
