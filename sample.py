@@ -10,6 +10,8 @@
     python sample.py --checkpoint bsr_sr.ckpt --config bsr_sr.yaml --cond-img low_res.png   # concat-conditioned
     python sample.py --checkpoint x4-upscaler-ema.ckpt --config x4-upscaling.yaml --prompt "..." \
                      --cond-img low_res.png --noise-level 20                                # SD 2 x4 upscaler
+    python sample.py --checkpoint semantic_synthesis256.ckpt --config config.yaml \
+                     --segmentation labels.png          # semantic synthesis (SpatialRescaler cond stage)
 
 PATH: a diffusers folder, a CompVis/Stability .ckpt/.safetensors file, or a
 train.py workdir. Writes outdir/samples/NNNNN.png (generation settings in the
@@ -49,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--cond-img", dest="cond_img", default=None,
                    help="conditioning image of a concat-conditioned model (super-resolution: the low-res image, "
                         "the output is the autoencoder factor larger); Pipeline's cond_image=")
+    p.add_argument("--segmentation", default=None,
+                   help="semantic synthesis models (SpatialRescaler cond stage): the label map at the output size, "
+                        "a single-channel PNG of class indices (0 .. in_channels - 1) or a .npy of class indices "
+                        "(H, W) or of a one-hot / probability map (H, W, in_channels); Pipeline's segmentation=")
     p.add_argument("--noise-level", "--noise_level", dest="noise_level", type=int, default=None,
                    help="noise-augmented upscalers (SD 2 x4 upscaler): the level the --cond-img low-res image is "
                         "noised to and the U-Net is told, an int below the model's max_noise_level (350 for the "
@@ -58,7 +64,7 @@ def parse_args(argv=None):
 
 
 class _WithInputs:
-    """The pipeline with fixed keywords (``cond_image=``, ``noise_level=``) added to every call (the
+    """The pipeline with fixed keywords (``cond_image=``, ``segmentation=``, ``noise_level=``) added to every call (the
     sampling job passes the rest)."""
 
     def __init__(self, pipe, **inputs):
@@ -85,6 +91,8 @@ def main(argv=None) -> int:
             prompts = [""]
         if args.cond_img and not os.path.isfile(args.cond_img):
             raise FileNotFoundError(f"--cond-img file not found: {args.cond_img}")
+        if args.segmentation and not os.path.isfile(args.segmentation):
+            raise FileNotFoundError(f"--segmentation file not found: {args.segmentation}")
         job = SamplingJob(
             prompts=prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.steps, scale=args.scale,
             sampler=args.sampler, eta=args.eta, seed=args.seed, height=args.H, width=args.W,
@@ -103,6 +111,8 @@ def main(argv=None) -> int:
         inputs = {}
         if args.cond_img:
             inputs["cond_image"] = args.cond_img
+        if args.segmentation:
+            inputs["segmentation"] = args.segmentation
         if args.noise_level is not None:
             if not getattr(pipe, "is_upscaler", False):
                 raise ValueError("--noise-level is for noise-augmented upscalers (the SD 2 x4 upscaler); "

@@ -63,6 +63,10 @@ class Pipeline:
     # exclusive bound of the noise level (the U-Net's class label); None for every other model.
     low_res_scheduler_config: Optional[Dict[str, Any]] = None
     max_noise_level: Optional[int] = None
+    # A cond stage that turns a map into the concatenated channels inside the jitted chain: the
+    # SpatialRescaler of the CompVis semantic-synthesis models (``cond_stage == "rescaler"``), with
+    # params["cond_stage"]; None for every other model.
+    cond_stage_model: Any = None
     _jit_cache: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ properties
@@ -121,6 +125,7 @@ class Pipeline:
         class_labels: Optional[Sequence[int]] = None,
         cond_image=None,
         image_conditioning: Optional[np.ndarray] = None,
+        segmentation=None,
         noise_level: int = 20,
         cond_noise: Optional[np.ndarray] = None,
         return_latents: bool = False,
@@ -145,6 +150,16 @@ class Pipeline:
         channels themselves, (B, h, w, k) NHWC, concatenated as given (any other cond
         stage, e.g. a segmentation map already through its SpatialRescaler). The
         unconditional branch of classifier-free guidance gets the same channels.
+
+        Semantic synthesis (a ``SpatialRescaler`` cond stage, ``cond_stage_model``; CompVis
+        ``semantic_synthesis256`` / landscapes): ``segmentation`` is the rescaler's input at the
+        image size H x W: a map (B, H, W, C_in) / (H, W, C_in) (one-hot or class probabilities,
+        C_in = the rescaler's in_channels, values used as given: no [0, 1] -> [-1, 1] mapping), or
+        integer class indices (B, H, W) / (H, W) (one-hot encoded here), or a path (.npy, or a
+        single-channel label-map PNG). It is resized to the latent size (``n_stages`` x
+        ``multiplier``, PyTorch's interpolation) and channel-mapped inside the jitted chain; the
+        output is the map's size (H x W must rescale to H/f x W/f). These models have no text
+        encoder, so there is no guidance (as for every concat model without text).
 
         Noise-augmented upscalers (``is_upscaler``: the SD 2 x4 upscaler, original
         ``LatentUpscaleDiffusion`` with ``hybrid-adm``, or a diffusers
@@ -192,11 +207,13 @@ class Pipeline:
         if init_bhwc is not None:
             height, width = init_bhwc.shape[1:3]
         concat, concat_kind = self._concat_input(cond_image, image_conditioning, batch, height, width,
-                                                 inpaint=mask is not None)
+                                                 inpaint=mask is not None, segmentation=segmentation)
         if self.is_upscaler:
             concat_kind = "noise_augmented"
         if concat is not None and concat_kind == "first_stage":
             height, width = concat.shape[1:3]
+        elif concat is not None and concat_kind == "cond_stage":
+            height, width = (side * f for side in self.cond_stage_model.output_size(*concat.shape[1:3]))
         elif concat is not None:
             height, width = concat.shape[1] * f, concat.shape[2] * f
         height = int(height or self.default_size)
@@ -272,6 +289,8 @@ class Pipeline:
             inpaint = None
             if concat_kind == "first_stage":
                 extra_channels = self._first_stage_condition(params, inputs["concat"])
+            elif concat_kind == "cond_stage":  # LatentDiffusion.get_learned_conditioning: SpatialRescaler.encode
+                extra_channels = self.cond_stage_model.apply({"params": params["cond_stage"]}, inputs["concat"])
             elif concat_kind == "noise_augmented":
                 # Noise conditioning augmentation (Ho et al. 2021, "Cascaded Diffusion Models", Sec. 4.1):
                 # c = sqrt(abar_l) x_low + sqrt(1 - abar_l) eps under the low-res schedule, at level l.
@@ -333,27 +352,58 @@ class Pipeline:
         return (self.conditioning_key == "concat" and self.cond_stage == "first_stage"
                 and self.concat_channels == self.latent_channels + 1)
 
-    def _concat_input(self, cond_image, image_conditioning, batch: int, height, width, inpaint: bool):
+    def _concat_input(self, cond_image, image_conditioning, batch: int, height, width, inpaint: bool,
+                      segmentation=None):
         """(array, kind) for the concatenated U-Net channels, checked against the model;
         kind "channels" (the channels themselves: ``image_conditioning``, or the image in
-        [-1, 1] at latent size for an identity cond stage) or "first_stage" (an image in
-        [-1, 1] at the output size, encoded in the jitted chain)."""
+        [-1, 1] at latent size for an identity cond stage), "first_stage" (an image in
+        [-1, 1] at the output size, encoded in the jitted chain) or "cond_stage" (the
+        ``segmentation`` map at the output size, through ``cond_stage_model`` in the chain)."""
         k, f = self.concat_channels, self.vae_scale_factor
-        if cond_image is not None and image_conditioning is not None:
-            raise ValueError("give cond_image or image_conditioning, not both")
-        if cond_image is None and image_conditioning is None:
+        what = self.source or "this model"
+        given = [name for name, v in (("cond_image", cond_image), ("image_conditioning", image_conditioning),
+                                      ("segmentation", segmentation)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of cond_image, image_conditioning and segmentation, not {' and '.join(given)}")
+        if segmentation is not None and self.cond_stage_model is None:
+            raise ValueError(f"{what}: segmentation= is the input of a SpatialRescaler cond stage (semantic "
+                             "synthesis models); this model has none")
+        if cond_image is not None and self.cond_stage_model is not None:
+            raise ValueError(f"{what} conditions on a map through its SpatialRescaler: pass segmentation= "
+                             f"(B, H, W, {self.cond_stage_model.in_channels}) or class indices (B, H, W), not "
+                             "cond_image=")
+        if not given:
             inpaint_model = inpaint and (k == self.latent_channels + 1)  # diffusers 9-channel / LDM inpainting
+            if k > 0 and self.cond_stage_model is not None:
+                raise ValueError(
+                    f"{what}: the U-Net takes {k} channels concatenated to the latents from a SpatialRescaler "
+                    f"cond stage; pass segmentation= (B, H, W, {self.cond_stage_model.in_channels}) one-hot / "
+                    "probabilities or (B, H, W) class indices at the image size, or image_conditioning= "
+                    "(B, h, w, k)")
             if k > 0 and not inpaint_model:
                 raise ValueError(
-                    f"{self.source or 'this model'}: the U-Net takes {k} channels concatenated to the latents "
+                    f"{what}: the U-Net takes {k} channels concatenated to the latents "
                     f"(conditioning_key={self.conditioning_key!r}, cond stage {self.cond_stage or 'unknown'!r}); "
                     "pass them: cond_image= (the low-res image of a super-resolution model, or an image the first "
                     "stage encodes) or image_conditioning= (B, h, w, k)")
             return None, None
         if k <= 0:
-            raise ValueError(f"{self.source or 'this model'}: cond_image / image_conditioning need a concat-"
+            raise ValueError(f"{what}: cond_image / image_conditioning need a concat-"
                              f"conditioned U-Net, but its {self.unet.config.in_channels} input channels are the "
                              "latents only")
+        if segmentation is not None:
+            from ldm_jax.models.spatial_rescaler import prepare_segmentation
+
+            rescaler = self.cond_stage_model
+            arr = prepare_segmentation(segmentation, int(rescaler.in_channels))
+            out_hw = rescaler.output_size(*arr.shape[1:3])
+            want = ((height or out_hw[0] * f) // f, (width or out_hw[1] * f) // f)
+            if tuple(out_hw) != want:
+                raise ValueError(
+                    f"segmentation is {arr.shape[1]}x{arr.shape[2]}, which the SpatialRescaler ({rescaler.n_stages} "
+                    f"x {rescaler.method} by {rescaler.multiplier}) makes {out_hw[0]}x{out_hw[1]}, but the latent "
+                    f"size is {want[0]}x{want[1]} (height x width / {f}); give it at the image size")
+            return self._repeat_batch(arr, batch), "cond_stage"
         if image_conditioning is not None:
             arr = np.asarray(image_conditioning, np.float32)
             arr = arr[None] if arr.ndim == 3 else arr
@@ -380,12 +430,16 @@ class Pipeline:
                 what = "image_conditioning" if cond_image is None else "cond_image (the low-resolution image)"
                 raise ValueError(f"{what} is {arr.shape[1]}x{arr.shape[2]} but must have the latent size "
                                  f"{want[0]}x{want[1]} (height x width / {f})")
+        return self._repeat_batch(arr, batch), kind
+
+    @staticmethod
+    def _repeat_batch(arr: np.ndarray, batch: int) -> np.ndarray:
         if arr.shape[0] != batch:
             if batch % arr.shape[0]:
-                raise ValueError(f"cond_image / image_conditioning has {arr.shape[0]} entries, which does not "
-                                 f"divide the batch of {batch}")
+                raise ValueError(f"cond_image / image_conditioning / segmentation has {arr.shape[0]} entries, which "
+                                 f"does not divide the batch of {batch}")
             arr = np.concatenate([arr] * (batch // arr.shape[0]))
-        return arr, kind
+        return arr
 
     def _check_upscaler_inputs(self, noise_level, class_labels, cond_image, image_conditioning) -> None:
         what = self.source or "this model"
@@ -446,7 +500,8 @@ def load_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32
     """A ``Pipeline`` from a diffusers-format folder (model_index.json, unet/, vae/,
     text_encoder/, tokenizer/, scheduler/), a ``train.py`` LDM workdir, or a single original CompVis/Stability
     .ckpt/.safetensors file (``config``: its original YAML, else inferred from the keys;
-    ``use_ema=`` and ``prediction_type=`` pass through to ``load_original_pipeline``).
+    ``use_ema=``, ``prediction_type=`` and ``tokenizer=`` (the vocab.txt / tokenizer folder an LDM
+    txt2img BERTEmbedder checkpoint lacks) pass through to ``load_original_pipeline``).
     ``dtype``: compute dtype ("float32" or "bfloat16"); parameters stay float32."""
     import os
 

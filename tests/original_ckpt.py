@@ -236,6 +236,31 @@ def import_ldm_ddpm():
     return ddpm, ddim
 
 
+class SpatialRescalerReference(torch.nn.Module):
+    """The semantic-synthesis cond stage ``ldm.modules.encoders.modules.SpatialRescaler`` of CompVis
+    latent-diffusion, which stable-diffusion-sdkit's ``ldm`` (from the SD 2 repository) does not ship:
+    ``n_stages`` calls of ``F.interpolate(x, scale_factor=multiplier, mode=method)`` (align_corners and
+    antialias left at their defaults), then, with ``out_channels``, a 1x1 ``nn.Conv2d`` named
+    ``channel_mapper``. Same constructor arguments and parameter names, so its state dict has the
+    original keys."""
+
+    def __init__(self, n_stages=1, method="bilinear", multiplier=0.5, in_channels=3, out_channels=None, bias=False):
+        super().__init__()
+        assert n_stages >= 0 and method in ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area")
+        self.n_stages, self.method, self.multiplier = n_stages, method, multiplier
+        self.remap_output = out_channels is not None
+        if self.remap_output:
+            self.channel_mapper = torch.nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x):
+        for _ in range(self.n_stages):
+            x = torch.nn.functional.interpolate(x, scale_factor=self.multiplier, mode=self.method)
+        return self.channel_mapper(x) if self.remap_output else x
+
+    def encode(self, x):  # what LatentDiffusion.get_learned_conditioning calls
+        return self(x)
+
+
 def latent_diffusion(yaml_file: str, seed: int, cond_stage_config=None):
     """The original ``LatentDiffusion`` of a YAML (``model.target``'s parameters), eval mode,
     every parameter perturbed. ``cond_stage_config`` replaces the YAML's (e.g.
@@ -251,6 +276,10 @@ def latent_diffusion(yaml_file: str, seed: int, cond_stage_config=None):
     if cond_stage_config is not None:
         params.cond_stage_config = cond_stage_config
     name = cfg.target.rsplit(".", 1)[-1]
+    cond = params.get("cond_stage_config")
+    if not isinstance(cond, str) and cond is not None and cond.target.endswith(".SpatialRescaler"):
+        # not in sdkit's ldm (whose encoders module would also need torchvision): the reference, same params
+        cond.target = f"{SpatialRescalerReference.__module__}.{SpatialRescalerReference.__name__}"
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints parameter counts and modes
         model = getattr(ddpm, name)(**params).eval()

@@ -14,6 +14,7 @@ _LAZY = {
     "load_unet": "ldm_jax.convert.unet_diffusers",
     "load_vae": "ldm_jax.convert.vae_diffusers",
     "load_text_encoder": "ldm_jax.convert.clip_transformers",
+    "load_ldm_bert": "ldm_jax.convert.ldm_bert_weights",
     "read_state_dict": "ldm_jax.convert.weights_io",
     "load_original_pipeline": "ldm_jax.convert.original_pipeline",
     "save_diffusers": "ldm_jax.convert.export",

@@ -5,6 +5,8 @@
     folder/vae/ (or vqvae/)          AutoencoderKL or VQModel (LDMPipeline / LDMSuperResolutionPipeline
                                      name it vqvae)
     folder/text_encoder/, tokenizer/ CLIPTextModel + CLIPTokenizer (absent for unconditional models)
+    folder/bert/, tokenizer/         LDMTextToImagePipeline instead: LDMBertModel + BertTokenizer (CompVis
+                                     LDM txt2img, ldm-text2im-large-256), prompts padded to 77
     folder/scheduler/scheduler_config.json
     folder/low_res_scheduler/        StableDiffusionUpscalePipeline only: the DDPMScheduler that noises the
                                      low-res image (with model_index.json's max_noise_level, default 350)
@@ -48,6 +50,14 @@ def load_diffusers_pipeline(folder: str, dtype: str = "float32", attention_impl:
     if _present(index, "text_encoder"):
         text_encoder, params["text_encoder"] = load_text_encoder(os.path.join(folder, "text_encoder"), **kw)
         tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    elif _present(index, "bert"):
+        from ldm_jax.convert.ldm_bert_weights import load_ldm_bert
+        from ldm_jax.text.bert_tokenizer import BERTTokenizer
+
+        text_encoder, params["text_encoder"] = load_ldm_bert(os.path.join(folder, "bert"), variant=variant, **kw)
+        # padded to the position table (77; diffusers hard-codes 77), not the saved model_max_length ("unset")
+        tokenizer = BERTTokenizer.from_pretrained(os.path.join(folder, "tokenizer"),
+                                                  max_length=text_encoder.config.max_position_embeddings)
     scheduler_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     unet_json = read_json(os.path.join(folder, "unet", "config.json"))
     sample_size = unet_json.get("sample_size") or 64

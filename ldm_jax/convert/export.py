@@ -8,6 +8,8 @@ outputs, and that ``ldm_jax.load_pipeline`` reads back to the same parameters:
 * text-conditioned (SD 1.x / 2.x): ``StableDiffusionPipeline``; 9-channel
   inpainting U-Nets: ``StableDiffusionInpaintPipeline`` (unet/, vae/,
   text_encoder/, tokenizer/, scheduler/);
+* the CompVis LDM text-to-image model (an ``LDMBertModel`` text encoder):
+  ``LDMTextToImagePipeline`` (unet/, vqvae/, bert/, tokenizer/, scheduler/);
 * unconditional LDMs (VQ or KL first stage): ``LDMPipeline`` (unet/, vqvae/,
   scheduler/; diffusers calls the autoencoder "vqvae" whatever its class);
 * super-resolution LDMs (the low-res image concatenated to the latents, scale
@@ -319,6 +321,18 @@ def diffusers_pipeline_class(pipe) -> str:
                          "architecture), so no loadable folder can be written. The U-Net and autoencoder alone can "
                          "be written with ldm_jax.convert.export.save_unet / save_vae")
     if pipe.text_encoder is not None:
+        from ldm_jax.models.ldm_bert import LDMBertModel
+
+        if isinstance(pipe.text_encoder, LDMBertModel):
+            # LDMTextToImagePipeline takes latents only, sizes them height // 8 and tokenizes to 77.
+            if extra != 0 or getattr(pipe, "is_upscaler", False):
+                raise ValueError(f"save_diffusers: {what} has an LDMBert text encoder and {extra} concatenated "
+                                 "channels; diffusers' LDMTextToImagePipeline takes the latents only")
+            if pipe.vae_scale_factor != 8 or pipe.text_encoder.config.max_position_embeddings != 77:
+                raise ValueError(f"save_diffusers: {what} has autoencoder factor {pipe.vae_scale_factor} and "
+                                 f"{pipe.text_encoder.config.max_position_embeddings} text positions; diffusers' "
+                                 "LDMTextToImagePipeline hard-codes latents of height // 8 and 77 tokens")
+            return "LDMTextToImagePipeline"
         if not isinstance(pipe.text_encoder, CLIPTextModel):
             raise ValueError(f"save_diffusers: unsupported text encoder {type(pipe.text_encoder).__name__}")
         if getattr(pipe, "is_upscaler", False):
@@ -368,7 +382,13 @@ def save_diffusers(pipe, folder: str) -> str:
     index: Dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": DIFFUSERS_VERSION,
                              "unet": ["diffusers", unet_class], vae_name: ["diffusers", vae_class],
                              "scheduler": ["diffusers", scheduler["_class_name"]]}
-    if pipe.text_encoder is not None:
+    if pipeline_class == "LDMTextToImagePipeline":
+        from ldm_jax.convert.ldm_bert_weights import save_ldm_bert
+
+        save_ldm_bert(pipe.text_encoder, pipe.params["text_encoder"], os.path.join(folder, "bert"))
+        pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+        index.update({"bert": ["latent_diffusion", "LDMBertModel"], "tokenizer": ["transformers", "BertTokenizer"]})
+    elif pipe.text_encoder is not None:
         save_text_encoder(pipe.text_encoder, pipe.params["text_encoder"], os.path.join(folder, "text_encoder"),
                           pipe.tokenizer.pad_token_id)
         save_tokenizer(pipe.tokenizer, os.path.join(folder, "tokenizer"))

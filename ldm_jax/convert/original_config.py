@@ -9,7 +9,9 @@ described by the YAML they were trained with (``v1-inference.yaml``,
     model.params.unet_config.params         openaimodel.UNetModel arguments
     model.params.first_stage_config         AutoencoderKL / VQModelInterface (+ ddconfig)
     model.params.cond_stage_config          FrozenCLIPEmbedder / FrozenOpenCLIPEmbedder /
-                                            ClassEmbedder / __is_unconditional__ / __is_first_stage__
+                                            ClassEmbedder / __is_unconditional__ / __is_first_stage__ /
+                                            torch.nn.Identity / SpatialRescaler (semantic synthesis) /
+                                            BERTEmbedder (LDM txt2img; its vocab via tokenizer=)
     model.params.low_scale_config           LatentUpscaleDiffusion (SD 2 x4 upscaler): the low-res
                                             image's noise schedule and max_noise_level
 
@@ -40,6 +42,9 @@ What cannot be inferred from the weights (pass the YAML, or the override):
 * the noise schedule, when the checkpoint lacks the ``betas`` buffer;
 * ``scale_factor`` without a ``scale_factor`` buffer: 0.18215 (SD) for KL,
   1.0 (LatentDiffusion's default) for VQ first stages.
+* a ``SpatialRescaler``'s resizing (found by its ``cond_stage_model.channel_mapper``
+  weight): assumed ``n_stages = log2(f)`` bilinear halvings, the map at the image
+  resolution (the released semantic synthesis models).
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ COND_STAGES = {
     "FrozenCLIPEmbedder": "clip",
     "FrozenOpenCLIPEmbedder": "open_clip",
     "ClassEmbedder": "class",
+    "BERTEmbedder": "bert",  # the LDM text-to-image model (txt2img-1p4B): LDMBert, see convert/ldm_bert_weights.py
 }
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
@@ -77,8 +83,10 @@ class OriginalSpec:
 
     unet: Dict[str, Any]          # diffusers unet config.json (UNet2DConditionModel or UNet2DModel)
     vae: Dict[str, Any]           # diffusers vae config.json (AutoencoderKL or VQModel)
-    cond_stage: str               # "clip" | "open_clip" | "class" | "none" | "first_stage" | "identity"
-    cond_stage_params: Dict[str, Any]  # YAML params of the conditioning model
+    cond_stage: str               # "clip" | "open_clip" | "class" | "bert" | "none" | "first_stage" | "identity" |
+                                  # "rescaler" (SpatialRescaler)
+    cond_stage_params: Dict[str, Any]  # YAML params of the conditioning model (for "rescaler": all six
+                                       # SpatialRescaler arguments, defaults filled in; see rescaler_params_from_ldm)
     conditioning_key: Optional[str]    # as LatentDiffusion resolves it: crossattn | concat | hybrid | adm |
                                        # hybrid-adm | None (see resolve_conditioning_key)
     scheduler: Dict[str, Any]     # diffusers scheduler_config.json
@@ -452,6 +460,49 @@ def low_scale_from_ldm(model_params: Mapping, conditioning_key: Optional[str], n
     return schedule, max_level
 
 
+# SpatialRescaler.__init__ defaults (ldm/modules/encoders/modules.py).
+_RESCALER_DEFAULTS = dict(n_stages=1, method="bilinear", multiplier=0.5, in_channels=3, out_channels=None,
+                          bias=False)
+
+
+def rescaler_params_from_ldm(params: Mapping, source: str) -> Dict[str, Any]:
+    """``cond_stage_config.params`` of a ``SpatialRescaler`` with its defaults filled in, checked."""
+    from ldm_jax.models.spatial_rescaler import check_rescaler_options
+
+    unknown = sorted(set(params) - set(_RESCALER_DEFAULTS))
+    if unknown:
+        raise CheckpointError(f"{source}: SpatialRescaler params {unknown} are not SpatialRescaler arguments "
+                              f"({', '.join(_RESCALER_DEFAULTS)})")
+    p = {**_RESCALER_DEFAULTS, **params}
+    p["multiplier"] = _num(p["multiplier"], "cond_stage_config multiplier", source)
+    try:
+        check_rescaler_options(p["n_stages"], p["method"], p["multiplier"])
+    except ValueError as e:
+        raise CheckpointError(f"{source}: cond_stage_config: {e}") from None
+    for key in ("in_channels", "out_channels"):
+        value = p[key]
+        if (value is not None or key == "in_channels") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{source}: SpatialRescaler {key}={value!r} is not a positive integer")
+    if not isinstance(p["bias"], bool):
+        raise CheckpointError(f"{source}: SpatialRescaler bias={p['bias']!r} is not a boolean")
+    return p
+
+
+def _check_rescaler_fits(rescaler: Mapping, conditioning_key: Optional[str], unet_params: Mapping, vae: Mapping,
+                         source: str) -> None:
+    """A SpatialRescaler's output goes in as concatenated channels: LatentDiffusion passes a tensor condition as
+    c_concat only for "concat" (c_crossattn otherwise), and the U-Net must take latents + its channels."""
+    if conditioning_key != "concat":
+        raise CheckpointError(f"{source}: a SpatialRescaler cond stage with conditioning_key {conditioning_key!r} is "
+                              "not supported (only 'concat': the rescaled map is concatenated to the latents)")
+    latent = int(vae.get("vq_embed_dim") or vae["latent_channels"])
+    features = rescaler["out_channels"] if rescaler["out_channels"] is not None else rescaler["in_channels"]
+    if int(unet_params["in_channels"]) != latent + int(features):
+        raise CheckpointError(f"{source}: unet_config in_channels={unet_params['in_channels']} is not the "
+                              f"{latent} latent channels plus the SpatialRescaler's {features} output channels")
+
+
 def spec_from_original_config(cfg: Mapping, source: str, prediction_type: Optional[str] = None,
                               scale_factor: Optional[float] = None) -> OriginalSpec:
     """A parsed original YAML (or an inferred YAML-shaped dict) -> ``OriginalSpec``.
@@ -483,18 +534,24 @@ def spec_from_original_config(cfg: Mapping, source: str, prediction_type: Option
         cond_stage = COND_STAGES[cond_name]
     elif cond_name in ("Identity", "IdentityEncoder"):
         cond_stage = "identity"
+    elif cond_name == "SpatialRescaler":
+        cond_stage = "rescaler"
+        cond_params = rescaler_params_from_ldm(cond_params, source)
     else:
         raise CheckpointError(f"{source}: cond_stage_config target {cond_target!r} is not supported "
-                              f"(supported: {', '.join(COND_STAGES)}, __is_unconditional__, __is_first_stage__)")
+                              f"(supported: {', '.join(COND_STAGES)}, SpatialRescaler, torch.nn.Identity, "
+                              "__is_unconditional__, __is_first_stage__)")
     if cond_stage == "clip" and cond_params.get("layer", "last") != "last":
         raise CheckpointError(f"{source}: FrozenCLIPEmbedder layer={cond_params['layer']!r} is not supported "
                               "(only 'last')")
     if cond_stage == "open_clip" and cond_params.get("layer", "last") not in ("last", "penultimate"):
         raise CheckpointError(f"{source}: FrozenOpenCLIPEmbedder layer={cond_params['layer']!r} is not supported")
     conditioning_key = resolve_conditioning_key(p, cond_target, source)
-    if conditioning_key == "concat" and cond_stage in ("clip", "open_clip", "class"):
+    if conditioning_key == "concat" and cond_stage in ("clip", "open_clip", "class", "bert"):
         raise CheckpointError(f"{source}: conditioning_key 'concat' with a {cond_name} cond stage is not supported "
                               "(a text/class context needs 'crossattn' or 'hybrid')")
+    if cond_stage == "rescaler":
+        _check_rescaler_fits(cond_params, conditioning_key, unet_params, vae, source)
     low_res_scheduler, max_noise_level = low_scale_from_ldm(p, conditioning_key, unet_params.get("num_classes"),
                                                             source)
     if scheduler["prediction_type"] == "v_prediction" and unet_params.get("context_dim") == 1024:

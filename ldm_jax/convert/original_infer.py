@@ -169,13 +169,21 @@ def infer_cond_stage_config(state_dict: Mapping[str, np.ndarray], source: str):
         n_classes, dim = state_dict[COND_PREFIX + "embedding.weight"].shape
         return {"target": "ldm.modules.encoders.modules.ClassEmbedder",
                 "params": {"embed_dim": int(dim), "n_classes": int(n_classes)}}
+    mapper = state_dict.get(COND_PREFIX + "channel_mapper.weight")
+    if mapper is not None and np.ndim(mapper) == 4 and tuple(np.shape(mapper)[2:]) == (1, 1):
+        # SpatialRescaler (semantic synthesis): its 1x1 channel_mapper conv; the resizing is not in the weights
+        # (n_stages etc. are filled in by infer_original_config).
+        return {"target": "ldm.modules.encoders.modules.SpatialRescaler",
+                "params": {"in_channels": int(mapper.shape[1]), "out_channels": int(mapper.shape[0]),
+                           "bias": COND_PREFIX + "channel_mapper.bias" in state_dict}}
     other = sorted(k for k in state_dict if k.startswith(COND_PREFIX))
     if other and all(VAE_PREFIX + k[len(COND_PREFIX):] in state_dict for k in other):
         # LatentDiffusion with cond_stage_config __is_first_stage__ stores the first stage twice
         return "__is_first_stage__"
     if other:
         raise CheckpointError(f"{source}: unknown conditioning model weights (e.g. {other[:3]}); pass the "
-                              "original YAML (supported: FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, ClassEmbedder)")
+                              "original YAML (supported: FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, ClassEmbedder, "
+                              "SpatialRescaler)")
     return "__is_unconditional__"
 
 
@@ -219,6 +227,15 @@ def infer_original_config(state_dict: Mapping[str, np.ndarray], source: str) -> 
         key = "hybrid" if unet_params["in_channels"] != latent_ch else "crossattn"
     elif cond_name == "__is_first_stage__":
         key = "concat"
+    elif cond_name == "SpatialRescaler":
+        # The map comes at the image resolution and must reach the latent size: the released semantic
+        # synthesis models halve it bilinearly log2(f) times (n_stages 2 for their f = 4 first stage).
+        key = "concat"
+        factor = 2 ** (len(first_stage["params"]["ddconfig"]["ch_mult"]) - 1)
+        cond["params"].update(n_stages=int(np.log2(factor)), method="bilinear", multiplier=0.5)
+        warnings.warn(f"{source}: SpatialRescaler cond stage without its YAML: assuming {cond['params']['n_stages']} "
+                      "bilinear halvings (the map at the image resolution, as the semantic synthesis models); pass "
+                      "the original YAML if that is wrong")
     elif unet_params["in_channels"] != latent_ch:
         # Concat conditioning without cond-stage weights. The released ones: LDM inpainting
         # (inpainting_big: latents + first-stage latents of the masked image + the mask, 2C + 1

@@ -6,7 +6,8 @@ A single-file checkpoint holds every model under one prefix:
     model_ema.*                the same, EMA copies, with the dots removed
     first_stage_model.*        ldm Encoder/Decoder    -> diffusers AutoencoderKL / VQModel names
                                (down.{i}.attn.{j} -> down_blocks.{i}.attentions.{j}, Attn*Block2D)
-    cond_stage_model.*         text encoder / class embedding (see original_pipeline)
+    cond_stage_model.*         text encoder / class embedding / SpatialRescaler channel_mapper
+                               (see original_pipeline)
 
 The U-Net renaming follows the block structure of the configuration (not a
 scan of the keys): openaimodel numbers its blocks as one flat list,

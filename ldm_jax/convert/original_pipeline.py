@@ -14,6 +14,9 @@ Families (``cond_stage_config``):
 * ClassEmbedder (class-conditional LDMs): ``text_encoder`` is a
   ``ClassEmbedder`` giving a (B, 1, D) context and ``tokenizer`` a
   ``ClassLabelTokenizer``: prompts are class indices, "" the unconditional class.
+* BERTEmbedder (the LDM text-to-image model, txt2img-1p4B): an ``LDMBertModel``
+  from the x-transformers names under ``cond_stage_model.transformer.``; its
+  WordPiece vocabulary is not in the file: ``tokenizer=`` (folder or vocab.txt).
 * __is_unconditional__: no text encoder; an unconditional model samples with
   ``pipe([""] * batch)``.
 * Concat conditioning (``conditioning_key`` "concat", or unset with the default
@@ -21,8 +24,12 @@ Families (``cond_stage_config``):
   ``pipe(..., cond_image=...)``: a ``torch.nn.Identity`` cond stage
   (super-resolution, bsr_sr) takes the low-res image at the latent size, an
   ``__is_first_stage__`` one (LDM inpainting) its first-stage encoding
-  (``init_image=`` + ``mask=`` build [masked-image latents, mask]); any other
-  cond stage: ``image_conditioning=`` (B, h, w, k).
+  (``init_image=`` + ``mask=`` build [masked-image latents, mask]); a
+  ``SpatialRescaler`` (semantic synthesis) is ``Pipeline.cond_stage_model``
+  (params ``"cond_stage"``: its ``cond_stage_model.channel_mapper.*`` 1x1 conv)
+  and takes ``segmentation=`` (B, H, W, in_channels) at the image size, resized
+  inside the jitted chain; any cond stage: ``image_conditioning=`` (B, h, w, k),
+  the channels themselves.
 
 Inpainting models (9 input channels, ``conditioning_key: hybrid``) run through
 ``Pipeline``'s inpaint mode as the diffusers ones do; other hybrid models take
@@ -65,6 +72,7 @@ from ldm_jax.models.autoencoder import abstract_params as vae_abstract_params
 from ldm_jax.models.autoencoder import build_autoencoder
 from ldm_jax.models.class_embedder import ClassEmbedder, ClassLabelTokenizer
 from ldm_jax.models.clip import CLIPTextModel
+from ldm_jax.models.spatial_rescaler import SpatialRescaler
 from ldm_jax.models.unet import UNet
 from ldm_jax.text.tokenizer import CLIPTokenizer
 
@@ -149,8 +157,10 @@ def _text_abstract_params(model: CLIPTextModel):
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
 
 
-def _load_cond_stage(spec: OriginalSpec, state: Mapping[str, np.ndarray], source: str, kw: dict):
-    """(text_encoder, params, tokenizer) for the conditioning model, or (None, None, None)."""
+def _load_cond_stage(spec: OriginalSpec, state: Mapping[str, np.ndarray], source: str, kw: dict,
+                     tokenizer: Optional[str] = None):
+    """(text_encoder, params, tokenizer) for the conditioning model, or (None, None, None).
+    ``tokenizer``: the vocabulary path a BERTEmbedder needs (not stored in its checkpoint)."""
     if spec.cond_stage == "clip":
         prefix = next((p for p in CLIP_PREFIXES if p + "embeddings.token_embedding.weight" in state), None)
         if prefix is None:
@@ -188,11 +198,35 @@ def _load_cond_stage(spec: OriginalSpec, state: Mapping[str, np.ndarray], source
         params = _convert(weights, target, rename=lambda k: k[len(COND_PREFIX):], source=source,
                           config_source=spec.source, original_name=lambda k: COND_PREFIX + k)
         return model, params, ClassLabelTokenizer(model.num_classes)
+    if spec.cond_stage == "bert":  # LDM txt2img: x-transformers names -> LDMBertModel
+        from ldm_jax.convert.ldm_bert_weights import load_original_bert
+
+        return load_original_bert(spec, state, source, kw, tokenizer, convert=_convert)
     return None, None, None
 
 
+def _load_rescaler(spec: OriginalSpec, state: Mapping[str, np.ndarray], source: str, kw: dict):
+    """(SpatialRescaler, params) of a semantic-synthesis cond stage (params {} without a channel mapper)."""
+    p = spec.cond_stage_params
+    model = SpatialRescaler(n_stages=int(p["n_stages"]), method=str(p["method"]), multiplier=float(p["multiplier"]),
+                            in_channels=int(p["in_channels"]), out_channels=p["out_channels"], bias=bool(p["bias"]),
+                            **kw)
+    weights = {k: v for k, v in state.items() if k.startswith(COND_PREFIX)}
+    if model.out_channels is None:
+        if weights:
+            raise CheckpointError(f"{source}: the configuration ({spec.source}) has a SpatialRescaler without "
+                                  f"out_channels (no weights) but the checkpoint has {sorted(weights)[:3]}")
+        return model, {}
+    x = jax.ShapeDtypeStruct((1, 8, 8, model.in_channels), jnp.float32)  # any size: the 1x1 conv is all it holds
+    target = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+    params = _convert(weights, target, rename=lambda k: k[len(COND_PREFIX):], source=source,
+                      config_source=spec.source, original_name=lambda k: COND_PREFIX + k)
+    return model, params
+
+
 def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32", use_ema: bool = False,
-                           prediction_type: Optional[str] = None, attention_impl: str = "xla"):
+                           prediction_type: Optional[str] = None, attention_impl: str = "xla",
+                           tokenizer: Optional[str] = None):
     """A ``Pipeline`` from an original single-file checkpoint (.ckpt / .safetensors).
 
     Args:
@@ -203,6 +237,8 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
       use_ema: take the U-Net weights from ``model_ema.*`` (error if the file has none).
       prediction_type: "epsilon" / "v_prediction" / "sample", overriding the YAML's
         ``parameterization`` (needed for SD 2.x 768-v files loaded without a YAML).
+      tokenizer: a BERTEmbedder model's (LDM txt2img) vocabulary, which its checkpoint lacks: a
+        tokenizer folder or bert-base-uncased's vocab.txt (required there, unused otherwise).
     Raises:
       CheckpointError: unreadable / truncated file, unsupported configuration, or
         weights that do not fit it (naming the key and both shapes).
@@ -221,6 +257,10 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
         cfg = read_original_yaml(config)
         config_source = config
     spec = spec_from_original_config(cfg, config_source, prediction_type=prediction_type, scale_factor=scale_factor)
+    if spec.cond_stage == "bert" and tokenizer is None:  # fail before converting the U-Net
+        from ldm_jax.convert.ldm_bert_weights import missing_tokenizer_error
+
+        raise missing_tokenizer_error(path)
     if config is None and spec.cond_stage == "open_clip" and prediction_type is None:
         step = "" if global_step is None else f" (global_step {global_step})"
         warnings.warn(f"{path}{step}: SD 2.x checkpoint loaded without its YAML: assuming eps-prediction (the "
@@ -246,11 +286,15 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
                              config_source=config_source,
                              original_name=vae_original_name(len(vae.config.block_out_channels)))
 
-    text_encoder, text_params, tokenizer = _load_cond_stage(spec, state, path, kw)
+    text_encoder, text_params, tokenizer = _load_cond_stage(spec, state, path, kw, tokenizer)
     if text_encoder is not None:
         params["text_encoder"] = text_params
+    cond_stage_model = None
+    if spec.cond_stage == "rescaler":
+        cond_stage_model, params["cond_stage"] = _load_rescaler(spec, state, path, kw)
     params = place_params(params)
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
                     scheduler_config=spec.scheduler, source=path, sample_size=spec.sample_size,
                     conditioning_key=spec.conditioning_key, cond_stage=spec.cond_stage,
+                    cond_stage_model=cond_stage_model,
                     low_res_scheduler_config=spec.low_res_scheduler, max_noise_level=spec.max_noise_level)
