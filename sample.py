@@ -12,6 +12,8 @@
                      --cond-img low_res.png --noise-level 20                                # SD 2 x4 upscaler
     python sample.py --checkpoint semantic_synthesis256.ckpt --config config.yaml \
                      --segmentation labels.png          # semantic synthesis (SpatialRescaler cond stage)
+    python sample.py --checkpoint txt2img-f8-large.ckpt --config txt2img-1p4B-eval.yaml \
+                     --tokenizer bert-base-uncased/vocab.txt --prompt "..."   # LDM text-to-image (BERT)
 
 PATH: a diffusers folder, a CompVis/Stability .ckpt/.safetensors file, or a
 train.py workdir. Writes outdir/samples/NNNNN.png (generation settings in the
@@ -28,6 +30,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", "--ckpt", required=True, help="model folder or file")
     p.add_argument("--config", default=None, help="original YAML config for single-file checkpoints")
+    p.add_argument("--tokenizer", default=None,
+                   help="the BERT vocabulary (folder or vocab.txt) of an original LDM text-to-image checkpoint "
+                        "(BERTEmbedder cond stage: the .ckpt holds no vocabulary)")
     p.add_argument("--prompt", default=None, help="the prompt to render")
     p.add_argument("--from-file", dest="from_file", default=None, help="a file with one prompt per line")
     p.add_argument("--negative_prompt", "--negative-prompt", default=None)
@@ -104,7 +109,8 @@ def main(argv=None) -> int:
         from ldm_jax.sampling_job import run_sampling_job
 
         configure_compilation_cache(args.compilation_cache)
-        pipe = ldm_jax.load_pipeline(args.checkpoint, config=args.config, dtype=args.dtype)
+        load_kw = {"tokenizer": args.tokenizer} if args.tokenizer else {}
+        pipe = ldm_jax.load_pipeline(args.checkpoint, config=args.config, dtype=args.dtype, **load_kw)
         no_prompt = not args.from_file and args.prompt is None and args.class_label is None
         if no_prompt and pipe.text_encoder is not None:
             raise ValueError("this model is text- or class-conditioned: give --prompt, --from-file or --class_label")

@@ -326,3 +326,17 @@ def test_wrong_n_layer_names_the_keys(model, tmp_path):
         ldm_jax.load_pipeline(model["ckpt"], config=_yaml_with(tmp_path, n_embed=64), tokenizer=model["vocab"])
     with pytest.raises(CheckpointError, match=r"BERTEmbedder params \['n_head'\] are not BERTEmbedder arguments"):
         ldm_jax.load_pipeline(model["ckpt"], config=_yaml_with(tmp_path, n_head=4), tokenizer=model["vocab"])
+
+
+def test_sample_cli_takes_the_tokenizer_of_an_original_checkpoint(model, tmp_path, capsys):
+    """sample.py --tokenizer: the vocabulary an original BERTEmbedder .ckpt does not hold."""
+    import sample as sample_cli
+
+    out = tmp_path / "out"
+    argv = ["--checkpoint", model["ckpt"], "--config", YAML, "--prompt", PROMPTS[0], "--n_samples", "1",
+            "--steps", "2", "--H", str(SIZE), "--W", str(SIZE), "--outdir", str(out)]
+    assert sample_cli.main(argv + ["--tokenizer", model["vocab"]]) == 0, capsys.readouterr().err
+    assert os.listdir(out / "samples") == ["00000.png"]
+    capsys.readouterr()
+    assert sample_cli.main(argv) == 2
+    assert "pass tokenizer=" in capsys.readouterr().err
