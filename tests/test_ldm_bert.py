@@ -296,9 +296,6 @@ def test_export_runs_in_diffusers_and_loads_back(model, from_ckpt, tmp_path):
 def test_missing_or_wrong_tokenizer_is_named(model, tmp_path):
     with pytest.raises(CheckpointError, match=r"BERTEmbedder.*not\s+stored in the checkpoint: pass tokenizer="):
         ldm_jax.load_pipeline(model["ckpt"], config=YAML)
-    # a BERTEmbedder is not inferred from the keys: the error asks for the YAML
-    with pytest.raises(CheckpointError, match=r"unknown conditioning model weights.*pass the original YAML"):
-        ldm_jax.load_pipeline(model["ckpt"], tokenizer=model["vocab"])
     with pytest.raises(CheckpointError, match="tokenizer=.*no such tokenizer folder or vocab.txt"):
         ldm_jax.load_pipeline(model["ckpt"], config=YAML, tokenizer=str(tmp_path / "nowhere"))
     big = tmp_path / "big.txt"
@@ -340,3 +337,14 @@ def test_sample_cli_takes_the_tokenizer_of_an_original_checkpoint(model, tmp_pat
     capsys.readouterr()
     assert sample_cli.main(argv) == 2
     assert "pass tokenizer=" in capsys.readouterr().err
+
+
+def test_bert_embedder_is_inferred_from_the_keys(model, from_ckpt):
+    """Without the YAML the BERTEmbedder's width, depth, vocabulary and length come from its weights."""
+    inferred = ldm_jax.load_pipeline(model["ckpt"], tokenizer=model["vocab"])
+    assert inferred.text_encoder.config == from_ckpt.text_encoder.config
+    for a, b in zip(jax.tree_util.tree_leaves(inferred.params["text_encoder"]),
+                    jax.tree_util.tree_leaves(from_ckpt.params["text_encoder"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(inferred.encode_prompt(PROMPTS)),
+                               np.asarray(from_ckpt.encode_prompt(PROMPTS)), rtol=0, atol=0)

@@ -169,6 +169,18 @@ def infer_cond_stage_config(state_dict: Mapping[str, np.ndarray], source: str):
         n_classes, dim = state_dict[COND_PREFIX + "embedding.weight"].shape
         return {"target": "ldm.modules.encoders.modules.ClassEmbedder",
                 "params": {"embed_dim": int(dim), "n_classes": int(n_classes)}}
+    bert_tokens = state_dict.get(COND_PREFIX + "transformer.token_emb.weight")
+    if bert_tokens is not None:
+        # BERTEmbedder (LDM text-to-image): an x-transformers TransformerWrapper; its Encoder interleaves
+        # attention and feed-forward blocks as attn_layers.layers.{2i} / {2i+1}.
+        blocks = {int(m.group(1)) for k in state_dict
+                  for m in [re.match(re.escape(COND_PREFIX) + r"transformer\.attn_layers\.layers\.(\d+)\.", k)] if m}
+        positions = state_dict.get(COND_PREFIX + "transformer.pos_emb.emb.weight")
+        params = {"n_embed": int(bert_tokens.shape[1]), "n_layer": len(blocks) // 2,
+                  "vocab_size": int(bert_tokens.shape[0])}
+        if positions is not None:
+            params["max_seq_len"] = int(positions.shape[0])
+        return {"target": "ldm.modules.encoders.modules.BERTEmbedder", "params": params}
     mapper = state_dict.get(COND_PREFIX + "channel_mapper.weight")
     if mapper is not None and np.ndim(mapper) == 4 and tuple(np.shape(mapper)[2:]) == (1, 1):
         # SpatialRescaler (semantic synthesis): its 1x1 channel_mapper conv; the resizing is not in the weights
@@ -223,7 +235,7 @@ def infer_original_config(state_dict: Mapping[str, np.ndarray], source: str) -> 
     cond = infer_cond_stage_config(state_dict, source)
     cond_name = cond if isinstance(cond, str) else cond["target"].rsplit(".", 1)[-1]
     latent_ch = first_stage["params"]["embed_dim"]
-    if cond_name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "ClassEmbedder"):
+    if cond_name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "ClassEmbedder", "BERTEmbedder"):
         key = "hybrid" if unet_params["in_channels"] != latent_ch else "crossattn"
     elif cond_name == "__is_first_stage__":
         key = "concat"
