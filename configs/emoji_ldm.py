@@ -84,6 +84,7 @@ def get_config(arg: str = ""):
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.conditioning = "text"  # "text", "class" or "none"
+    c.diffusion.concat = "none"        # channels next to the latents: "none", "low_res" (SR) or "inpainting"
     c.diffusion.num_train_timesteps = 1000
     c.diffusion.beta_schedule = "scaled_linear"
     c.diffusion.beta_start = 0.00085

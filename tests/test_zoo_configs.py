@@ -1,7 +1,7 @@
-"""configs/ for the released model families (sd1_finetune, sd2_v_finetune, ldm_celebahq256, ...):
-every such config builds its models' parameter shapes (jax.eval_shape, nothing allocated), and
-the architecture is exactly the one the released YAML describes. The first-stage configs
-(autoencoder_*.py) likewise against the released first stages' ddconfigs."""
+"""configs/ for the released model families (sd1_finetune, sd2_v_finetune, ldm_celebahq256, ldm_sr,
+sd_inpainting_finetune, ...): every such config builds its models' parameter shapes (jax.eval_shape,
+nothing allocated), and the architecture is exactly the one the released YAML describes. The
+first-stage configs (autoencoder_*.py) likewise against the released first stages' ddconfigs."""
 import contextlib
 import dataclasses
 import glob
@@ -30,6 +30,8 @@ RELEASED = {
     "sd2_v_finetune.py": ("v2-inference-v.yaml", 865_910_724),
     "ldm_celebahq256.py": ("celebahq-ldm-vq-4.yaml", None),
     "ldm_cin256.py": ("cin256-v2.yaml", 400_920_579),
+    "ldm_sr.py": ("bsr_sr-config.yaml", 113_622_563),                              # concat: low-res image
+    "sd_inpainting_finetune.py": ("v1-inpainting-inference.yaml", 859_535_364),    # hybrid: 9 input channels
 }
 
 
@@ -88,6 +90,12 @@ def test_zoo_config_builds_the_released_architecture(path):
                                              sched["num_train_timesteps"], sched["prediction_type"])
     assert c.data.image_size // ae_cfg.downsample_factor == spec.sample_size  # 64, or 96 for 768-v
 
+    # Concat conditioning (diffusion.concat) from the released U-Net's extra input channels.
+    extra = spec.unet["in_channels"] - ae_cfg.embed_dim
+    concat = "none" if extra == 0 else "low_res" if spec.cond_stage == "identity" and extra == 3 else (
+        "inpainting" if spec.conditioning_key in ("concat", "hybrid") and extra == ae_cfg.embed_dim + 1 else "?")
+    assert c.diffusion.get("concat", "none") == concat
+
     if spec.cond_stage in ("clip", "open_clip"):
         assert c.diffusion.conditioning == "text"
         clip_cfg = CLIPTextConfig(**c.text_encoder.clip)
@@ -100,8 +108,29 @@ def test_zoo_config_builds_the_released_architecture(path):
         assert c.diffusion.conditioning == "class_crossattn"
         assert c.diffusion.num_classes + 1 == spec.cond_stage_params["n_classes"]
         assert spec.cond_stage_params["embed_dim"] == unet_cfg.cross_attention_dim
+    elif spec.cond_stage == "identity":  # the low-res image itself is the condition (bsr_sr)
+        assert c.diffusion.conditioning == "none" and concat == "low_res"
     else:
         assert spec.cond_stage == "none" and c.diffusion.conditioning == "none"
+
+
+@pytest.mark.parametrize("name", ["ldm_sr.py", "sd_inpainting_finetune.py"])
+def test_concat_zoo_configs_have_the_original_unet_size(name):
+    """The concat-conditioned configs' U-Nets have exactly as many parameters as the original
+    openaimodel.UNetModel built from the released YAML (torch's meta device: no memory, no init)."""
+    import torch
+
+    import original_ckpt  # noqa: F401  (stubs the original package's training-only imports)
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    yaml_name, unet_size = RELEASED[name]
+    original = read_original_yaml(os.path.join(ROOT, "tests", "original_configs", yaml_name))
+    with torch.device("meta"):
+        reference = UNetModel(**original["model"]["params"]["unet_config"]["params"])
+    want = sum(t.numel() for t in reference.state_dict().values())
+    got = count(unet_abstract_params(UNet(UNetConfig(**load_config(os.path.join(ROOT, "configs", name)).model.unet))))
+    print(f"{name}: U-Net {got:,} parameters (original {want:,})")
+    assert got == want == unet_size
 
 
 def reference_clip_size(cfg):

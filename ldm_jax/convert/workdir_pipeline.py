@@ -6,7 +6,11 @@
 The U-Net weights (and the text encoder's, when it was trained jointly) are the EMA
 weights when the run kept them; the frozen first stage and a frozen text encoder
 are rebuilt from the configuration exactly as training built them, and the latent
-scale factor comes from the checkpoint metadata (``scale_by_std``).
+scale factor comes from the checkpoint metadata (``scale_by_std``). A concat-conditioned
+run (``diffusion.concat``) gets the ``conditioning_key`` / ``cond_stage`` that make the
+Pipeline build its extra U-Net channels as training did (``LDMTask.pipeline_conditioning``):
+super-resolution samples with ``cond_image=`` (the low-res image, output f times larger),
+inpainting with ``init_image=`` and ``mask=``.
 """
 from __future__ import annotations
 
@@ -57,6 +61,8 @@ def load_workdir_pipeline(workdir: str, dtype: str = "float32", use_ema: bool = 
     scheduler_config = dict(task.schedule_config, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                             timestep_spacing="leading")
     image_size = int(config.data.get("image_size", 32))
+    # Concat-conditioned runs (diffusion.concat): conditioning_key / cond_stage make the Pipeline build the
+    # concatenated channels as the train step did (cond_image= for SR, init_image= + mask= for inpainting).
     return Pipeline(unet=task.unet, vae=vae, text_encoder=task.text_encoder, tokenizer=task.tokenizer,
                     params=params, scheduler_config=scheduler_config, source=workdir,
-                    sample_size=image_size // vae.config.downsample_factor)
+                    sample_size=image_size // vae.config.downsample_factor, **task.pipeline_conditioning())

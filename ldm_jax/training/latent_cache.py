@@ -14,6 +14,9 @@ and process 0 writes them into ``WORKDIR/latents/``:
 * ``*_flip.npy``       the same for the horizontally flipped images, when ``data.random_flip``
                        (flipping latents is only approximately flipping images, so both
                        flips are encoded: 2x the encoding time and disk);
+* ``low_res.npy``      (N, h, w, 3) float32, super-resolution runs only (``diffusion.concat=
+                       "low_res"``): the image box-filtered to the latent size in [-1, 1], the
+                       step's condition (``concat_conditioning.low_res_condition``);
 * ``examples.npz``     captions, labels (if any) and a ``valid`` mask (unreadable images
                        are marked invalid and skipped like in the image pipeline);
 * ``meta.json``        what the cache was built from: the first-stage checkpoint path,
@@ -126,7 +129,7 @@ def expected_meta(task, data_cfg, source, split: str = "train") -> Dict[str, Any
             ("name", "data_dir", "path", "image_key", "caption_key", "label_key", "caption_template",
              "folder_labels", "exclude_captions")}
     data["split"] = split
-    return {
+    key = {
         "version": CACHE_VERSION,
         "first_stage": first_stage,
         "compute_dtype": np.dtype(task.dtype).name,
@@ -135,6 +138,14 @@ def expected_meta(task, data_cfg, source, split: str = "train") -> Dict[str, Any
         "data": data,
         "source": _source_fingerprint(source),
     }
+    if _with_low_res(task):  # only then, so caches of other runs keep their key
+        key["low_res"] = True
+    return key
+
+
+def _with_low_res(task) -> bool:
+    """Super-resolution training: the cache also holds the low-res condition of every image."""
+    return getattr(task, "concat", "none") == "low_res"
 
 
 def _diff(cached: Any, expected: Any, prefix: str = "") -> list:
@@ -166,16 +177,22 @@ def check_cache(cache_dir: str, expected: Dict[str, Any]) -> Optional[str]:
 
 
 # ------------------------------------------------------------------ building
-def make_encode_fn(vae, mesh):
-    """Jitted ``(vae_params, images uint8 (B, H, W, 3)) -> {"latents"[, "latents_std"]}``
-    (float32, unscaled, replicated): KL mean and std, or VQ pre-quantisation latents."""
+def make_encode_fn(vae, mesh, low_res: bool = False):
+    """Jitted ``(vae_params, images uint8 (B, H, W, 3)) -> {"latents"[, "latents_std"][, "low_res"]}``
+    (float32, unscaled, replicated): KL mean and std, or VQ pre-quantisation latents; with
+    ``low_res`` the super-resolution condition of the images as well."""
+    from ldm_jax.training.concat_conditioning import low_res_condition
     from ldm_jax.training.ldm_step import images_to_float
 
     def fn(vae_params, image_bhwc):
         enc = vae.apply({"params": vae_params}, images_to_float(image_bhwc), method="encode")
         if hasattr(enc, "logvar"):
-            return {"latents": enc.mean.astype(jnp.float32), "latents_std": enc.std.astype(jnp.float32)}
-        return {"latents": enc.pre_quant.astype(jnp.float32)}
+            out = {"latents": enc.mean.astype(jnp.float32), "latents_std": enc.std.astype(jnp.float32)}
+        else:
+            out = {"latents": enc.pre_quant.astype(jnp.float32)}
+        if low_res:
+            out["low_res"] = low_res_condition(image_bhwc, vae.config.downsample_factor)
+        return out
 
     return shd.SyncedJit(jax.jit(fn, out_shardings=shd.replicated(mesh)), "encode_latents")
 
@@ -194,7 +211,7 @@ def build_cache(task, data_cfg, source, cache_dir: str, expected: Dict[str, Any]
     flips = bool(_data_get(data_cfg, "random_flip"))
     encode = getattr(task, "_latent_encode_fn", None)
     if encode is None:  # one jitted encoder per task (params are an argument: rebuilds reuse it)
-        encode = make_encode_fn(task.vae, mesh)
+        encode = make_encode_fn(task.vae, mesh, low_res=_with_low_res(task))
         try:
             task._latent_encode_fn = encode
         except AttributeError:  # pragma: no cover - a task without a __dict__
@@ -314,21 +331,22 @@ class LatentSource:
     example that was unreadable when the cache was built); the latents are read by
     ``LatentIterator`` from the memory-mapped arrays."""
 
-    def __init__(self, cache_dir: str, with_std: bool, with_flip: bool):
+    def __init__(self, cache_dir: str, with_std: bool, with_flip: bool, with_low_res: bool = False):
         self.cache_dir = cache_dir
         ex = np.load(os.path.join(cache_dir, "examples.npz"))
         self.valid = ex["valid"]
         self.captions = ex["caption"]
         self.labels = ex["label"] if "label" in ex.files else None
         self.has_labels = self.labels is not None
-        names = ["latents"] + (["latents_std"] if with_std else [])
+        names = ["latents"] + (["latents_std"] if with_std else []) + (["low_res"] if with_low_res else [])
         self.arrays = {}
         for suffix in [""] + (["_flip"] if with_flip else []):
             for name in names:
                 path = os.path.join(cache_dir, name + suffix + ".npy")
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"latent cache {cache_dir}: {name + suffix}.npy is missing "
-                                            f"(expected for first_stage.sample_posterior / data.random_flip)")
+                                            f"(expected for first_stage.sample_posterior / data.random_flip / "
+                                            f"diffusion.concat)")
                 self.arrays[name + suffix] = np.load(path, mmap_mode="r")
         self.names = names
 
@@ -353,7 +371,7 @@ class LatentSource:
 
 class LatentIterator(DataIterator):
     """``DataIterator`` over a latent cache: batches {"latents" (L, h, w, c) float32[,
-    "latents_std"], "caption", "index"[, "label"][, "mask"]} in the image pipeline's order,
+    "latents_std"][, "low_res"], "caption", "index"[, "label"][, "mask"]} in the image pipeline's order,
     with its flips (drawn from (seed, position) exactly as ``preprocess`` draws them)."""
 
     def _example(self, index: int, rng) -> dict:
@@ -368,7 +386,7 @@ class LatentIterator(DataIterator):
     def _batch_fn(examples: list) -> dict:
         out = {"caption": np.array([ex["caption"] for ex in examples], dtype=np.str_),
                "index": np.array([ex["index"] for ex in examples], dtype=np.int64)}
-        for key in ("latents", "latents_std"):
+        for key in ("latents", "latents_std", "low_res"):
             if key in examples[0]:
                 out[key] = np.stack([ex[key] for ex in examples]).astype(np.float32, copy=False)
         for key, dtype in (("label", np.int32), ("mask", np.bool_)):
@@ -412,7 +430,8 @@ def prepare_latent_dataset(task, config, workdir: str, seed: int, *, split: str 
     elif jax.process_index() == 0:
         log.info("latent cache: reusing %s (built for this first stage and data)", cache_dir)
     with_std = task.vae.config.kind == "kl" and task.step_cfg.sample_posterior
-    latent_source = LatentSource(cache_dir, with_std=with_std, with_flip=bool(_data_get(data_cfg, "random_flip")))
+    latent_source = LatentSource(cache_dir, with_std=with_std, with_flip=bool(_data_get(data_cfg, "random_flip")),
+                                 with_low_res=_with_low_res(task))
     num_epochs = _data_get(data_cfg, "num_epochs")
     return LatentIterator(
         latent_source, global_batch_size=int(config.train.batch_size), process_index=jax.process_index(),

@@ -10,6 +10,9 @@ U-Net), and eps / v / x0 targets, min-SNR weights and offset noise from
 ``LDMStepConfig.train_text_encoder``, optimised jointly with the U-Net as in the
 paper's conditional LDMs (Sec. 3.3, Eq. 3: "both tau_theta and eps_theta are jointly
 optimized"); the trained parameters are then ``{"unet": ..., "text_encoder": ...}``.
+With ``LDMStepConfig.concat`` the U-Net sees ``[z_t, c]``, c concatenated on the channel axis
+(super-resolution: the low-res image; inpainting: the mask and the masked image's latents;
+see ``concat_conditioning.py``), in Eq. 2's eps_theta(z_t, t, ...) next to tau(y).
 
 ``make_train_step(...)`` returns a pure function ``train_step(state, batch, frozen) ->
 (state, metrics)``:
@@ -19,6 +22,10 @@ optimized"); the trained parameters are then ``{"unet": ..., "text_encoder": ...
   ``"latents_std"`` when they are a KL posterior's mean and std (a sample is drawn here
   with the eps the image path would draw). Text models
   also take ``"input_ids"`` (B, L) int32, class-conditional ones ``"label"`` (B,) int32.
+  Concat-conditioned models (``LDMStepConfig.concat``, ``concat_conditioning.py``): super-
+  resolution builds its ``"low_res"`` (B, h, w, 3) from ``"image"`` unless the batch carries it
+  (precomputed latents, or degraded low-res images); inpainting needs ``"image"`` and draws a
+  mask per example unless the batch carries ``"inpaint_mask"`` (B, H, W, 1) of 0/1.
 * ``frozen``: ``{"vae": params | None, "text_encoder": params | None,
   "scale_factor": () float32, "empty_ids": (1, L) int32 | None}``.
 
@@ -43,13 +50,14 @@ from ldm_jax.diffusion.losses import (
     check_prediction_type, diffusion_loss, min_snr_weights, prediction_target, sample_training_inputs,
 )
 from ldm_jax.diffusion.schedule import NoiseSchedule, add_noise, snr
+from ldm_jax.training import concat_conditioning as concat_lib
 from ldm_jax.training import optim
 from ldm_jax.training import sharding as shd
 from ldm_jax.training.state import TrainState
 
 CONDITIONINGS = ("text", "class", "none")
 # Streams folded into the step key.
-_POSTERIOR, _COND_DROP, _NOISE, _DROPOUT = 0, 1, 2, 3
+_POSTERIOR, _COND_DROP, _NOISE, _DROPOUT, _MASK, _MASKED_POSTERIOR = 0, 1, 2, 3, 4, 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +72,12 @@ class LDMStepConfig:
     null_class: Optional[int] = None       # class id of "no label"; None = num_class_embeds - 1
     sample_posterior: bool = True          # KL first stage: z ~ q(z|x) (CompVis) rather than its mean
     train_text_encoder: bool = False       # optimise tau jointly (params {"unet", "text_encoder"})
+    concat: str = "none"                   # channels next to z_t: "none", "low_res" (SR), "inpainting"
+    masks: concat_lib.MaskConfig = concat_lib.MaskConfig()  # inpainting masks drawn per example
 
     def __post_init__(self):
         check_prediction_type(self.prediction_type)
+        concat_lib.num_concat_channels(self.concat, 0)  # validates the name
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"LDMStepConfig.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         if self.train_text_encoder and self.conditioning != "text":
@@ -145,6 +156,18 @@ def make_train_step(
             raise ValueError("conditioning='class' needs a U-Net with num_class_embeds")
         null_class = n_cls - 1 if cfg.null_class is None else int(cfg.null_class)
 
+    def concat_condition(mb, frozen):
+        """The channels concatenated to z_t (LDM Sec. 3.3; SR Sec. 4.4, inpainting Sec. 4.5), or None.
+        The same for CFG-dropped examples: only the text / class condition is dropped."""
+        if cfg.concat == "low_res":
+            if "low_res" in mb:
+                return images_to_float(mb["low_res"])
+            return concat_lib.low_res_condition(mb["image"], vae.config.downsample_factor)
+        if cfg.concat == "inpainting":
+            return concat_lib.inpainting_condition(vae, frozen["vae"], mb["image"], mb["inpaint_mask"],
+                                                   mb.get("masked_eps"), frozen["scale_factor"])
+        return None
+
     def loss_fn(params, mb, index, frozen, dropout_key):
         unet_params, te_params = split_trained_params(params, cfg.train_text_encoder)
         # Frozen first stage (Sec. 3.1): z = E(x) * scale_factor.
@@ -170,6 +193,9 @@ def make_train_step(
         # Forward process q(z_t | z_0) (Ho et al. 2020 Eq. 4) and the regression target.
         x_t = add_noise(schedule, x0, mb["noise"], mb["t"])
         target = prediction_target(schedule, x0, mb["noise"], mb["t"], cfg.prediction_type)
+        cond = concat_condition(mb, frozen)
+        if cond is not None:  # U-Net input [z_t, c] on the channel axis (CompVis DiffusionWrapper "concat")
+            x_t = jnp.concatenate([x_t, cond.astype(x_t.dtype)], axis=-1)
         out = unet.apply({"params": unet_params}, x_t.astype(unet.dtype), mb["t"], context, labels, train=True,
                          rngs={"dropout": jax.random.fold_in(dropout_key, index)})
         weights = None
@@ -178,11 +204,27 @@ def make_train_step(
         loss = diffusion_loss(out, target, weights)
         return loss, {"latent_std": jnp.std(x0)}
 
+    def check_concat_inputs(batch, shape):
+        """Trace-time checks of the batch against the U-Net's input channels and ``cfg.concat``."""
+        latent_channels = shape[-1]
+        concat_lib.check_unet_in_channels(unet.config.in_channels, latent_channels, cfg.concat)
+        if cfg.concat == "inpainting":
+            if "image" not in batch or vae is None:
+                raise ValueError("concat='inpainting' needs the batch's 'image' and the first stage: the masked image "
+                                 "is encoded every step (precomputed latents cannot be used)")
+        elif cfg.concat == "low_res" and "low_res" not in batch and ("image" not in batch or vae is None):
+            raise ValueError("concat='low_res' needs 'image' (and the first stage, for its factor) or a 'low_res' "
+                             "(B, h, w, 3) entry in the batch")
+        if "low_res" in batch and tuple(batch["low_res"].shape) != tuple(shape[:3]) + (3,):
+            raise ValueError(f"batch 'low_res' must be (B, h, w, 3) at the latent size {tuple(shape[:3])}, got "
+                             f"{tuple(batch['low_res'].shape)}")
+
     def train_step(state: TrainState, batch, frozen):
         batch = dict(batch)
         key = jax.random.fold_in(state.rng, state.step)
         shape = latent_shape(vae, batch)
         b = shape[0]
+        check_concat_inputs(batch, shape)
 
         # Per-example randomness for the whole global batch.
         extra = {}
@@ -196,6 +238,12 @@ def make_train_step(
             extra["eps"] = jax.random.normal(jax.random.fold_in(key, _POSTERIOR), shape, jnp.float32)
         if use_text or use_class:
             extra["drop"] = jax.random.bernoulli(jax.random.fold_in(key, _COND_DROP), cfg.cond_drop_prob, (b,))
+        if cfg.concat == "inpainting":
+            if "inpaint_mask" not in batch:
+                h, w = batch["image"].shape[1:3]
+                extra["inpaint_mask"] = concat_lib.random_masks(jax.random.fold_in(key, _MASK), b, h, w, cfg.masks)
+            # The masked image's posterior sample (KL; VQ quantises deterministically).
+            extra["masked_eps"] = jax.random.normal(jax.random.fold_in(key, _MASKED_POSTERIOR), shape, jnp.float32)
         if mesh is not None:
             extra = jax.lax.with_sharding_constraint(extra, shd.batch_sharding(mesh))
         batch.update(extra)
@@ -221,7 +269,8 @@ def make_train_step(
     return train_step
 
 
-_STEP_KEYS = ("image", "latents", "input_ids", "label", "t", "noise", "eps", "drop")
+_STEP_KEYS = ("image", "latents", "input_ids", "label", "t", "noise", "eps", "drop", "low_res", "inpaint_mask",
+              "masked_eps")
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings, frozen_shardings):

@@ -17,6 +17,18 @@ Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
 * ``diffusion.*`` (schedule, prediction type, min-SNR, offset noise, conditioning, CFG
   dropout), ``train.*`` (OptimizerConfig fields + ``num_steps``), ``mesh.min_fsdp_size``,
   ``mesh.rules``, ``sample.*``;
+* ``diffusion.conditioning``: what reaches the U-Net through cross-attention or its class
+  embedding: "text" (tau = the text encoder), "class" (``num_class_embeds``), "class_crossattn"
+  (the LDM ClassEmbedder) or "none";
+* ``diffusion.concat``: what is concatenated to the noisy latents on the channel axis
+  (``concat_conditioning.py``; independent of ``conditioning``, so "text" + a concat is the
+  CompVis "hybrid" key): "none"; "low_res" (super-resolution, LDM Sec. 4.4 / bsr_sr: the
+  training image box-filtered to the latent size, [-1, 1]; U-Net in_channels = latent channels
+  + 3; a workdir samples with ``pipe(..., cond_image=low_res)``); "inpainting" (SD-inpainting /
+  LDM Sec. 4.5: [mask at latent size, scale_factor * E(masked image)], in_channels = 2 x latent
+  channels + 1; masks drawn per example as ``diffusion.inpainting_masks`` (MaskConfig fields)
+  says; a workdir samples with ``pipe(prompt, init_image=..., mask=...)``). The concat channels
+  are never dropped for CFG; inpainting cannot train on precomputed latents;
 * ``init.checkpoint`` / ``init.original_config`` / ``init.use_ema``: start from a released
   model's U-Net and take its frozen stages (``init_checkpoint.py``);
 * ``data.precompute_latents``: train on latents encoded once into ``WORKDIR/latents``
@@ -36,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax.diffusion.schedule import NoiseSchedule
 from ldm_jax.models.unet import UNet, UNetConfig, unet_dummy_inputs
+from ldm_jax.training import concat_conditioning as concat_lib
 from ldm_jax.training import init_checkpoint, ldm_step, optim
 from ldm_jax.training import sharding as shd
 from ldm_jax.training import state as state_lib
@@ -200,6 +213,7 @@ class LDMTask:
             raise ValueError(f"diffusion.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         class_crossattn = self.conditioning == "class_crossattn"
         conditioning = "text" if class_crossattn else self.conditioning
+        self.concat = _get(diff, "concat", "none") or "none"  # checked by LDMStepConfig
         self.step_cfg = ldm_step.LDMStepConfig(
             prediction_type=_get(diff, "prediction_type", "epsilon"),
             min_snr_gamma=_get(diff, "min_snr_gamma", None) or None,
@@ -210,6 +224,8 @@ class LDMTask:
             sample_posterior=bool(_get(config.first_stage, "sample_posterior", True)),
             train_text_encoder=class_crossattn or (
                 conditioning == "text" and bool(_get(config.text_encoder, "trainable", False))),
+            concat=self.concat,
+            masks=concat_lib.MaskConfig.from_mapping(_as_dict(_get(diff, "inpainting_masks", None))),
         )
         self.schedule_config = dict(
             num_train_timesteps=int(_get(diff, "num_train_timesteps", 1000)),
@@ -222,6 +238,8 @@ class LDMTask:
 
         self.vae, vae_params = build_first_stage(config.first_stage, self.dtype, attention_impl, **sharding_kw,
                                                  init_pipe=self.init_pipe)
+        concat_lib.check_unet_in_channels(self.unet.config.in_channels, self.vae.config.embed_dim, self.concat)
+        self._check_init_concat_layout()
         self.text_encoder = self.tokenizer = None
         te_params = empty_ids = None
         ucfg = self.unet.config
@@ -293,6 +311,20 @@ class LDMTask:
                      "U-Net + text encoder" if self.step_cfg.train_text_encoder else "U-Net", n / 1e6,
                      self.dtype.name, dict(mesh.shape))
 
+    def _check_init_concat_layout(self) -> None:
+        """init.checkpoint models whose concat channels mean something else than this task builds."""
+        pipe = self.init_pipe
+        if pipe is None or self.concat == "none":
+            return
+        if getattr(pipe, "is_upscaler", False):
+            raise ValueError(f"init.checkpoint={pipe.source} is a noise-augmented upscaler (SD 2 x4: the low-res "
+                             "image noised to a level given as a class label); diffusion.concat="
+                             f"{self.concat!r} trains the clean concat layout (LDM bsr_sr / SD-inpainting) instead")
+        if self.concat == "inpainting" and pipe.cond_stage == "first_stage":
+            raise ValueError(f"init.checkpoint={pipe.source} is a CompVis LDM inpainting model (channels [unscaled "
+                             "first-stage mode of the masked image, mask]); diffusion.concat='inpainting' trains the "
+                             "SD-inpainting layout [mask, scaled posterior sample of the masked image]")
+
     # ------------------------------------------------------------------ loop hooks
     def init_state(self, rng: jax.Array):
         """A fresh state; the U-Net from init.checkpoint and a trained text encoder from its
@@ -330,6 +362,11 @@ class LDMTask:
                 out["latents_std"] = np.asarray(host_batch["latents_std"], np.float32)
         else:
             out["image"] = np.asarray(host_batch["image"])
+        # Concat-conditioning inputs a data source may provide (else the step builds them).
+        if self.concat == "low_res" and "low_res" in host_batch:
+            out["low_res"] = np.asarray(host_batch["low_res"])
+        if self.concat == "inpainting" and "inpaint_mask" in host_batch:
+            out["inpaint_mask"] = np.asarray(host_batch["inpaint_mask"], np.float32)
         if self.conditioning == "class_crossattn":
             if "label" not in host_batch:
                 raise KeyError("class-conditional training needs a 'label' field in the data "
@@ -383,6 +420,10 @@ class LDMTask:
         once by the frozen first stage, rebuilt when stale); see ``latent_cache``."""
         from ldm_jax.training import latent_cache
 
+        if self.concat == "inpainting":
+            raise ValueError("data.precompute_latents=True cannot train diffusion.concat='inpainting': the masked "
+                             "image changes with every drawn mask and is encoded by the first stage each step; "
+                             "set data.precompute_latents=False")
         return latent_cache.prepare_latent_dataset(self, config, workdir, seed)
 
     def metadata(self) -> Dict[str, Any]:
@@ -406,12 +447,51 @@ class LDMTask:
                   sampler=_get(cfg, "sampler", "ddim"), height=self._image_size(), width=self._image_size())
         if self.conditioning == "text":
             prompts = list(_get(cfg, "prompts", ["a red square"]))
-            return pipe(prompts, **kw)
+            return pipe(prompts, **kw, **self._sample_concat_inputs(len(prompts)))
         if self.conditioning in ("class", "class_crossattn"):
             labels = list(_get(cfg, "class_labels", [0, 1, 2, 3]))
-            return pipe([""] * len(labels), class_labels=labels, **kw)
+            return pipe([""] * len(labels), class_labels=labels, **kw, **self._sample_concat_inputs(len(labels)))
         n = int(_get(cfg, "num_images", 4))
-        return pipe([""] * n, **{**kw, "guidance_scale": 1.0})
+        return pipe([""] * n, **{**kw, "guidance_scale": 1.0, **self._sample_concat_inputs(n)})
+
+    def _sample_concat_inputs(self, n: int) -> Dict[str, Any]:
+        """The Pipeline inputs of a concat-conditioned model for the sample grids: the low-res
+        version of ``sample.images`` (image files; default: synthetic squares) for SR, or those
+        images with a centred box to repaint (strength 1) for inpainting."""
+        if self.concat == "none":
+            return {}
+        from ldm_jax.data.pipeline import preprocess
+
+        size = self._image_size()
+        paths = list(_get(self.config.sample, "images", ()) or ())
+        if paths:
+            from PIL import Image
+
+            images = [preprocess(np.asarray(Image.open(p).convert("RGB")), size, center_crop=True, random_flip=False,
+                                 rng=None) for p in paths]
+        else:
+            from ldm_jax.training.loop import SyntheticDataset
+
+            synth = SyntheticDataset(1, image_size=size)
+            images = [synth.example(i)["image"] for i in range(n)]
+        images = np.stack([images[i % len(images)] for i in range(n)]).astype(np.float32) / 255.0
+        if self.concat == "low_res":
+            low_res = concat_lib.area_downsample(jnp.asarray(images), self.vae.config.downsample_factor)
+            return {"cond_image": np.asarray(low_res)}  # output: data.image_size, as kw's height / width
+        mask = np.zeros((n, size, size), np.float32)
+        mask[:, size // 4: size - size // 4, size // 4: size - size // 4] = 1.0
+        return {"init_image": images, "mask": mask, "strength": 1.0}
+
+    def pipeline_conditioning(self) -> Dict[str, Any]:
+        """``Pipeline`` fields that make it sample this task's concat channels as the step built
+        them: conditioning_key "concat" ("hybrid" next to cross-attention) and cond_stage
+        "identity" (SR: the [-1, 1] low-res image as given) or "" (inpainting: Pipeline's
+        [mask, scale_factor * posterior sample of the masked image] layout, not CompVis LDM
+        inpainting's first-stage one)."""
+        if self.concat == "none":
+            return {}
+        key = "hybrid" if self.text_encoder is not None else "concat"
+        return {"conditioning_key": key, "cond_stage": "identity" if self.concat == "low_res" else ""}
 
     def _image_size(self) -> int:
         return int(_get(self.config.data, "image_size", 32))
@@ -438,5 +518,6 @@ class LDMTask:
                 unet=self.unet, vae=vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, params=params,
                 scheduler_config={**self.schedule_config, "clip_sample": False, "set_alpha_to_one": False,
                                   "steps_offset": 1},
-                source="training", sample_size=self._image_size() // self.vae.config.downsample_factor, mesh=mesh)
+                source="training", sample_size=self._image_size() // self.vae.config.downsample_factor, mesh=mesh,
+                **self.pipeline_conditioning())
         return self._pipeline
