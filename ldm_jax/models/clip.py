@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import ATTENTION_IMPLS, AttentionImpl, Dtype, dot_product_attention
+from ldm_jax.models.layers import ATTENTION_IMPLS, AttentionImpl, Dtype, activation, dot_product_attention, layer_norm
 
 OutputLayer = Literal["last", "penultimate"]
 _ACTIVATIONS = ("quick_gelu", "gelu")
@@ -71,12 +71,6 @@ class CLIPTextConfig:
     def context_layer(self) -> int:
         """Number of blocks run to get the context (``num_layers`` or one less)."""
         return self.num_layers - (1 if self.output_layer == "penultimate" else 0)
-
-
-def _activation(name: str, x: jax.Array) -> jax.Array:
-    if name == "quick_gelu":  # Radford et al. 2021 (OpenAI CLIP): x * sigmoid(1.702 x)
-        return x * jax.nn.sigmoid(1.702 * x)
-    return jax.nn.gelu(x, approximate=False)  # torch.nn.GELU() / transformers "gelu"
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -130,12 +124,7 @@ class CLIPMLP(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.Dense(cfg.intermediate_size, name="fc1", **kw)(x_bld)
-        return nn.Dense(cfg.hidden_size, name="fc2", **kw)(_activation(cfg.hidden_act, h))
-
-
-def _layer_norm(cfg: CLIPTextConfig, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    # Flax computes the statistics in float32 for low-precision inputs.
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+        return nn.Dense(cfg.hidden_size, name="fc2", **kw)(activation(cfg.hidden_act, h))
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -149,9 +138,9 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_bld: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _layer_norm(self.config, "layer_norm1", **kw)(x_bld)
+        h = layer_norm(self.config.layer_norm_eps, "layer_norm1", **kw)(x_bld)
         x_bld = x_bld + CLIPAttention(self.config, self.attention_impl, name="self_attn", **kw)(h)
-        h = _layer_norm(self.config, "layer_norm2", **kw)(x_bld)
+        h = layer_norm(self.config.layer_norm_eps, "layer_norm2", **kw)(x_bld)
         return x_bld + CLIPMLP(self.config, name="mlp", **kw)(h)
 
 
@@ -195,7 +184,7 @@ class CLIPTextModel(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = CLIPTextEmbeddings(self.config, **kw)
         self.encoder = CLIPEncoder(self.config, self.attention_impl, **kw)
-        self.final_layer_norm = _layer_norm(self.config, "final_layer_norm", **kw)
+        self.final_layer_norm = layer_norm(self.config.layer_norm_eps, "final_layer_norm", **kw)
 
     def _check_ids(self, ids_bl: jax.Array) -> None:
         if ids_bl.ndim != 2:

@@ -33,6 +33,27 @@ ATTENTION_IMPLS = ("xla", "dot_product", "blocked", "cudnn", "splash")
 
 Dtype = jnp.dtype
 
+# transformers' ACT2FN names of the text encoders' feed-forward activations.
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu")
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    """A text encoder's feed-forward activation by its transformers name."""
+    if name == "gelu":  # torch nn.GELU() / F.gelu: the exact erf form
+        return jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "quick_gelu":  # Radford et al. 2021 (OpenAI CLIP): x * sigmoid(1.702 x)
+        return x * jax.nn.sigmoid(1.702 * x)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def layer_norm(epsilon: float, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+    # Flax computes the statistics in float32 for low-precision inputs.
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+
 
 def dot_product_attention(
     q_bthd: jax.Array,

@@ -30,9 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import ATTENTION_IMPLS, AttentionImpl, Dtype, dot_product_attention
-
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu")
+from ldm_jax.models.layers import (ACTIVATIONS, ATTENTION_IMPLS, AttentionImpl, Dtype, activation, dot_product_attention,
+                                    layer_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,21 +65,6 @@ class LDMBertConfig:
     def inner_dim(self) -> int:
         """Width of q / k / v (heads x head_dim)."""
         return self.num_heads * self.head_dim
-
-
-def _activation(name: str, x: jax.Array) -> jax.Array:
-    if name == "gelu":  # torch nn.GELU() / F.gelu: the erf form
-        return jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return jax.nn.gelu(x, approximate=True)
-    if name == "quick_gelu":
-        return x * jax.nn.sigmoid(1.702 * x)
-    return jax.nn.relu(x)
-
-
-def _layer_norm(cfg: LDMBertConfig, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    # Flax computes the statistics in float32 for low-precision inputs.
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class LDMBertAttention(nn.Module):
@@ -117,11 +101,11 @@ class LDMBertLayer(nn.Module):
     def __call__(self, x_bld: jax.Array) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _layer_norm(cfg, "self_attn_layer_norm", **kw)(x_bld)
+        h = layer_norm(cfg.layer_norm_eps, "self_attn_layer_norm", **kw)(x_bld)
         x_bld = x_bld + LDMBertAttention(cfg, self.attention_impl, name="self_attn", **kw)(h)
-        h = _layer_norm(cfg, "final_layer_norm", **kw)(x_bld)
+        h = layer_norm(cfg.layer_norm_eps, "final_layer_norm", **kw)(x_bld)
         h = nn.Dense(cfg.intermediate_size, name="fc1", **kw)(h)
-        return x_bld + nn.Dense(cfg.hidden_size, name="fc2", **kw)(_activation(cfg.hidden_act, h))
+        return x_bld + nn.Dense(cfg.hidden_size, name="fc2", **kw)(activation(cfg.hidden_act, h))
 
 
 class LDMBertModel(nn.Module):
@@ -150,4 +134,4 @@ class LDMBertModel(nn.Module):
             jnp.arange(length))[None]
         for i in range(cfg.num_layers):
             x_bld = LDMBertLayer(cfg, self.attention_impl, name=f"layers_{i}", **kw)(x_bld)
-        return _layer_norm(cfg, "layer_norm", **kw)(x_bld)
+        return layer_norm(cfg.layer_norm_eps, "layer_norm", **kw)(x_bld)
