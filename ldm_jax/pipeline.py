@@ -98,21 +98,56 @@ class Pipeline:
 
     # ------------------------------------------------------------------ text
     def tokenize(self, prompts: List[str]) -> np.ndarray:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{self.source or 'this model'} has no tokenizer: its text encoder embeds token ids, not text "
+                "(a BERTEmbedder with use_tokenizer: false, e.g. the layout-to-image model, whose ids come from "
+                "taming-transformers' ObjectsBoundingBoxConditionalBuilder); pass context_ids= (B, L) instead")
         return np.asarray(self.tokenizer(prompts), dtype=np.int32)
 
     def encode_prompt(self, prompts: Prompt) -> jax.Array:
         """Text-encoder states (B, L, D) for a list of prompts (jitted)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self._encode_ids(self.tokenize(prompts))
+
+    def encode_ids(self, context_ids) -> jax.Array:
+        """Text-encoder states (B, L, D) for token ids (B, L), checked as ``__call__``'s ``context_ids``."""
+        return self._encode_ids(self._check_context_ids(context_ids))
+
+    def _encode_ids(self, ids: np.ndarray) -> jax.Array:
         fn = self._jit("text", lambda p, ids: self.text_encoder.apply({"params": p}, ids))
-        return fn(self.params["text_encoder"], self.tokenize(prompts))
+        return fn(self.params["text_encoder"], ids)
+
+    def _check_context_ids(self, context_ids) -> np.ndarray:
+        """int32 (B, L) token ids for the text encoder, or a ValueError / TypeError naming what is wrong."""
+        what = self.source or "this model"
+        config = getattr(self.text_encoder, "config", None)
+        vocab, length = getattr(config, "vocab_size", None), getattr(config, "max_position_embeddings", None)
+        if vocab is None or length is None:
+            kind = "no text encoder" if self.text_encoder is None else f"a {type(self.text_encoder).__name__}"
+            raise ValueError(f"{what}: context_ids= are token ids for a token-embedding text encoder (LDMBert, "
+                             f"CLIP); this model has {kind}")
+        ids = np.asarray(context_ids)
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"context_ids must be integer token ids, got dtype {ids.dtype} (text goes in prompt=)")
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] != length:
+            # The text encoder's full length, as the original data pipeline pads to it (max_seq_len).
+            raise ValueError(f"context_ids must have shape (B, {length}) (B >= 1, {length} = the text encoder's "
+                             f"max_position_embeddings / max_seq_len), got {ids.shape}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"context_ids must be in [0, {vocab}) (the text encoder's vocab_size), got values in "
+                             f"[{low}, {high}]")
+        return ids.astype(np.int32)
 
     # ------------------------------------------------------------------ main call
     def __call__(
         self,
-        prompt: Prompt,
+        prompt: Optional[Prompt] = None,
         negative_prompt: Optional[Prompt] = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: Optional[float] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
         seed: int = 0,
@@ -130,11 +165,23 @@ class Pipeline:
         cond_noise: Optional[np.ndarray] = None,
         return_latents: bool = False,
         return_intermediates: bool = False,
+        context_ids: Optional[np.ndarray] = None,
     ):
         """Generate images; see the module docstring and DESIGN.md for the contract.
 
-        prompt: a string or a list (the batch). ``latents``: standard-normal noise
-        (B, h, w, C) NHWC used instead of the seed's initial noise (txt2img: scaled
+        prompt: a string or a list (the batch). ``guidance_scale``: classifier-free guidance,
+        default 7.5 (1.0, i.e. none, for a model without a tokenizer, see ``context_ids``).
+        ``context_ids``: precomputed token ids (B, L) for the text encoder, used instead of
+        ``prompt`` (give one of the two); L is its max_position_embeddings (max_seq_len), the ids
+        in [0, vocab_size). They are traced: new ids do not recompile. This is how the CompVis
+        layout-to-image model (layout2img-openimages256: a BERTEmbedder with ``use_tokenizer:
+        false``) is sampled: its ids encode object classes and boxes, built by taming-transformers'
+        ``ObjectsBoundingBoxConditionalBuilder`` as in the original data pipeline (not part of this
+        project). That model has no unconditional input (the original samples it without
+        guidance), so guidance_scale > 1 and ``negative_prompt`` are refused there; for a model with
+        a tokenizer the unconditional branch is the tokenized ``negative_prompt`` as usual.
+        ``latents``: standard-normal noise (B, h, w, C) NHWC used instead of the seed's initial
+        noise (txt2img: scaled
         by the sampler's init_noise_sigma; img2img: the noise added to the encoded
         image). ``init_image``: (B, H, W, 3) / (H, W, 3) in [0, 1], PIL image(s) or
         paths. ``mask``: same size, 1 = repaint, 0 = keep.
@@ -173,7 +220,25 @@ class Pipeline:
         (B, h, w, C) instead; with ``return_intermediates`` a pair (that output,
         the latents after every sampler step (S, B, h, w, C)).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if context_ids is not None:
+            if prompt is not None or class_labels is not None:
+                raise ValueError("give either prompt (text) or context_ids (token ids), not both "
+                                 f"{'prompt' if prompt is not None else 'class_labels'} and context_ids")
+            context_ids = self._check_context_ids(context_ids)
+            prompts = [""] * context_ids.shape[0]  # the batch size only: never tokenized
+        elif prompt is None:
+            raise ValueError("prompt: give a prompt (or context_ids=, precomputed token ids)")
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        # A text encoder without a tokenizer (BERTEmbedder use_tokenizer: false) has no defined
+        # unconditional input: the original samples the layout model without guidance.
+        token_ids_only = self.text_encoder is not None and self.tokenizer is None
+        if guidance_scale is None:
+            guidance_scale = 1.0 if token_ids_only else 7.5
+        if token_ids_only and (guidance_scale > 1.0 or negative_prompt is not None):
+            raise ValueError(f"{self.source or 'this model'} takes token ids only (no tokenizer) and has no "
+                             "unconditional input for classifier-free guidance: use guidance_scale=1.0 (the "
+                             "default here) and no negative_prompt")
         if self.conditioning_key in ("hybrid-adm", "crossattn-adm") and not self.is_upscaler:
             raise ValueError(f"{self.source}: conditioning_key {self.conditioning_key!r} without a noise-augmented "
                              "low-res image (low_scale_config, the SD 2 x4 upscaler) is not implemented by Pipeline: "
@@ -248,10 +313,12 @@ class Pipeline:
                 raise ValueError(f"cond_noise must have the shape of the low-res image batch {concat.shape} "
                                  f"(B, h, w, 3), got {tuple(cond_noise.shape)}")
 
+        use_cfg = guidance_scale > 1.0 and (self.text_encoder is not None or class_labels is not None)
+        has_text = self.text_encoder is not None
         inputs = dict(
             noise=noise,
-            ids=self.tokenize(prompts) if self.text_encoder is not None else None,
-            neg_ids=self.tokenize(negatives) if self.text_encoder is not None else None,
+            ids=(context_ids if context_ids is not None else self.tokenize(prompts)) if has_text else None,
+            neg_ids=self.tokenize(negatives) if has_text and use_cfg else None,  # only the guided chain reads it
             class_labels=None if class_labels is None else jnp.asarray(class_labels, jnp.int32),
             init=None if init_bhwc is None else jnp.asarray(init_bhwc * 2.0 - 1.0),
             mask=None if mask is None else jnp.asarray(prepare_mask(mask, batch, height, width)),
@@ -259,7 +326,6 @@ class Pipeline:
             cond_noise=cond_noise if concat_kind == "noise_augmented" else None,
             noise_level=jnp.full((batch,), noise_level, jnp.int32) if concat_kind == "noise_augmented" else None,
         )
-        use_cfg = guidance_scale > 1.0 and (self.text_encoder is not None or class_labels is not None)
         fn = self._generate_fn(mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind)
         inputs = self._shard(inputs)
         out = fn(self.params, inputs, plan, key, jnp.float32(guidance_scale))

@@ -348,3 +348,136 @@ def test_bert_embedder_is_inferred_from_the_keys(model, from_ckpt):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(np.asarray(inferred.encode_prompt(PROMPTS)),
                                np.asarray(from_ckpt.encode_prompt(PROMPTS)), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- (e) layout-to-image (token ids)
+
+
+LAYOUT_YAML = os.path.join(CONFIGS, "tiny-layout2img-ldm-bert.yaml")
+LAYOUT_VOCAB, LAYOUT_LENGTH = 40, 12  # the YAML's vocab_size and max_seq_len
+
+
+def layout_ids(seed: int, batch: int = 2) -> np.ndarray:
+    """Stand-ins for ObjectsBoundingBoxConditionalBuilder's output: any ids of the table, both ends included."""
+    ids = np.random.default_rng(seed).integers(0, LAYOUT_VOCAB, (batch, LAYOUT_LENGTH))
+    ids[0, 0], ids[-1, -1] = 0, LAYOUT_VOCAB - 1
+    return ids
+
+
+def reference_ddim(unet, vae, scheduler, embeds, latents_bhwc):
+    """(images, final latents) of LDMTextToImagePipeline's loop (DDIM, no guidance) run by hand on given
+    context states: the diffusers pipeline only takes text."""
+    scheduler.set_timesteps(STEPS)
+    z = nchw(latents_bhwc) * scheduler.init_noise_sigma
+    context = torch.from_numpy(np.asarray(embeds))
+    with torch.no_grad(), one_torch_thread():
+        for t in scheduler.timesteps:
+            eps = unet(scheduler.scale_model_input(z, t), t, encoder_hidden_states=context).sample
+            z = scheduler.step(eps, t, z, eta=0.0).prev_sample
+        images = vae.decode(z / vae.config.scaling_factor).sample
+    return (images / 2 + 0.5).clamp(0, 1).numpy().transpose(0, 2, 3, 1), z.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    """A tiny original layout-to-image checkpoint (Layout2ImgDiffusion, BERTEmbedder use_tokenizer: false) and
+    the reference: diffusers' LDMBertModel on the ids, then diffusers' U-Net / DDIM / autoencoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+    from ldm.modules.diffusionmodules.util import make_beta_schedule
+
+    root = tmp_path_factory.mktemp("ldm_layout")
+    with open(LAYOUT_YAML) as f:
+        original = yaml.safe_load(f)
+    p = original["model"]["params"]
+    assert p["cond_stage_config"]["params"]["use_tokenizer"] is False
+    unet = unet_model(1, **p["unet_config"]["params"])
+    first = first_stage(11, p["first_stage_config"]["params"]["ddconfig"], 4)
+    bert = ldm_bert_torch(21, vocab_size=LAYOUT_VOCAB, max_position_embeddings=LAYOUT_LENGTH)
+    betas = np.asarray(make_beta_schedule("linear", 1000, linear_start=p["linear_start"],
+                                          linear_end=p["linear_end"]), np.float64)
+    sd = ldm_state_dict(unet, first, None, betas=betas)
+    sd.update(compvis_bert_state_dict(bert.state_dict(), p["cond_stage_config"]["params"]["n_layer"]))
+    ckpt = save_ckpt(str(root / "layout.ckpt"), sd)
+
+    checkpoint = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers' image_size deprecation
+        unet_cfg = create_unet_diffusers_config_from_ldm(original, {}, image_size=SIZE)
+        vae_cfg = create_vae_diffusers_config_from_ldm(original, {}, image_size=SIZE)
+    d_unet = UNet2DConditionModel(**unet_cfg).eval()
+    d_unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_cfg))
+    d_vae = AutoencoderKL(**vae_cfg).eval()
+    d_vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_cfg))
+    scheduler = DDIMScheduler(beta_start=p["linear_start"], beta_end=p["linear_end"], beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+    ids = layout_ids(5)
+    with torch.no_grad():
+        embeds = bert(torch.from_numpy(ids))[0].numpy()
+    latents = np.random.default_rng(4).standard_normal((2, SIZE // 8, SIZE // 8, 4)).astype(np.float32)
+    images, final = reference_ddim(d_unet, d_vae, scheduler, embeds, latents)
+    pipe = ldm_jax.load_pipeline(ckpt, config=LAYOUT_YAML)  # no tokenizer=: the model takes token ids
+    return dict(ckpt=ckpt, pipe=pipe, bert=bert, ids=ids, embeds=embeds, latents=latents, images=images,
+                final=final, scheduler=scheduler)
+
+
+def test_layout_checkpoint_samples_from_token_ids(layout):
+    """use_tokenizer: false loads without a tokenizer; context_ids go through LDMBert and the U-Net as the
+    reference's, inside the one jitted program (new ids: no recompilation)."""
+    pipe = layout["pipe"]
+    assert pipe.tokenizer is None and type(pipe.text_encoder).__name__ == "LDMBertModel"
+    assert pipe.cond_stage == "bert" and pipe.conditioning_key == "crossattn"
+    cfg = pipe.text_encoder.config
+    assert (cfg.vocab_size, cfg.max_position_embeddings, cfg.hidden_size) == (LAYOUT_VOCAB, LAYOUT_LENGTH, 32)
+    for key in ("beta_start", "beta_end", "beta_schedule", "steps_offset", "set_alpha_to_one", "clip_sample"):
+        assert pipe.scheduler_config[key] == layout["scheduler"].config[key], key
+    text_err = max_err(pipe.encode_ids(layout["ids"]), layout["embeds"])
+    images, steps = pipe(context_ids=layout["ids"], num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                         latents=layout["latents"], sampler="ddim", return_intermediates=True)
+    lat_err, img_err = max_err(steps[-1], layout["final"]), max_err(images, layout["images"])
+    print(f"layout (token ids) checkpoint: text {text_err:.2e} (std {layout['embeds'].std():.2f}), latents "
+          f"{lat_err:.2e} (max |z| {np.abs(layout['final']).max():.1f}), images {img_err:.2e} "
+          f"(image std {layout['images'].std():.3f})")
+    assert text_err < ENCODER_TOL and lat_err < LATENT_TOL
+    assert img_err < IMAGE_TOL and images.std() > 1e-2
+
+    compiled = {k: f._cache_size() for k, f in pipe._jit_cache.items()}
+    other = pipe(context_ids=layout_ids(6), num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                 latents=layout["latents"], sampler="ddim", return_intermediates=True)[0]
+    assert {k: f._cache_size() for k, f in pipe._jit_cache.items()} == compiled  # traced ids
+    assert max_err(other, images) > 1e-2  # and they condition the samples
+
+
+def test_layout_token_id_errors(layout, tmp_path):
+    pipe = layout["pipe"]
+    ids = layout["ids"]
+    call = dict(num_inference_steps=1, height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match=r"no tokenizer: its text encoder embeds token ids.*pass context_ids="):
+        pipe("a cat on a table", **call)
+    with pytest.raises(ValueError, match=r"no tokenizer"):
+        pipe.encode_prompt(["a cat"])
+    with pytest.raises(ValueError, match=r"context_ids must have shape \(B, 12\).*got \(2, 11\)"):
+        pipe(context_ids=ids[:, :11], **call)
+    with pytest.raises(ValueError, match=r"context_ids must have shape \(B, 12\).*got \(1, 2, 12\)"):
+        pipe(context_ids=ids[None], **call)
+    with pytest.raises(ValueError, match=r"context_ids must be in \[0, 40\).*got values in \[0, 40\]"):
+        pipe(context_ids=np.where(ids == 39, 40, ids), **call)
+    with pytest.raises(ValueError, match=r"got values in \[-1, 39\]"):
+        pipe.encode_ids(np.where(ids == 0, -1, ids))
+    with pytest.raises(TypeError, match=r"context_ids must be integer token ids, got dtype float32"):
+        pipe(context_ids=ids.astype(np.float32), **call)
+    with pytest.raises(TypeError, match=r"integer token ids, got dtype <U"):
+        pipe(context_ids=["a cat"], **call)
+    with pytest.raises(ValueError, match=r"either prompt \(text\) or context_ids"):
+        pipe("a cat", context_ids=ids, **call)
+    with pytest.raises(ValueError, match=r"no\s+unconditional input.*guidance_scale=1\.0"):
+        pipe(context_ids=ids, guidance_scale=7.5, **call)
+    with pytest.raises(ValueError, match=r"no negative_prompt"):
+        pipe(context_ids=ids, negative_prompt="", **call)
+    vocab = write_vocab(tmp_path)
+    with pytest.raises(CheckpointError, match=r"tokenizer=.* given, but the BERTEmbedder has use_tokenizer: false"):
+        ldm_jax.load_pipeline(layout["ckpt"], config=LAYOUT_YAML, tokenizer=vocab)

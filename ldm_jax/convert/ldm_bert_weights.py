@@ -21,7 +21,11 @@ Two sources of the same network (see the model's docstring):
 
 The LM heads (``to_logits``) of both are unused by text-to-image and are skipped.
 The tokenizer's vocabulary is not in an original checkpoint: ``tokenizer=`` (a
-folder or bert-base-uncased's vocab.txt) must be given.
+folder or bert-base-uncased's vocab.txt) must be given. A BERTEmbedder with
+``use_tokenizer: false`` (the layout-to-image model, layout2img-openimages256) embeds
+token ids built by its data pipeline (taming-transformers'
+``ObjectsBoundingBoxConditionalBuilder``), not text: it loads without a tokenizer and
+samples from ``Pipeline(context_ids=...)``.
 """
 from __future__ import annotations
 
@@ -179,6 +183,14 @@ def ldm_bert_config_from_original(params: Mapping[str, Any], source: str) -> LDM
         raise CheckpointError(f"{source}: cond_stage_config BERTEmbedder: {e}") from None
 
 
+def bert_uses_tokenizer(params: Mapping[str, Any], source: str) -> bool:
+    """BERTEmbedder's ``use_tokenizer`` (default true): false means it is fed token ids, not text."""
+    value = params.get("use_tokenizer", True)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{source}: BERTEmbedder use_tokenizer must be true or false, got {value!r}")
+    return value
+
+
 def missing_tokenizer_error(source: str) -> CheckpointError:
     return CheckpointError(
         f"{source}: the cond stage is a BERTEmbedder (CompVis LDM text-to-image), whose WordPiece vocabulary is not "
@@ -189,12 +201,18 @@ def missing_tokenizer_error(source: str) -> CheckpointError:
 
 def load_original_bert(spec, state: Mapping[str, np.ndarray], source: str, kw: dict, tokenizer: Optional[str],
                        convert: Callable):
-    """(LDMBertModel, params, BERTTokenizer) of a ``BERTEmbedder`` cond stage.
+    """(LDMBertModel, params, BERTTokenizer) of a ``BERTEmbedder`` cond stage; the tokenizer is
+    None for ``use_tokenizer: false`` (token ids from the data pipeline, see the module docstring).
 
     ``convert``: ``original_pipeline._convert`` (names missing weights as the checkpoint should
     have them). ``tokenizer``: a tokenizer folder or bert-base-uncased's vocab.txt."""
     config = ldm_bert_config_from_original(spec.cond_stage_params, spec.source)
-    if tokenizer is None:
+    uses_tokenizer = bert_uses_tokenizer(spec.cond_stage_params, spec.source)
+    if not uses_tokenizer and tokenizer is not None:
+        # The original never tokenizes for this model: a vocabulary given here would be silently wrong.
+        raise CheckpointError(f"{source}: tokenizer={tokenizer!r} given, but the BERTEmbedder has use_tokenizer: "
+                              "false (it embeds token ids, e.g. a layout's; pass them as context_ids=)")
+    if uses_tokenizer and tokenizer is None:
         raise missing_tokenizer_error(source)
     if BERT_PREFIX + "token_emb.weight" not in state:
         raise CheckpointError(f"{source}: the configuration ({spec.source}) has a BERTEmbedder but the checkpoint has "
@@ -204,6 +222,8 @@ def load_original_bert(spec, state: Mapping[str, np.ndarray], source: str, kw: d
     params = convert(weights, abstract_params(model), rename=lambda k: compvis_to_ldm_bert_name(k[len(BERT_PREFIX):]),
                      source=source, config_source=spec.source, ignore=(r"^" + re.escape(BERT_PREFIX) + r"to_logits\.",),
                      original_name=ldm_bert_to_compvis_name)
+    if not uses_tokenizer:
+        return model, params, None
     try:
         tok = BERTTokenizer.from_pretrained(tokenizer, max_length=config.max_position_embeddings)
     except (OSError, ValueError) as e:

@@ -238,7 +238,8 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
       prediction_type: "epsilon" / "v_prediction" / "sample", overriding the YAML's
         ``parameterization`` (needed for SD 2.x 768-v files loaded without a YAML).
       tokenizer: a BERTEmbedder model's (LDM txt2img) vocabulary, which its checkpoint lacks: a
-        tokenizer folder or bert-base-uncased's vocab.txt (required there, unused otherwise).
+        tokenizer folder or bert-base-uncased's vocab.txt (required there, unused otherwise; not
+        for ``use_tokenizer: false``, the layout model, which samples from ``context_ids=``).
     Raises:
       CheckpointError: unreadable / truncated file, unsupported configuration, or
         weights that do not fit it (naming the key and both shapes).
@@ -258,9 +259,10 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
         config_source = config
     spec = spec_from_original_config(cfg, config_source, prediction_type=prediction_type, scale_factor=scale_factor)
     if spec.cond_stage == "bert" and tokenizer is None:  # fail before converting the U-Net
-        from ldm_jax.convert.ldm_bert_weights import missing_tokenizer_error
+        from ldm_jax.convert.ldm_bert_weights import bert_uses_tokenizer, missing_tokenizer_error
 
-        raise missing_tokenizer_error(path)
+        if bert_uses_tokenizer(spec.cond_stage_params, config_source):  # use_tokenizer: false takes token ids
+            raise missing_tokenizer_error(path)
     if config is None and spec.cond_stage == "open_clip" and prediction_type is None:
         step = "" if global_step is None else f" (global_step {global_step})"
         warnings.warn(f"{path}{step}: SD 2.x checkpoint loaded without its YAML: assuming eps-prediction (the "
