@@ -32,6 +32,7 @@ RELEASED = {
     "ldm_cin256.py": ("cin256-v2.yaml", 400_920_579),
     "ldm_sr.py": ("bsr_sr-config.yaml", 113_622_563),                              # concat: low-res image
     "sd_inpainting_finetune.py": ("v1-inpainting-inference.yaml", 859_535_364),    # hybrid: 9 input channels
+    "ldm_txt2img_f8.py": ("txt2img-1p4B-eval.yaml", 872_300_484),                  # LDM-KL-8-G, BERT trained
 }
 
 
@@ -104,6 +105,16 @@ def test_zoo_config_builds_the_released_architecture(path):
         clip_params = jax.eval_shape(CLIPTextModel(clip_cfg).init, jax.random.PRNGKey(0), ids)["params"]
         assert count(clip_params) == reference_clip_size(clip_cfg)
         assert c.text_encoder.pad_token_id == (49407 if spec.cond_stage == "clip" else 0)
+    elif spec.cond_stage == "bert":  # BERTEmbedder (LDM txt2img): LDMBert trained with the U-Net
+        from ldm_jax.convert.ldm_bert_weights import ldm_bert_config_from_original
+        from ldm_jax.models.ldm_bert import LDMBertConfig
+
+        assert c.diffusion.conditioning == "text" and c.text_encoder.kind == "ldm_bert"
+        assert original_yaml_params(yaml_name)["cond_stage_trainable"] is True and c.text_encoder.trainable
+        bert_cfg = LDMBertConfig(**c.text_encoder.ldm_bert)
+        assert bert_cfg == ldm_bert_config_from_original(spec.cond_stage_params, yaml_name)
+        assert bert_cfg.hidden_size == unet_cfg.cross_attention_dim
+        assert c.text_encoder.tokenizer == ""  # required override: the vocabulary is not in any checkpoint
     elif spec.cond_stage == "class":  # ClassEmbedder: the label as one learned cross-attention token
         assert c.diffusion.conditioning == "class_crossattn"
         assert c.diffusion.num_classes + 1 == spec.cond_stage_params["n_classes"]
@@ -114,10 +125,15 @@ def test_zoo_config_builds_the_released_architecture(path):
         assert spec.cond_stage == "none" and c.diffusion.conditioning == "none"
 
 
-@pytest.mark.parametrize("name", ["ldm_sr.py", "sd_inpainting_finetune.py"])
+def original_yaml_params(yaml_name):
+    return read_original_yaml(os.path.join(ROOT, "tests", "original_configs", yaml_name))["model"]["params"]
+
+
+@pytest.mark.parametrize("name", ["ldm_sr.py", "sd_inpainting_finetune.py", "ldm_txt2img_f8.py"])
 def test_concat_zoo_configs_have_the_original_unet_size(name):
-    """The concat-conditioned configs' U-Nets have exactly as many parameters as the original
-    openaimodel.UNetModel built from the released YAML (torch's meta device: no memory, no init)."""
+    """The concat-conditioned configs' U-Nets (and LDM txt2img's, context width 1280) have exactly as
+    many parameters as the original openaimodel.UNetModel built from the released YAML (torch's meta
+    device: no memory, no init)."""
     import torch
 
     import original_ckpt  # noqa: F401  (stubs the original package's training-only imports)

@@ -2,6 +2,7 @@
 
     workdir/config.json        the run's configuration (written by train.py)
     workdir/checkpoints/N/     orbax checkpoints (params, EMA params, metadata)
+    workdir/tokenizer/         the BERT vocabulary of a text_encoder.kind="ldm_bert" run
 
 The U-Net weights (and the text encoder's, when it was trained jointly) are the EMA
 weights when the run kept them; the frozen first stage and a frozen text encoder
@@ -10,7 +11,8 @@ scale factor comes from the checkpoint metadata (``scale_by_std``). A concat-con
 run (``diffusion.concat``) gets the ``conditioning_key`` / ``cond_stage`` that make the
 Pipeline build its extra U-Net channels as training did (``LDMTask.pipeline_conditioning``):
 super-resolution samples with ``cond_image=`` (the low-res image, output f times larger),
-inpainting with ``init_image=`` and ``mask=``.
+inpainting with ``init_image=`` and ``mask=``. An LDMBert run (``text_encoder.kind="ldm_bert"``)
+tokenizes with the vocabulary saved as ``workdir/tokenizer/``.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def load_workdir_pipeline(workdir: str, dtype: str = "float32", use_ema: bool = 
     from ldm_jax.pipeline import Pipeline
     from ldm_jax.training import sharding as shd
     from ldm_jax.training.checkpoint import CheckpointManager
-    from ldm_jax.training.ldm_task import LDMTask
+    from ldm_jax.training.ldm_task import WORKDIR_TOKENIZER, LDMTask
 
     config_path = os.path.join(workdir, "config.json")
     config = ml_collections.ConfigDict(read_json(config_path))
@@ -40,6 +42,11 @@ def load_workdir_pipeline(workdir: str, dtype: str = "float32", use_ema: bool = 
         raise CheckpointError(f"{workdir}: a {config.task!r} training run, not a latent diffusion model; "
                               "sample from the workdir of an LDM run (configs/emoji_ldm.py)")
     config.model.dtype = str(dtype)
+    te_cfg = config.get("text_encoder", None)
+    tok_dir = os.path.join(workdir, WORKDIR_TOKENIZER)
+    if te_cfg is not None and te_cfg.get("kind", "clip") == "ldm_bert" and os.path.isdir(tok_dir):
+        # The vocabulary train.py copied into the workdir, not the (maybe moved) path it trained from.
+        te_cfg.tokenizer = tok_dir
     mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
     task = LDMTask(config, mesh)
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False)

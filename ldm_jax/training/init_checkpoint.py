@@ -16,7 +16,7 @@ stages from here. Pickles are read with the restricted unpickler (nothing execut
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import jax
 
@@ -25,8 +25,9 @@ from ldm_jax.training import sharding as shd
 from ldm_jax.training.config_access import config_get as _get
 
 
-def load_init_pipeline(init_cfg, dtype: str, attention_impl: str):
-    """The ``Pipeline`` of ``init.checkpoint`` (None when unset)."""
+def load_init_pipeline(init_cfg, dtype: str, attention_impl: str, tokenizer: Optional[str] = None):
+    """The ``Pipeline`` of ``init.checkpoint`` (None when unset). ``tokenizer``: the vocabulary
+    (vocab.txt / folder) of a single-file LDM txt2img model, whose BERTEmbedder the file lacks."""
     path = str(_get(init_cfg, "checkpoint", "") or "")
     if not path:
         return None
@@ -35,6 +36,8 @@ def load_init_pipeline(init_cfg, dtype: str, attention_impl: str):
     kwargs: Dict[str, Any] = {}
     if path.endswith((".ckpt", ".safetensors", ".pt", ".pth", ".bin")):
         kwargs["use_ema"] = bool(_get(init_cfg, "use_ema", False))
+        if tokenizer:
+            kwargs["tokenizer"] = tokenizer
     pipe = ldm_jax.load_pipeline(path, config=_get(init_cfg, "original_config", "") or None, dtype=dtype, **kwargs)
 
     def with_attention(module):

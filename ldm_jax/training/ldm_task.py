@@ -8,9 +8,15 @@ Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
 * ``first_stage.checkpoint`` (a diffusers ``vae/`` folder; "" = random init from
   ``first_stage.autoencoder`` when ``first_stage.random_init``), ``first_stage.seed``,
   ``first_stage.scale_by_std`` / ``first_stage.scale_factor``;
-* ``text_encoder.checkpoint`` (a transformers CLIPTextModel folder; "" = a seeded random
-  CLIP from ``text_encoder.clip``), ``text_encoder.tokenizer`` (folder; "" = vendored
-  CLIP BPE), ``text_encoder.max_length``, ``text_encoder.pad_token_id``, ``text_encoder.seed``,
+* ``text_encoder.kind``: "clip" (default) or "ldm_bert" (the CompVis LDM text-to-image
+  ``BERTEmbedder``, ``models/ldm_bert.py``: a WordPiece tokenizer feeding a transformer trained
+  from scratch with the U-Net);
+* ``text_encoder.checkpoint`` ("clip": a transformers CLIPTextModel folder, "" = a seeded random
+  CLIP from ``text_encoder.clip``; "ldm_bert": a diffusers ``bert/`` folder, "" = a seeded random
+  LDMBert from ``text_encoder.ldm_bert``, LDMBertConfig fields), ``text_encoder.tokenizer``
+  ("clip": folder, "" = vendored CLIP BPE; "ldm_bert": required, bert-base-uncased's vocab.txt or
+  a BERT tokenizer folder, copied into ``WORKDIR/tokenizer``), ``text_encoder.max_length``,
+  ``text_encoder.pad_token_id`` (CLIP), ``text_encoder.seed``,
   ``text_encoder.trainable`` (optimise it jointly with the U-Net, LDM Sec. 3.3; the trained
   parameters are then ``{"unet": ..., "text_encoder": ...}``, starting from the checkpoint
   or the seeded init);
@@ -30,7 +36,8 @@ Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
   says; a workdir samples with ``pipe(prompt, init_image=..., mask=...)``). The concat channels
   are never dropped for CFG; inpainting cannot train on precomputed latents;
 * ``init.checkpoint`` / ``init.original_config`` / ``init.use_ema``: start from a released
-  model's U-Net and take its frozen stages (``init_checkpoint.py``);
+  model's U-Net and take its frozen stages (``init_checkpoint.py``; an LDM txt2img file's
+  BERTEmbedder with ``text_encoder.kind="ldm_bert"``, its vocabulary from ``text_encoder.tokenizer``);
 * ``data.precompute_latents``: train on latents encoded once into ``WORKDIR/latents``
   (``latent_dataset``, ``latent_cache.py``).
 """
@@ -114,18 +121,83 @@ def build_first_stage(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size
     return module, params
 
 
+TEXT_ENCODER_KINDS = ("clip", "ldm_bert")
+
+
+def text_encoder_kind(cfg) -> str:
+    kind = _get(cfg, "kind", "clip") or "clip"
+    if kind not in TEXT_ENCODER_KINDS:
+        raise ValueError(f"text_encoder.kind must be one of {TEXT_ENCODER_KINDS}, got {kind!r}")
+    return kind
+
+
+def ldm_bert_tokenizer_path(cfg) -> str:
+    """``text_encoder.tokenizer`` of an ldm_bert encoder: required, since neither a diffusers
+    ``bert/`` folder nor an original checkpoint carries the WordPiece vocabulary."""
+    path = _get(cfg, "tokenizer", "") or ""
+    if not path:
+        raise ValueError("text_encoder.kind='ldm_bert' needs text_encoder.tokenizer: bert-base-uncased's vocab.txt "
+                         "(30522 lines) or a BERT tokenizer folder (e.g. the tokenizer/ of "
+                         "CompVis/ldm-text2im-large-256), as --config.text_encoder.tokenizer=PATH")
+    return str(path)
+
+
+def _build_ldm_bert(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size: int, rules, init_pipe=None):
+    """(LDMBertModel, params, BERTTokenizer): ``text_encoder.kind="ldm_bert"``."""
+    from ldm_jax.models.ldm_bert import LDMBertConfig, LDMBertModel
+    from ldm_jax.text.bert_tokenizer import BERTTokenizer
+
+    tok_path = ldm_bert_tokenizer_path(cfg)
+    path = _get(cfg, "checkpoint", "") or ""
+    if not path and init_pipe is not None:
+        if not isinstance(init_pipe.text_encoder, LDMBertModel):
+            raise ValueError(f"init.checkpoint={init_pipe.source}: text_encoder.kind='ldm_bert' needs an LDM "
+                             "text-to-image model (a BERTEmbedder cond stage); set text_encoder.kind to match it, "
+                             "or text_encoder.checkpoint")
+        params = init_pipe.params["text_encoder"]
+        module = init_pipe.text_encoder
+    elif path:
+        from ldm_jax.convert.ldm_bert_weights import load_ldm_bert
+
+        module, params = load_ldm_bert(path, dtype=dtype, attention_impl=attention_impl)
+    else:
+        bert_cfg = LDMBertConfig(**_as_dict(_get(cfg, "ldm_bert")))
+        module = LDMBertModel(bert_cfg, dtype=dtype, attention_impl=attention_impl)
+        ids = jnp.zeros((1, bert_cfg.max_position_embeddings), jnp.int32)
+        params = _init_frozen(lambda k: module.init(k, ids)["params"],
+                              jax.random.PRNGKey(int(_get(cfg, "seed", 0))), mesh, min_fsdp_size, rules)
+    if path or init_pipe is not None:  # (_init_frozen places its own)
+        params = shd.shard_tree(params, shd.tree_shardings(params, mesh, min_fsdp_size, rules))
+    max_length = int(_get(cfg, "max_length", 0) or module.config.max_position_embeddings)
+    if max_length > module.config.max_position_embeddings:
+        raise ValueError(f"text_encoder.max_length={max_length} exceeds the encoder's "
+                         f"max_position_embeddings {module.config.max_position_embeddings}")
+    tokenizer = BERTTokenizer.from_pretrained(tok_path, max_length=max_length)
+    if tokenizer.vocab_size > module.config.vocab_size:  # ids past the table would index out of range
+        raise ValueError(f"text_encoder.tokenizer={tok_path!r} has {tokenizer.vocab_size} tokens but the encoder's "
+                         f"embedding table {module.config.vocab_size} (vocab_size)")
+    return module, params, tokenizer
+
+
 def build_text_encoder(cfg, dtype, attention_impl: str, mesh: Mesh, min_fsdp_size: int, rules, init_pipe=None):
-    """(CLIPTextModel, params, tokenizer) from ``config.text_encoder`` (or ``init_pipe``'s
-    when ``text_encoder.checkpoint`` is unset)."""
+    """(text encoder, params, tokenizer) from ``config.text_encoder`` (or ``init_pipe``'s
+    when ``text_encoder.checkpoint`` is unset): a CLIPTextModel, or an LDMBertModel for
+    ``kind="ldm_bert"``."""
     from ldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
     from ldm_jax.text.tokenizer import CLIPTokenizer
 
+    if text_encoder_kind(cfg) == "ldm_bert":
+        return _build_ldm_bert(cfg, dtype, attention_impl, mesh, min_fsdp_size, rules, init_pipe=init_pipe)
     path = _get(cfg, "checkpoint", "") or ""
     tok_path = _get(cfg, "tokenizer", "") or ""
     if not path and init_pipe is not None:
         if init_pipe.text_encoder is None:
             raise ValueError(f"init.checkpoint={init_pipe.source}: the model has no text encoder; "
                              "set diffusion.conditioning to match it, or text_encoder.checkpoint")
+        if not isinstance(init_pipe.text_encoder, CLIPTextModel):
+            raise ValueError(f"init.checkpoint={init_pipe.source}: its text encoder is a "
+                             f"{type(init_pipe.text_encoder).__name__}, not CLIP; set text_encoder.kind='ldm_bert' "
+                             "for an LDM text-to-image (BERTEmbedder) model")
         params = init_pipe.params["text_encoder"]
         params = shd.shard_tree(params, shd.tree_shardings(params, mesh, min_fsdp_size, rules))
         return init_pipe.text_encoder, params, init_pipe.tokenizer
@@ -178,6 +250,7 @@ def build_class_embedder(diff_cfg, ctx_dim: Optional[int], seed: int, dtype, mes
 
 
 CONDITIONINGS = ("text", "class", "class_crossattn", "none")
+WORKDIR_TOKENIZER = "tokenizer"  # WORKDIR/tokenizer: the BERT vocabulary of an ldm_bert run
 
 
 class LDMTask:
@@ -195,7 +268,13 @@ class LDMTask:
         sharding_kw = dict(mesh=mesh, min_fsdp_size=self.min_fsdp_size, rules=self.rules)
 
         # init.checkpoint: a released model whose U-Net starts training and whose stages are frozen.
-        self.init_pipe = init_checkpoint.load_init_pipeline(_get(config, "init"), self.dtype.name, attention_impl)
+        # An LDM txt2img file lacks its BERT vocabulary: text_encoder.tokenizer goes with it.
+        te_cfg = _get(config, "text_encoder")
+        bert_vocab = None
+        if _get(config.diffusion, "conditioning", "text") == "text" and text_encoder_kind(te_cfg) == "ldm_bert":
+            bert_vocab = ldm_bert_tokenizer_path(te_cfg)  # fails early, before any checkpoint is read
+        self.init_pipe = init_checkpoint.load_init_pipeline(_get(config, "init"), self.dtype.name, attention_impl,
+                                                            tokenizer=bert_vocab)
         unet_fields = _as_dict(model.unet)
         if not unet_fields:
             if self.init_pipe is None:
@@ -425,6 +504,15 @@ class LDMTask:
                              "image changes with every drawn mask and is encoded by the first stage each step; "
                              "set data.precompute_latents=False")
         return latent_cache.prepare_latent_dataset(self, config, workdir, seed)
+
+    def write_workdir_assets(self, workdir: str) -> None:
+        """Files a workdir needs to sample on its own (process 0, before training): the BERT
+        vocabulary as ``WORKDIR/tokenizer`` (load_workdir_pipeline reads it from there), so the
+        run does not depend on the ``text_encoder.tokenizer`` path staying in place."""
+        from ldm_jax.text.bert_tokenizer import BERTTokenizer
+
+        if isinstance(self.tokenizer, BERTTokenizer):
+            self.tokenizer.save_pretrained(os.path.join(workdir, WORKDIR_TOKENIZER))
 
     def metadata(self) -> Dict[str, Any]:
         return {"scale_factor": self.scale_factor}

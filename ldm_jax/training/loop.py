@@ -252,6 +252,9 @@ def train(config, workdir: str, *, task: Optional[Task] = None, dataset=None, me
     if dataset is None:
         dataset = make_dataset(config, seed, task=task, workdir=workdir)
     num_steps = int(tcfg.num_steps)
+    write_assets = getattr(task, "write_workdir_assets", None)  # e.g. an LDM run's BERT vocabulary
+    if is_main and write_assets is not None:
+        write_assets(workdir)
 
     manager = ckpt_lib.CheckpointManager(
         os.path.join(workdir, "checkpoints"), save_every=int(_get(tcfg, "checkpoint_every", 1000)),
