@@ -113,33 +113,27 @@ def run_diffusers(ref_pipe, latents_bhwc):
     return images, caught[0]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """The tiny LDM txt2img model as a diffusers folder (save_pretrained) and an original .ckpt, and
-    diffusers' outputs for PROMPTS."""
-    from diffusers import AutoencoderKL, DDIMScheduler, LDMTextToImagePipeline, UNet2DConditionModel
+def original_and_diffusers(original: dict, bert, seeds, path: str):
+    """An original-format checkpoint from ``original`` (the YAML as a dict): sdkit's U-Net and first
+    stage with random weights (``seeds``), ``bert``'s weights under the CompVis BERTEmbedder names;
+    and the same U-Net and autoencoder in diffusers' classes through diffusers' own converter.
+    Returns (state dict, .ckpt path, diffusers U-Net, diffusers autoencoder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
         create_vae_diffusers_config_from_ldm,
     )
     from ldm.modules.diffusionmodules.util import make_beta_schedule
-    from transformers import BertTokenizer
 
-    root = tmp_path_factory.mktemp("ldm_txt2img")
-    with open(YAML) as f:
-        original = yaml.safe_load(f)
     p = original["model"]["params"]
-    assert p["cond_stage_config"]["params"]["vocab_size"] == len(VOCAB)
-    unet = unet_model(0, **p["unet_config"]["params"])
-    first = first_stage(10, p["first_stage_config"]["params"]["ddconfig"], 4)
-    bert = ldm_bert_torch(20)
+    unet = unet_model(seeds[0], **p["unet_config"]["params"])
+    first = first_stage(seeds[1], p["first_stage_config"]["params"]["ddconfig"], 4)
     betas = np.asarray(make_beta_schedule("linear", 1000, linear_start=p["linear_start"],
                                           linear_end=p["linear_end"]), np.float64)
     sd = ldm_state_dict(unet, first, None, betas=betas)
     sd.update(compvis_bert_state_dict(bert.state_dict(), p["cond_stage_config"]["params"]["n_layer"]))
-    ckpt = save_ckpt(str(root / "txt2img.ckpt"), sd)
+    ckpt = save_ckpt(path, sd)
 
-    # The same U-Net and autoencoder in diffusers' classes, through diffusers' own converter.
     checkpoint = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers' image_size deprecation
@@ -149,6 +143,23 @@ def model(tmp_path_factory):
     d_unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_cfg))
     d_vae = AutoencoderKL(**vae_cfg).eval()
     d_vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_cfg))
+    return sd, ckpt, d_unet, d_vae
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """The tiny LDM txt2img model as a diffusers folder (save_pretrained) and an original .ckpt, and
+    diffusers' outputs for PROMPTS."""
+    from diffusers import DDIMScheduler, LDMTextToImagePipeline
+    from transformers import BertTokenizer
+
+    root = tmp_path_factory.mktemp("ldm_txt2img")
+    with open(YAML) as f:
+        original = yaml.safe_load(f)
+    p = original["model"]["params"]
+    assert p["cond_stage_config"]["params"]["vocab_size"] == len(VOCAB)
+    bert = ldm_bert_torch(20)
+    sd, ckpt, d_unet, d_vae = original_and_diffusers(original, bert, seeds=(0, 10), path=str(root / "txt2img.ckpt"))
     vocab = write_vocab(root)
     tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(VOCAB)})
     # CompVis "linear" = diffusers scaled_linear; DDIM as the original's (timesteps + 1, alphas[0] at the end)
@@ -382,36 +393,15 @@ def reference_ddim(unet, vae, scheduler, embeds, latents_bhwc):
 def layout(tmp_path_factory):
     """A tiny original layout-to-image checkpoint (Layout2ImgDiffusion, BERTEmbedder use_tokenizer: false) and
     the reference: diffusers' LDMBertModel on the ids, then diffusers' U-Net / DDIM / autoencoder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
-        create_vae_diffusers_config_from_ldm,
-    )
-    from ldm.modules.diffusionmodules.util import make_beta_schedule
+    from diffusers import DDIMScheduler
 
     root = tmp_path_factory.mktemp("ldm_layout")
     with open(LAYOUT_YAML) as f:
         original = yaml.safe_load(f)
     p = original["model"]["params"]
     assert p["cond_stage_config"]["params"]["use_tokenizer"] is False
-    unet = unet_model(1, **p["unet_config"]["params"])
-    first = first_stage(11, p["first_stage_config"]["params"]["ddconfig"], 4)
     bert = ldm_bert_torch(21, vocab_size=LAYOUT_VOCAB, max_position_embeddings=LAYOUT_LENGTH)
-    betas = np.asarray(make_beta_schedule("linear", 1000, linear_start=p["linear_start"],
-                                          linear_end=p["linear_end"]), np.float64)
-    sd = ldm_state_dict(unet, first, None, betas=betas)
-    sd.update(compvis_bert_state_dict(bert.state_dict(), p["cond_stage_config"]["params"]["n_layer"]))
-    ckpt = save_ckpt(str(root / "layout.ckpt"), sd)
-
-    checkpoint = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # diffusers' image_size deprecation
-        unet_cfg = create_unet_diffusers_config_from_ldm(original, {}, image_size=SIZE)
-        vae_cfg = create_vae_diffusers_config_from_ldm(original, {}, image_size=SIZE)
-    d_unet = UNet2DConditionModel(**unet_cfg).eval()
-    d_unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_cfg))
-    d_vae = AutoencoderKL(**vae_cfg).eval()
-    d_vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_cfg))
+    _, ckpt, d_unet, d_vae = original_and_diffusers(original, bert, seeds=(1, 11), path=str(root / "layout.ckpt"))
     scheduler = DDIMScheduler(beta_start=p["linear_start"], beta_end=p["linear_end"], beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
