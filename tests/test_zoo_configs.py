@@ -33,6 +33,7 @@ RELEASED = {
     "ldm_sr.py": ("bsr_sr-config.yaml", 113_622_563),                              # concat: low-res image
     "sd_inpainting_finetune.py": ("v1-inpainting-inference.yaml", 859_535_364),    # hybrid: 9 input channels
     "ldm_txt2img_f8.py": ("txt2img-1p4B-eval.yaml", 872_300_484),                  # LDM-KL-8-G, BERT trained
+    "sd2_x4_upscaler.py": ("x4-upscaling.yaml", 473_398_020),                      # noise-augmented low-res
 }
 
 
@@ -93,9 +94,14 @@ def test_zoo_config_builds_the_released_architecture(path):
 
     # Concat conditioning (diffusion.concat) from the released U-Net's extra input channels.
     extra = spec.unet["in_channels"] - ae_cfg.embed_dim
+    upscaler = spec.low_res_scheduler is not None  # LatentUpscaleDiffusion (x4): the noised low-res image
     concat = "none" if extra == 0 else "low_res" if spec.cond_stage == "identity" and extra == 3 else (
+        "noise_augmented_low_res" if upscaler and extra == 3 else
         "inpainting" if spec.conditioning_key in ("concat", "hybrid") and extra == ae_cfg.embed_dim + 1 else "?")
     assert c.diffusion.get("concat", "none") == concat
+    if concat == "noise_augmented_low_res":  # the low-res image's schedule and levels (low_scale_config)
+        assert dict(c.diffusion.low_res_schedule) == {k: v for k, v in spec.low_res_scheduler.items() if v is not None}
+        assert c.diffusion.max_noise_level == spec.max_noise_level
 
     if spec.cond_stage in ("clip", "open_clip"):
         assert c.diffusion.conditioning == "text"
@@ -129,7 +135,8 @@ def original_yaml_params(yaml_name):
     return read_original_yaml(os.path.join(ROOT, "tests", "original_configs", yaml_name))["model"]["params"]
 
 
-@pytest.mark.parametrize("name", ["ldm_sr.py", "sd_inpainting_finetune.py", "ldm_txt2img_f8.py"])
+@pytest.mark.parametrize("name", ["ldm_sr.py", "sd_inpainting_finetune.py", "ldm_txt2img_f8.py",
+                                  "sd2_x4_upscaler.py"])
 def test_concat_zoo_configs_have_the_original_unet_size(name):
     """The concat-conditioned configs' U-Nets (and LDM txt2img's, context width 1280) have exactly as
     many parameters as the original openaimodel.UNetModel built from the released YAML (torch's meta

@@ -11,7 +11,9 @@ scale factor comes from the checkpoint metadata (``scale_by_std``). A concat-con
 run (``diffusion.concat``) gets the ``conditioning_key`` / ``cond_stage`` that make the
 Pipeline build its extra U-Net channels as training did (``LDMTask.pipeline_conditioning``):
 super-resolution samples with ``cond_image=`` (the low-res image, output f times larger),
-inpainting with ``init_image=`` and ``mask=``. An LDMBert run (``text_encoder.kind="ldm_bert"``)
+inpainting with ``init_image=`` and ``mask=``; a noise-augmented upscaler run
+("noise_augmented_low_res": conditioning_key "hybrid-adm", its low-res schedule and max_noise_level)
+with ``cond_image=`` and ``noise_level=``. An LDMBert run (``text_encoder.kind="ldm_bert"``)
 tokenizes with the vocabulary saved as ``workdir/tokenizer/``.
 """
 from __future__ import annotations

@@ -10,6 +10,11 @@ cross-attention), for training the concat-conditioned families ``ldm_jax.Pipelin
   random blur, noise, JPEG, resize kernels; Zhang et al. 2021), which makes it robust to real
   low-resolution inputs; a batch that carries its own ``"low_res"`` images (B, h, w, 3) (uint8,
   or float in [-1, 1]) is used as given, which is where such degradations plug in.
+* ``"noise_augmented_low_res"``: the SD 2 x4 upscaler family (Stability's ``LatentUpscaleDiffusion``
+  with ``ImageConcatWithNoiseAugmentation``; noise conditioning augmentation, Ho et al. 2021
+  "Cascaded Diffusion Models" Sec. 4.1). The "low_res" image, noised under its own schedule
+  (``LOW_RES_SCHEDULE``: CompVis linear 1e-4..0.02, 1000 steps) at a level l drawn per example
+  uniformly in [0, max_noise_level); l is the U-Net's class label (``hybrid-adm``).
 * ``"inpainting"``: SD-inpainting / LDM inpainting (LDM Sec. 4.5). The condition is
   ``[mask at latent size (1 channel), first-stage latents of the masked image]`` in the order
   and scale of Stability's ``LatentInpaintDiffusion`` (``concat_keys=("mask", "masked_image")``,
@@ -33,7 +38,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-CONCATS = ("none", "low_res", "inpainting")
+from ldm_jax.diffusion.schedule import add_noise
+
+NOISE_AUGMENTED = "noise_augmented_low_res"
+CONCATS = ("none", "low_res", NOISE_AUGMENTED, "inpainting")
+LOW_RES_CONCATS = ("low_res", NOISE_AUGMENTED)  # the 3-channel low-res image (noised or not)
+# The released x4 upscaler's low_scale_config: noise_schedule_config linear_start 1e-4, linear_end 0.02
+# (CompVis "linear" = diffusers "scaled_linear"), 1000 steps; max_noise_level 350. The same diffusers
+# scheduler-config dict as Pipeline.low_res_scheduler_config (convert.original_config.low_scale_from_ldm).
+LOW_RES_SCHEDULE = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4,
+                    "beta_end": 0.02, "beta_schedule": "scaled_linear"}
+MAX_NOISE_LEVEL = 350
 
 
 def num_concat_channels(concat: str, latent_channels: int) -> int:
@@ -41,7 +56,7 @@ def num_concat_channels(concat: str, latent_channels: int) -> int:
     latent_channels + 1 (masked-image latents and the mask)."""
     if concat not in CONCATS:
         raise ValueError(f"diffusion.concat must be one of {CONCATS}, got {concat!r}")
-    return {"none": 0, "low_res": 3, "inpainting": latent_channels + 1}[concat]
+    return {"none": 0, "low_res": 3, NOISE_AUGMENTED: 3, "inpainting": latent_channels + 1}[concat]
 
 
 def check_unet_in_channels(in_channels: int, latent_channels: int, concat: str) -> None:
@@ -50,6 +65,8 @@ def check_unet_in_channels(in_channels: int, latent_channels: int, concat: str) 
     if int(in_channels) != latent_channels + k:
         what = {"none": "the latents only (diffusion.concat='none')",
                 "low_res": "the latents + the 3-channel low-res image (diffusion.concat='low_res')",
+                NOISE_AUGMENTED: "the latents + the 3-channel noised low-res image "
+                                 f"(diffusion.concat='{NOISE_AUGMENTED}')",
                 "inpainting": f"the latents + the mask + the {latent_channels}-channel masked-image latents "
                               "(diffusion.concat='inpainting')"}[concat]
         raise ValueError(f"model.unet.in_channels={in_channels}, but the U-Net input is {what}: "
@@ -76,6 +93,12 @@ def low_res_condition(image_bhwc: jax.Array, factor: int) -> jax.Array:
     """The super-resolution condition of training images (uint8 or [-1, 1]): their box-filtered
     1/factor version in [-1, 1], float32 (B, H/f, W/f, 3) (the bsr_sr ``LR_image``, clean)."""
     return area_downsample(_as_float(image_bhwc), factor)
+
+
+def noise_augment(low_res_bhwc: jax.Array, noise_bhwc: jax.Array, levels_b: jax.Array, schedule) -> jax.Array:
+    """sqrt(abar_l) x_low + sqrt(1 - abar_l) eps under the low-res ``schedule`` (a NoiseSchedule) at
+    the per-example levels l (ImageConcatWithNoiseAugmentation.forward, Pipeline's upscaler chain)."""
+    return add_noise(schedule, low_res_bhwc.astype(jnp.float32), noise_bhwc.astype(jnp.float32), levels_b)
 
 
 # ------------------------------------------------------------------ inpainting masks

@@ -145,7 +145,7 @@ def expected_meta(task, data_cfg, source, split: str = "train") -> Dict[str, Any
 
 def _with_low_res(task) -> bool:
     """Super-resolution training: the cache also holds the low-res condition of every image."""
-    return getattr(task, "concat", "none") == "low_res"
+    return getattr(task, "concat", "none") in ("low_res", "noise_augmented_low_res")
 
 
 def _diff(cached: Any, expected: Any, prefix: str = "") -> list:

@@ -57,7 +57,7 @@ from ldm_jax.training.state import TrainState
 
 CONDITIONINGS = ("text", "class", "none")
 # Streams folded into the step key.
-_POSTERIOR, _COND_DROP, _NOISE, _DROPOUT, _MASK, _MASKED_POSTERIOR = 0, 1, 2, 3, 4, 5
+_POSTERIOR, _COND_DROP, _NOISE, _DROPOUT, _MASK, _MASKED_POSTERIOR, _NOISE_LEVEL, _LOW_RES_NOISE = range(8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +72,13 @@ class LDMStepConfig:
     null_class: Optional[int] = None       # class id of "no label"; None = num_class_embeds - 1
     sample_posterior: bool = True          # KL first stage: z ~ q(z|x) (CompVis) rather than its mean
     train_text_encoder: bool = False       # optimise tau jointly (params {"unet", "text_encoder"})
-    concat: str = "none"                   # channels next to z_t: "none", "low_res" (SR), "inpainting"
+    concat: str = "none"                   # channels next to z_t: "none", "low_res" (SR),
+                                           # "noise_augmented_low_res" (SD 2 x4 upscaler), "inpainting"
     masks: concat_lib.MaskConfig = concat_lib.MaskConfig()  # inpainting masks drawn per example
+    # concat="noise_augmented_low_res": the low-res image's schedule (diffusers scheduler-config items,
+    # a tuple to keep the config hashable) and the levels' bound (levels uniform in [0, max_noise_level)).
+    low_res_schedule: tuple = tuple(sorted(concat_lib.LOW_RES_SCHEDULE.items()))
+    max_noise_level: int = concat_lib.MAX_NOISE_LEVEL
 
     def __post_init__(self):
         check_prediction_type(self.prediction_type)
@@ -85,6 +90,14 @@ class LDMStepConfig:
                              f"got {self.conditioning!r}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"LDMStepConfig.cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
+        if self.concat == concat_lib.NOISE_AUGMENTED:
+            if self.conditioning == "class":
+                raise ValueError(f"concat={self.concat!r} gives the noise level as the U-Net's class label; "
+                                 "conditioning='class' cannot use it too")
+            steps = int(dict(self.low_res_schedule)["num_train_timesteps"])
+            if not 1 <= int(self.max_noise_level) <= steps:
+                raise ValueError(f"max_noise_level must be in [1, {steps}] (the low-res schedule's steps), got "
+                                 f"{self.max_noise_level}")
 
 
 def images_to_float(image_bhwc: jax.Array) -> jax.Array:
@@ -155,14 +168,26 @@ def make_train_step(
         if n_cls is None:
             raise ValueError("conditioning='class' needs a U-Net with num_class_embeds")
         null_class = n_cls - 1 if cfg.null_class is None else int(cfg.null_class)
+    noise_augmented = cfg.concat == concat_lib.NOISE_AUGMENTED
+    if noise_augmented:
+        n_cls = unet.config.num_class_embeds
+        if n_cls is None or n_cls < cfg.max_noise_level:
+            raise ValueError(f"concat={cfg.concat!r}: the noise level (0 .. {cfg.max_noise_level - 1}) is the U-Net's "
+                             f"class label, so model.unet.num_class_embeds must be >= max_noise_level="
+                             f"{cfg.max_noise_level}, got {n_cls}")
+        low_res_schedule = NoiseSchedule.from_diffusers_config(dict(cfg.low_res_schedule))
 
     def concat_condition(mb, frozen):
         """The channels concatenated to z_t (LDM Sec. 3.3; SR Sec. 4.4, inpainting Sec. 4.5), or None.
         The same for CFG-dropped examples: only the text / class condition is dropped."""
-        if cfg.concat == "low_res":
+        if cfg.concat in concat_lib.LOW_RES_CONCATS:
             if "low_res" in mb:
-                return images_to_float(mb["low_res"])
-            return concat_lib.low_res_condition(mb["image"], vae.config.downsample_factor)
+                low_res = images_to_float(mb["low_res"])
+            else:
+                low_res = concat_lib.low_res_condition(mb["image"], vae.config.downsample_factor)
+            if noise_augmented:  # Ho et al. 2021 Sec. 4.1: noised at the example's level
+                low_res = concat_lib.noise_augment(low_res, mb["low_res_noise"], mb["noise_level"], low_res_schedule)
+            return low_res
         if cfg.concat == "inpainting":
             return concat_lib.inpainting_condition(vae, frozen["vae"], mb["image"], mb["inpaint_mask"],
                                                    mb.get("masked_eps"), frozen["scale_factor"])
@@ -189,6 +214,8 @@ def make_train_step(
                     text_encoder.apply({"params": frozen["text_encoder"]}, ids.astype(jnp.int32)))
         elif use_class:
             labels = jnp.where(mb["drop"], null_class, mb["label"]).astype(jnp.int32)
+        if noise_augmented:  # the level is the label (hybrid-adm), also for CFG-dropped examples
+            labels = mb["noise_level"].astype(jnp.int32)
 
         # Forward process q(z_t | z_0) (Ho et al. 2020 Eq. 4) and the regression target.
         x_t = add_noise(schedule, x0, mb["noise"], mb["t"])
@@ -212,9 +239,10 @@ def make_train_step(
             if "image" not in batch or vae is None:
                 raise ValueError("concat='inpainting' needs the batch's 'image' and the first stage: the masked image "
                                  "is encoded every step (precomputed latents cannot be used)")
-        elif cfg.concat == "low_res" and "low_res" not in batch and ("image" not in batch or vae is None):
-            raise ValueError("concat='low_res' needs 'image' (and the first stage, for its factor) or a 'low_res' "
-                             "(B, h, w, 3) entry in the batch")
+        elif (cfg.concat in concat_lib.LOW_RES_CONCATS and "low_res" not in batch
+              and ("image" not in batch or vae is None)):
+            raise ValueError(f"concat={cfg.concat!r} needs 'image' (and the first stage, for its factor) or a "
+                             "'low_res' (B, h, w, 3) entry in the batch")
         if "low_res" in batch and tuple(batch["low_res"].shape) != tuple(shape[:3]) + (3,):
             raise ValueError(f"batch 'low_res' must be (B, h, w, 3) at the latent size {tuple(shape[:3])}, got "
                              f"{tuple(batch['low_res'].shape)}")
@@ -244,6 +272,11 @@ def make_train_step(
                 extra["inpaint_mask"] = concat_lib.random_masks(jax.random.fold_in(key, _MASK), b, h, w, cfg.masks)
             # The masked image's posterior sample (KL; VQ quantises deterministically).
             extra["masked_eps"] = jax.random.normal(jax.random.fold_in(key, _MASKED_POSTERIOR), shape, jnp.float32)
+        if noise_augmented:  # per-example levels and the low-res image's noise, from their own streams
+            extra["noise_level"] = jax.random.randint(jax.random.fold_in(key, _NOISE_LEVEL), (b,), 0,
+                                                      cfg.max_noise_level)
+            extra["low_res_noise"] = jax.random.normal(jax.random.fold_in(key, _LOW_RES_NOISE),
+                                                       tuple(shape[:3]) + (3,), jnp.float32)
         if mesh is not None:
             extra = jax.lax.with_sharding_constraint(extra, shd.batch_sharding(mesh))
         batch.update(extra)
@@ -270,7 +303,7 @@ def make_train_step(
 
 
 _STEP_KEYS = ("image", "latents", "input_ids", "label", "t", "noise", "eps", "drop", "low_res", "inpaint_mask",
-              "masked_eps")
+              "masked_eps", "noise_level", "low_res_noise")
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings, frozen_shardings):

@@ -30,7 +30,11 @@ Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
   (``concat_conditioning.py``; independent of ``conditioning``, so "text" + a concat is the
   CompVis "hybrid" key): "none"; "low_res" (super-resolution, LDM Sec. 4.4 / bsr_sr: the
   training image box-filtered to the latent size, [-1, 1]; U-Net in_channels = latent channels
-  + 3; a workdir samples with ``pipe(..., cond_image=low_res)``); "inpainting" (SD-inpainting /
+  + 3; a workdir samples with ``pipe(..., cond_image=low_res)``); "noise_augmented_low_res" (the
+  SD 2 x4 upscaler family: that image noised under ``diffusion.low_res_schedule`` at a level in
+  [0, ``diffusion.max_noise_level``) drawn per example, the level the U-Net's class label; needs
+  conditioning "text"; the workdir is an upscaler: ``pipe(prompt, cond_image=..., noise_level=20)``);
+  "inpainting" (SD-inpainting /
   LDM Sec. 4.5: [mask at latent size, scale_factor * E(masked image)], in_channels = 2 x latent
   channels + 1; masks drawn per example as ``diffusion.inpainting_masks`` (MaskConfig fields)
   says; a workdir samples with ``pipe(prompt, init_image=..., mask=...)``). The concat channels
@@ -305,7 +309,15 @@ class LDMTask:
                 conditioning == "text" and bool(_get(config.text_encoder, "trainable", False))),
             concat=self.concat,
             masks=concat_lib.MaskConfig.from_mapping(_as_dict(_get(diff, "inpainting_masks", None))),
+            # concat="noise_augmented_low_res" (SD 2 x4 upscaler): the low-res image's schedule and level bound.
+            low_res_schedule=tuple(sorted({**concat_lib.LOW_RES_SCHEDULE,
+                                           **_as_dict(_get(diff, "low_res_schedule", None))}.items())),
+            max_noise_level=int(_get(diff, "max_noise_level", concat_lib.MAX_NOISE_LEVEL)),
         )
+        if self.concat == concat_lib.NOISE_AUGMENTED and self.conditioning != "text":
+            raise ValueError(f"diffusion.concat={self.concat!r} (the SD 2 x4 upscaler family: text through cross-"
+                             "attention, the noise level as class label) needs diffusion.conditioning='text', got "
+                             f"{self.conditioning!r}")
         self.schedule_config = dict(
             num_train_timesteps=int(_get(diff, "num_train_timesteps", 1000)),
             beta_schedule=_get(diff, "beta_schedule", "scaled_linear"),
@@ -396,9 +408,11 @@ class LDMTask:
         if pipe is None or self.concat == "none":
             return
         if getattr(pipe, "is_upscaler", False):
+            # Fine-tuning a released x4 upscaler is not wired up (its frozen stages, low-res schedule and
+            # levels would have to come from the file); diffusion.concat="noise_augmented_low_res" trains one.
             raise ValueError(f"init.checkpoint={pipe.source} is a noise-augmented upscaler (SD 2 x4: the low-res "
-                             "image noised to a level given as a class label); diffusion.concat="
-                             f"{self.concat!r} trains the clean concat layout (LDM bsr_sr / SD-inpainting) instead")
+                             "image noised to a level given as a class label); initialising from it is not "
+                             f"supported (diffusion.concat={self.concat!r})")
         if self.concat == "inpainting" and pipe.cond_stage == "first_stage":
             raise ValueError(f"init.checkpoint={pipe.source} is a CompVis LDM inpainting model (channels [unscaled "
                              "first-stage mode of the masked image, mask]); diffusion.concat='inpainting' trains the "
@@ -442,7 +456,7 @@ class LDMTask:
         else:
             out["image"] = np.asarray(host_batch["image"])
         # Concat-conditioning inputs a data source may provide (else the step builds them).
-        if self.concat == "low_res" and "low_res" in host_batch:
+        if self.concat in concat_lib.LOW_RES_CONCATS and "low_res" in host_batch:
             out["low_res"] = np.asarray(host_batch["low_res"])
         if self.concat == "inpainting" and "inpaint_mask" in host_batch:
             out["inpaint_mask"] = np.asarray(host_batch["inpaint_mask"], np.float32)
@@ -563,9 +577,12 @@ class LDMTask:
             synth = SyntheticDataset(1, image_size=size)
             images = [synth.example(i)["image"] for i in range(n)]
         images = np.stack([images[i % len(images)] for i in range(n)]).astype(np.float32) / 255.0
-        if self.concat == "low_res":
+        if self.concat in concat_lib.LOW_RES_CONCATS:
             low_res = concat_lib.area_downsample(jnp.asarray(images), self.vae.config.downsample_factor)
-            return {"cond_image": np.asarray(low_res)}  # output: data.image_size, as kw's height / width
+            out = {"cond_image": np.asarray(low_res)}  # output: data.image_size, as kw's height / width
+            if self.concat == concat_lib.NOISE_AUGMENTED:  # diffusers' default level 20, inside the trained range
+                out["noise_level"] = min(20, self.step_cfg.max_noise_level - 1)
+            return out
         mask = np.zeros((n, size, size), np.float32)
         mask[:, size // 4: size - size // 4, size // 4: size - size // 4] = 1.0
         return {"init_image": images, "mask": mask, "strength": 1.0}
@@ -578,6 +595,10 @@ class LDMTask:
         inpainting's first-stage one)."""
         if self.concat == "none":
             return {}
+        if self.concat == concat_lib.NOISE_AUGMENTED:  # an upscaler: Pipeline.is_upscaler, noise_level=
+            return {"conditioning_key": "hybrid-adm", "cond_stage": "identity",
+                    "low_res_scheduler_config": dict(self.step_cfg.low_res_schedule),
+                    "max_noise_level": int(self.step_cfg.max_noise_level)}
         key = "hybrid" if self.text_encoder is not None else "concat"
         return {"conditioning_key": key, "cond_stage": "identity" if self.concat == "low_res" else ""}
 
