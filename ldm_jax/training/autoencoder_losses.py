@@ -50,7 +50,7 @@ from ldm_jax.models.lpips import LPIPS
 from ldm_jax.models.quantizer import codebook_perplexity
 from ldm_jax.training import optim
 from ldm_jax.training import sharding as shd
-from ldm_jax.training.ldm_step import images_to_float
+from ldm_jax.training.image_range import images_to_float
 
 KINDS = ("kl", "vq")
 DISC_LOSSES = ("hinge", "vanilla")

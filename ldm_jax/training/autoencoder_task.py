@@ -48,7 +48,7 @@ from ldm_jax.training import optim
 from ldm_jax.training import sharding as shd
 from ldm_jax.training import state as state_lib
 from ldm_jax.training.config_access import config_as_dict as _as_dict, config_get as _get
-from ldm_jax.training.ldm_step import images_to_float
+from ldm_jax.training.image_range import images_to_float
 
 log = logging.getLogger(__name__)
 

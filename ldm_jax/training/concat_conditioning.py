@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.diffusion.schedule import add_noise
+from ldm_jax.training.image_range import images_to_float
 
 NOISE_AUGMENTED = "noise_augmented_low_res"
 CONCATS = ("none", "low_res", NOISE_AUGMENTED, "inpainting")
@@ -73,13 +74,6 @@ def check_unet_in_channels(in_channels: int, latent_channels: int, concat: str) 
                          f"{latent_channels} + {k} = {latent_channels + k} channels")
 
 
-def _as_float(image_bhwc: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1]; float is taken as already in [-1, 1]."""
-    if image_bhwc.dtype == jnp.uint8:
-        return image_bhwc.astype(jnp.float32) / 127.5 - 1.0
-    return image_bhwc.astype(jnp.float32)
-
-
 # ------------------------------------------------------------------ super-resolution
 def area_downsample(x_bhwc: jax.Array, factor: int) -> jax.Array:
     """Mean over every ``factor`` x ``factor`` block: (B, H, W, C) -> (B, H/f, W/f, C)."""
@@ -92,7 +86,7 @@ def area_downsample(x_bhwc: jax.Array, factor: int) -> jax.Array:
 def low_res_condition(image_bhwc: jax.Array, factor: int) -> jax.Array:
     """The super-resolution condition of training images (uint8 or [-1, 1]): their box-filtered
     1/factor version in [-1, 1], float32 (B, H/f, W/f, 3) (the bsr_sr ``LR_image``, clean)."""
-    return area_downsample(_as_float(image_bhwc), factor)
+    return area_downsample(images_to_float(image_bhwc), factor)
 
 
 def noise_augment(low_res_bhwc: jax.Array, noise_bhwc: jax.Array, levels_b: jax.Array, schedule) -> jax.Array:
@@ -204,7 +198,7 @@ def mask_to_latent_size(mask_bhw1: jax.Array, factor: int) -> jax.Array:
 
 def masked_image(image_bhwc: jax.Array, mask_bhw1: jax.Array) -> jax.Array:
     """The image in [-1, 1] with the region to repaint set to 0 (SD's ``image * (mask < 0.5)``)."""
-    return _as_float(image_bhwc) * (mask_bhw1 < 0.5).astype(jnp.float32)
+    return images_to_float(image_bhwc) * (mask_bhw1 < 0.5).astype(jnp.float32)
 
 
 def inpainting_condition(vae: nn.Module, vae_params, image_bhwc: jax.Array, mask_bhw1: jax.Array,

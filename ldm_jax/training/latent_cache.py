@@ -182,7 +182,7 @@ def make_encode_fn(vae, mesh, low_res: bool = False):
     (float32, unscaled, replicated): KL mean and std, or VQ pre-quantisation latents; with
     ``low_res`` the super-resolution condition of the images as well."""
     from ldm_jax.training.concat_conditioning import low_res_condition
-    from ldm_jax.training.ldm_step import images_to_float
+    from ldm_jax.training.image_range import images_to_float
 
     def fn(vae_params, image_bhwc):
         enc = vae.apply({"params": vae_params}, images_to_float(image_bhwc), method="encode")

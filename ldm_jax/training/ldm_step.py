@@ -51,6 +51,7 @@ from ldm_jax.diffusion.losses import (
 )
 from ldm_jax.diffusion.schedule import NoiseSchedule, add_noise, snr
 from ldm_jax.training import concat_conditioning as concat_lib
+from ldm_jax.training.image_range import images_to_float
 from ldm_jax.training import optim
 from ldm_jax.training import sharding as shd
 from ldm_jax.training.state import TrainState
@@ -98,13 +99,6 @@ class LDMStepConfig:
             if not 1 <= int(self.max_noise_level) <= steps:
                 raise ValueError(f"max_noise_level must be in [1, {steps}] (the low-res schedule's steps), got "
                                  f"{self.max_noise_level}")
-
-
-def images_to_float(image_bhwc: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1]; float input is taken as already in [-1, 1]."""
-    if image_bhwc.dtype == jnp.uint8:
-        return image_bhwc.astype(jnp.float32) / 127.5 - 1.0
-    return image_bhwc.astype(jnp.float32)
 
 
 def first_stage_latents(vae: nn.Module, vae_params, image_bhwc: jax.Array, eps_bhwc: Optional[jax.Array]):
