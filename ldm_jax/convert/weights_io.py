@@ -93,21 +93,38 @@ def _map_readonly(f, size: int):
 def place_params(tree):
     """Converted parameters (numpy, possibly read-only views on a memory-mapped weight file) as
     device arrays that own their memory, in one batched transfer (a ``jnp.asarray`` per leaf
-    would dispatch an op per leaf). On a CPU backend ``device_put`` keeps suitably aligned host
-    memory instead of copying it (``may_alias=False`` does not change that for numpy inputs),
-    mapped file pages included, and the parameters would change when the file is overwritten:
-    there, views are copied first. Accelerators copy to their own memory anyway."""
+    would dispatch an op per leaf).
+
+    On a CPU backend ``device_put`` adopts 64-byte aligned host buffers instead of copying them
+    (``may_alias=False`` does not change that for numpy inputs), mapped file pages included: the
+    parameters would then change when the file is overwritten. It copies everything else itself,
+    slowly for the strided (transposed) views conversion makes. So on CPU every leaf that does not
+    own its memory is copied here once, contiguous, into a fresh 64-byte aligned buffer that XLA
+    adopts: one copy per leaf instead of two (numpy's, then XLA's). Accelerators copy to their own
+    memory anyway; the strided views are made contiguous by numpy first there too."""
     import jax
 
     if jax.default_backend() == "cpu":
-        tree = jax.tree_util.tree_map(lambda a: np.array(a) if _may_be_aliased(a) else a, tree)
+        tree = jax.tree_util.tree_map(lambda a: _aligned_copy(a) if _is_view(a) else a, tree)
+    else:
+        tree = jax.tree_util.tree_map(lambda a: np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a, tree)
     return jax.device_put(tree)
 
 
-def _may_be_aliased(a) -> bool:
-    """A numpy view that XLA:CPU could adopt instead of copying: it adopts 64-byte aligned buffers
-    (16 here, to be safe); misaligned ones it copies itself, so copying them here would copy twice."""
-    return isinstance(a, np.ndarray) and not a.flags.owndata and a.ctypes.data % 16 == 0
+_XLA_CPU_ALIGNMENT = 64  # the alignment at which XLA:CPU adopts a host buffer rather than copying it
+
+
+def _is_view(a) -> bool:
+    return isinstance(a, np.ndarray) and not a.flags.owndata
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``a`` in a fresh buffer aligned to ``_XLA_CPU_ALIGNMENT`` bytes."""
+    raw = np.empty(a.nbytes + _XLA_CPU_ALIGNMENT, np.uint8)
+    start = (-raw.ctypes.data) % _XLA_CPU_ALIGNMENT
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    np.copyto(out, a)
+    return out
 
 
 def read_state_dict(path: str) -> StateDict:
