@@ -18,7 +18,6 @@ Randomness is a function of ``seed`` only: the initial noise is
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import jax
@@ -31,6 +30,7 @@ from ldm_jax.diffusion.guidance import guided_denoiser
 from ldm_jax.diffusion.schedule import NoiseSchedule, add_noise
 from ldm_jax.diffusion.scheduler_config import resolve_scheduler_options
 from ldm_jax.image_io import prepare_image, prepare_mask
+from ldm_jax.executable_store import StoredProgram
 
 Prompt = Union[str, Sequence[str]]
 
@@ -403,8 +403,20 @@ class Pipeline:
                 out = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
             return (out, steps) if return_intermediates else out
 
-        return self._jit(("generate", mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind),
-                         generate)
+        static = ("generate", mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind)
+        if static not in self._jit_cache:
+            # With the persistent compilation cache on, the compiled chain is also stored whole, so a
+            # later process skips tracing it (executable_store.py).
+            self._jit_cache[static] = StoredProgram(generate, f"{self._static_description()}\n{static}",
+                                                    name="sampling chain")
+        return self._jit_cache[static]
+
+    def _static_description(self) -> str:
+        """Everything the jitted chain closes over except the parameters (which are arguments):
+        the modules with their configurations, dtypes and attention implementations, and the
+        conditioning fields. The executable store keys compiled chains by it."""
+        skip = ("params", "tokenizer", "source", "sample_size", "mesh", "_jit_cache")
+        return repr([(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in skip])
 
     # ------------------------------------------------------------------ concat conditioning
     @property

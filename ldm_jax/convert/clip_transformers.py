@@ -46,9 +46,11 @@ def clip_config_from_transformers(config_dict: Mapping, output_layer: Optional[s
         raise CheckpointError(f"CLIP text config lacks {e.args[0]!r}") from None
 
 
-def _target_params(model: CLIPTextModel):
-    ids = jax.ShapeDtypeStruct((1, model.config.max_position_embeddings), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
+def text_abstract_params(model):
+    """The parameter tree of a token-id text encoder (CLIP, LDMBert) as ShapeDtypeStructs."""
+    from ldm_jax.executable_store import stored_param_shapes
+
+    return stored_param_shapes(model, (jax.ShapeDtypeStruct((1, model.config.max_position_embeddings), jnp.int32),))
 
 
 def _dtype(name) -> jnp.dtype:
@@ -73,7 +75,7 @@ def load_text_encoder(
                           attention_impl=attention_impl)
     state = read_state_dict(path)
     params = convert_state_dict(
-        state, _target_params(model), source=path,
+        state, text_abstract_params(model), source=path,
         rename=lambda k: k[len("text_model."):] if k.startswith("text_model.") else k,
         ignore=_TRANSFORMERS_IGNORE,
     )
@@ -154,6 +156,6 @@ def clip_params_from_open_clip(
         raise CheckpointError(f"{source}: no open_clip text weights under the prefix {prefix!r}")
     model = CLIPTextModel(config, param_dtype=_dtype(param_dtype))
     return convert_state_dict(
-        flat, _target_params(model), source=source,
+        flat, text_abstract_params(model), source=source,
         rename=lambda k: _open_clip_rename(k[len(prefix):]),
     )

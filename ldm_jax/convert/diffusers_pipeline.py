@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import jax
 
 from ldm_jax.convert.clip_transformers import load_text_encoder
 from ldm_jax.convert.errors import CheckpointError

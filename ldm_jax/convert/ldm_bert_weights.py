@@ -33,7 +33,6 @@ import os
 import re
 from typing import Any, Callable, Dict, Mapping, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,8 +56,9 @@ def _dtype(name) -> jnp.dtype:
 
 
 def abstract_params(model: LDMBertModel):
-    ids = jax.ShapeDtypeStruct((1, model.config.max_position_embeddings), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
+    from ldm_jax.convert.clip_transformers import text_abstract_params
+
+    return text_abstract_params(model)
 
 
 # ----------------------------------------------------------------------------- diffusers bert/ folder

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ldm_jax.convert.clip_transformers import clip_config_from_transformers, clip_params_from_open_clip
+from ldm_jax.convert.clip_transformers import clip_config_from_transformers, clip_params_from_open_clip, text_abstract_params
 from ldm_jax.convert.errors import CheckpointError
 from ldm_jax.convert.export import UNET_LITERAL_NAMES, torch_name
 from ldm_jax.convert.mapping import convert_state_dict
@@ -152,11 +152,6 @@ def _clip_text_config(weights: Mapping[str, np.ndarray], prefix: str, open_clip:
     }, output_layer=output_layer)
 
 
-def _text_abstract_params(model: CLIPTextModel):
-    ids = jax.ShapeDtypeStruct((1, model.config.max_position_embeddings), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
-
-
 def _load_cond_stage(spec: OriginalSpec, state: Mapping[str, np.ndarray], source: str, kw: dict,
                      tokenizer: Optional[str] = None):
     """(text_encoder, params, tokenizer) for the conditioning model, or (None, None, None).
@@ -169,7 +164,7 @@ def _load_cond_stage(spec: OriginalSpec, state: Mapping[str, np.ndarray], source
         config = _clip_text_config(state, prefix, False, "last", source)
         model = CLIPTextModel(config, **kw)
         weights = {k: v for k, v in state.items() if k.startswith(prefix)}
-        params = _convert(weights, _text_abstract_params(model), rename=lambda k: k[len(prefix):], source=source,
+        params = _convert(weights, text_abstract_params(model), rename=lambda k: k[len(prefix):], source=source,
                           config_source=spec.source, ignore=(r"(^|\.)position_ids$",),
                           original_name=lambda k: prefix + k)
         return model, params, CLIPTokenizer(pad_token_id=SD1_PAD_TOKEN, max_length=config.max_position_embeddings)

@@ -19,7 +19,6 @@ import dataclasses
 import os
 from typing import Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 
 from ldm_jax.convert.errors import CheckpointError
@@ -220,7 +219,6 @@ def load_unet(
 
 def unet_abstract_params(unet: UNet) -> dict:
     """The parameter tree of ``unet`` as ShapeDtypeStructs (nothing allocated)."""
-    x, t, ctx, labels = unet_dummy_inputs(unet.config)
-    return jax.eval_shape(
-        lambda x, t, ctx, labels: unet.init(jax.random.PRNGKey(0), x, t, ctx, labels),
-        x, t, ctx, labels)["params"]
+    from ldm_jax.executable_store import stored_param_shapes
+
+    return stored_param_shapes(unet, unet_dummy_inputs(unet.config))

@@ -19,7 +19,6 @@ import os
 import re
 from typing import Any, Mapping, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 
 from ldm_jax.convert.errors import CheckpointError

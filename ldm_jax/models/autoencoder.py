@@ -461,5 +461,10 @@ def init_params(module: nn.Module, rng: jax.Array, image_size: int = 0):
 
 
 def abstract_params(module: nn.Module):
-    """ShapeDtypeStruct tree of ``module``'s parameters, without allocating them."""
-    return jax.eval_shape(lambda k: init_params(module, k), jax.random.PRNGKey(0))
+    """ShapeDtypeStruct tree of ``module``'s parameters, without allocating them (traced as
+    ``init_params``; read from the store of traced results when it is on)."""
+    from ldm_jax.executable_store import stored_param_shapes
+
+    side = 2 * module.config.downsample_factor
+    x = jax.ShapeDtypeStruct((1, side, side, module.config.in_channels), jnp.float32)
+    return stored_param_shapes(module, (x,), static_args=(False,), rng_names=("params", "sample"))
