@@ -53,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ldm_jax.convert.clip_transformers import clip_config_from_transformers, clip_params_from_open_clip, text_abstract_params
+from ldm_jax.convert.clip_transformers import (clip_config_from_transformers, clip_params_from_open_clip,
+                                               text_abstract_params)
 from ldm_jax.convert.errors import CheckpointError
 from ldm_jax.convert.export import UNET_LITERAL_NAMES, torch_name
 from ldm_jax.convert.mapping import convert_state_dict
