@@ -476,6 +476,33 @@ def test_fast_attention_dispatch_off_gpu(causal):
         layers.dot_product_attention(q, k, v, impl="flash3")
 
 
+@pytest.mark.parametrize("t,s,causal", [(64, 77, False), (77, 77, True), (9, 7, False), (64, 64, False)])
+def test_even_length_padding_is_exact(t, s, causal):
+    """The cuDNN route pads odd lengths (one zero key hidden by key_value_seq_lengths, one zero
+    query row sliced off). Run on XLA here (the same padding and mask), it equals the unpadded
+    attention, forward and the three gradients; without the key mask the zero key takes weight."""
+    from ldm_jax.models.attention_kernels import even_length_attention
+
+    q, k, v = _qkv(t=t, s=s)
+    cot = jnp.asarray(np.random.default_rng(5).standard_normal(q.shape), jnp.float32)
+    scale = 1 / np.sqrt(q.shape[-1])
+
+    def value_and_vjp(f):
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out,) + vjp(cot)
+
+    want = value_and_vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal))
+    got = value_and_vjp(lambda q, k, v: even_length_attention(q, k, v, scale=scale, causal=causal,
+                                                              implementation=None))
+    errs = [_rel_err(g, w) for g, w in zip(got, want)]
+    print(f"even-length padding q{t}/kv{s} causal={causal}: out, dq, dk, dv {errs}")
+    assert all(g.shape == w.shape for g, w in zip(got, want)) and max(errs) < 1e-6
+    if s % 2:  # the padding mask matters: an unmasked zero key changes the result
+        pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+        unmasked = jax.nn.dot_product_attention(q, jnp.pad(k, pad), jnp.pad(v, pad), scale=scale)
+        assert _rel_err(unmasked, want[0]) > 1e-3
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_splash_attention_interpret_mode_matches_xla(causal):
     """TPU splash attention run by the Pallas interpreter on CPU: padding of the

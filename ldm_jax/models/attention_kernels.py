@@ -12,7 +12,9 @@ q (B, T, N, H), k / v (B, S, N, H) -> (B, T, N, H), i.e. jax's "BTNH".
   what makes it run. cuDNN needs a CUDA GPU, bf16/fp16 q/k/v and a head dim that
   is a multiple of 8 and <= 128 (<= 256 from Hopper, sm_90, on). SD1.5's head dims
   are 40 / 80 / 160: all three qualify on H100/H200; on A100 the 160 level falls
-  back to XLA. float32 always falls back to XLA.
+  back to XLA. float32 always falls back to XLA. Odd sequence lengths (CLIP's 77
+  tokens) are padded to even ones with a padding mask (``even_length_attention``),
+  which jax's cuDNN route needs when the attention is differentiated.
 * ``"splash"``: Pallas splash attention for TPU
   (``jax.experimental.pallas.ops.tpu.splash_attention``), one kernel per head
   group, vmapped over the batch. Sequences are padded to the 128-lane block
@@ -71,13 +73,38 @@ def fused_dot_product_attention(q_btnh, k_bsnh, v_bsnh, *, scale: float, causal:
         ok, why = False, "q, k and v dtypes differ"
     if ok:
         try:
-            return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, scale=scale, is_causal=causal,
-                                                implementation="cudnn")
+            return even_length_attention(q_btnh, k_bsnh, v_bsnh, scale=scale, causal=causal, implementation="cudnn")
         except (NotImplementedError, RuntimeError, ValueError) as e:
             ok, why = False, f"{type(e).__name__}: {e}"  # a constraint not checked above (cuDNN version, ...)
     if require_cudnn:
         raise NotImplementedError(f"attention_impl='cudnn' cannot run here: {why}")
     return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, scale=scale, is_causal=causal)
+
+
+def even_length_attention(q_btnh, k_bsnh, v_bsnh, *, scale: float, causal: bool = False,
+                          implementation: Optional[str] = "cudnn"):
+    """``jax.nn.dot_product_attention`` with odd sequence lengths padded to even ones.
+
+    jax's cuDNN check refuses odd query / key lengths when the attention is differentiated
+    ("Unsupported sequence length Q 4096, KV 77": in jax <= 0.11 its training path counts
+    the empty bias placeholder as a bias), so SD's 77-token cross-attention fell back to XLA
+    in training. An odd key length gets one zero key, hidden by the kernel's own padding mask
+    (``key_value_seq_lengths``: cuDNN's PADDING mask, no bias tensor), so each query attends to
+    exactly its keys; an odd query length gets one zero query row, sliced off the output (its
+    cotangent is zero, so it adds nothing to any gradient). Causal masks are unchanged: the
+    padded query and key are the last ones. ``implementation=None`` runs the same padding on
+    XLA (the tests check it against the unpadded attention on CPU)."""
+    b, t, s = q_btnh.shape[0], q_btnh.shape[1], k_bsnh.shape[1]
+    kv_lengths = None
+    if s % 2:
+        pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+        k_bsnh, v_bsnh = jnp.pad(k_bsnh, pad), jnp.pad(v_bsnh, pad)
+        kv_lengths = jnp.full((b,), s, jnp.int32)
+    if t % 2:
+        q_btnh = jnp.pad(q_btnh, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    out = jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, scale=scale, is_causal=causal,
+                                       key_value_seq_lengths=kv_lengths, implementation=implementation)
+    return out[:, :t]
 
 
 # ---------------------------------------------------------------------------
