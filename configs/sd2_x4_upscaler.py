@@ -11,8 +11,14 @@ box-filtered 4x to the latent size, in [-1, 1], noised under ``diffusion.low_res
 level drawn per example in [0, max_noise_level=350), the level the U-Net's class label (noise
 conditioning augmentation, Ho et al. 2021 Sec. 4.1); 10% of captions dropped for CFG. The released
 model was trained on degraded inputs (LAION, "lr" from its data pipeline); a data source that yields
-its own ``"low_res"`` images is used as given. Initialising from the released checkpoint is not
-supported: train from scratch, or swap in frozen stages with first_stage / text_encoder checkpoints.
+its own ``"low_res"`` images is used as given.
+
+Fine-tune the released model with ``--config.init.checkpoint=x4-upscaler-ema.ckpt
+--config.init.original_config=x4-upscaling.yaml`` (ldm_jax/training/init_checkpoint.py): its U-Net starts
+training, its KL-f4 autoencoder (scale factor 0.08333) and OpenCLIP encoder are the frozen stages, and the
+step noises the low-res image with the file's low_scale_config. ``diffusion.low_res_schedule`` /
+``max_noise_level`` below are the released values, so they agree with that file; for another upscaler
+file set them to None (its values are then taken) or to its values (a disagreement is an error).
 
     python train.py --config configs/sd2_x4_upscaler.py --workdir /ckpt/x4 \\
         --config.first_stage.checkpoint=/ckpt/x4_vae --config.text_encoder.checkpoint=/ckpt/open_clip_h \\
@@ -55,6 +61,7 @@ def get_config(arg: str = ""):
     c.diffusion.beta_start = 1e-4
     c.diffusion.beta_end = 0.02
     c.diffusion.concat = "noise_augmented_low_res"
+    # With init.checkpoint these must agree with the file's low_scale_config (None: take the file's).
     c.diffusion.low_res_schedule = dict(LOW_RES_SCHEDULE)
     c.diffusion.max_noise_level = 350
     c.sample.images = ()               # image files whose 128x128 versions the sample grids upscale

@@ -22,8 +22,13 @@ encoder are the frozen stages; init.checkpoint, ldm_jax/training/init_checkpoint
         --mask mask.png --strength 1.0
     python train.py --config configs/sd_inpainting_finetune.py:runlocal --workdir /tmp/inpaint_smoke
 
-(a diffusers inpainting folder works as init.checkpoint too). Inpainting cannot train on precomputed
-latents (the masked image is encoded every step). Optimiser as the YAML: AdamW at its base_learning_rate
+(a diffusers inpainting folder works as init.checkpoint too). Or make an inpainting model from a
+text-to-image SD 1.x file as SD-inpainting was made ("5 additional input channels ... zero-initialized
+after restoring the non-inpainting checkpoint"): ``--config.init.checkpoint=v1-5-pruned-emaonly.safetensors``
+starts the U-Net from that file with its first convolution widened from 4 to 9 input channels, the file's
+weights on the 4 latent channels and zeros on the mask and masked-image ones (Stability's
+LatentFinetuneDiffusion.init_from_ckpt; logged). Inpainting cannot train on precomputed latents (the
+masked image is encoded every step). Optimiser as the YAML: AdamW at its base_learning_rate
 7.5e-5, LambdaLinearScheduler warm-up 2500 steps (the YAML's value for resuming a run; it says 10000 from
 scratch), EMA 0.9999.
 """

@@ -278,12 +278,7 @@ def test_upscaler_configuration_checks():
                 mesh_of(2, 4)).init_state(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="needs diffusion.conditioning='text'"):
         LDMTask(run_config("ldm_sr", dict(num_class_embeds=350), concat="noise_augmented_low_res"), mesh_of(2, 4))
-    # Initialising from a released x4 upscaler is not supported (yet): refused clearly.
-    from types import SimpleNamespace
-
-    pipe = SimpleNamespace(source="x4-upscaler-ema.ckpt", is_upscaler=True, cond_stage="open_clip")
-    with pytest.raises(ValueError, match="noise-augmented upscaler.*not supported"):
-        LDMTask._check_init_concat_layout(SimpleNamespace(init_pipe=pipe, concat="noise_augmented_low_res"))
+    # Initialising from a released x4 upscaler: tests/test_upscaler.py (test_fine_tuning_from_the_x4_*).
 
 
 # ------------------------------------------------------------------ inpainting

@@ -471,3 +471,76 @@ def test_layout_token_id_errors(layout, tmp_path):
     vocab = write_vocab(tmp_path)
     with pytest.raises(CheckpointError, match=r"tokenizer=.* given, but the BERTEmbedder has use_tokenizer: false"):
         ldm_jax.load_pipeline(layout["ckpt"], config=LAYOUT_YAML, tokenizer=vocab)
+
+
+# ----------------------------------------------------------------------------- fine-tuning from the .ckpt
+@pytest.mark.parametrize("trainable", [False, True])
+def test_fine_tuning_from_an_original_bert_embedder_checkpoint(trainable, tmp_path):
+    """init.checkpoint = an original LDM txt2img .ckpt (BERTEmbedder cond stage, no vocabulary) with
+    configs/ldm_txt2img_f8.py (text_encoder.kind="ldm_bert", the vocabulary from text_encoder.tokenizer),
+    model.unet={}: the first state's U-Net (params and EMA, 2x4 FSDP mesh) and text encoder are the
+    file's (the BERT in the trained state with text_encoder.trainable, as cond_stage_trainable: true;
+    frozen otherwise), checked against the torch weights too; the tokenizer is the vocabulary's; a
+    sharded step runs and trains the BERT only when trainable."""
+    import importlib.util
+
+    from ldm_jax.models.ldm_bert import LDMBertModel
+    from ldm_jax.training import loop
+    from ldm_jax.training import sharding as shd
+    from ldm_jax.training.ldm_task import LDMTask
+
+    with open(YAML) as f:
+        original = yaml.safe_load(f)
+    bert = ldm_bert_torch(30)
+    sd, ckpt, _, _ = original_and_diffusers(original, bert, seeds=(1, 11), path=str(tmp_path / "txt2img.ckpt"))
+    vocab = write_vocab(tmp_path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("_cfg_ldm_txt2img_f8", os.path.join(root, "configs",
+                                                                                     "ldm_txt2img_f8.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("runlocal")
+    cfg.model.unet = {}
+    cfg.text_encoder.tokenizer = vocab
+    cfg.text_encoder.trainable = trainable
+    cfg.init.checkpoint = ckpt
+    cfg.init.original_config = YAML
+    cfg.first_stage.scale_by_std = False  # the file's 0.18215
+    cfg.mesh.min_fsdp_size = 2 ** 10
+
+    task = LDMTask(cfg, shd.make_mesh(2, 4))
+    released = ldm_jax.load_pipeline(ckpt, config=YAML, tokenizer=vocab)
+    assert isinstance(task.text_encoder, LDMBertModel) and task.text_encoder.config == released.text_encoder.config
+    assert task.step_cfg.train_text_encoder == trainable and task.scale_factor == np.float32(0.18215)
+    # "a red apple" -> [CLS] a red apple [SEP] [PAD]... with the written vocabulary (16 = runlocal's max_length)
+    assert task.tokenizer(["a red apple"]).tolist() == [[2, 5, 6, 7, 3] + [0] * 11]
+    host = shd.gather_to_host
+    assert_same = lambda a, b: jax.tree_util.tree_map(np.testing.assert_array_equal, host(a), host(b))  # noqa: E731
+    assert_same(task.frozen["vae"], released.params["vae"])
+    state = task.init_state(jax.random.PRNGKey(0))
+    if trainable:
+        assert task.frozen["text_encoder"] is None and set(state.params) == {"unet", "text_encoder"}
+        unet0, te0 = state.params["unet"], state.params["text_encoder"]
+        assert_same(state.ema_params, state.params)
+    else:
+        unet0, te0 = state.params, task.frozen["text_encoder"]
+        assert_same(state.ema_params, released.params["unet"])
+    assert_same(unet0, released.params["unet"])
+    assert_same(te0, released.params["text_encoder"])
+    # and against the torch weights directly (not only through the loader)
+    np.testing.assert_array_equal(np.asarray(host(te0)["embed_tokens"]["embedding"]),
+                                  bert.model.embed_tokens.weight.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(host(unet0)["conv_in"]["kernel"]),
+                                  sd["model.diffusion_model.input_blocks.0.0.weight"].transpose(2, 3, 1, 0))
+
+    conv_in0 = np.asarray(host(unet0)["conv_in"]["kernel"])  # (the step donates the state)
+    batch = next(loop.SyntheticDataset(8, image_size=16))
+    state1, metrics = task.train_step(state, shd.shard_batch(task.prepare_batch(batch), task.mesh))
+    print(f"LDM txt2img fine-tuning (text_encoder.trainable={trainable}): loss {float(metrics['loss']):.5f}")
+    assert np.isfinite(float(metrics["loss"])) and int(state1.step) == 1
+    unet1 = state1.params["unet"] if trainable else state1.params
+    assert np.abs(np.asarray(host(unet1)["conv_in"]["kernel"]) - conv_in0).max() > 0
+    if trainable:  # the BERT trains with the U-Net
+        moved = np.asarray(host(state1.params["text_encoder"])["embed_tokens"]["embedding"]) - np.asarray(
+            bert.model.embed_tokens.weight.detach().numpy())
+        assert np.abs(moved).max() > 0

@@ -5,6 +5,7 @@ The checkpoints are built from the original modules (``tests/original_ckpt.py``)
 weights (every parameter perturbed), saved with torch.save / safetensors; the YAMLs are tiny
 versions of the original ones in ``tests/original_configs/``.
 """
+import dataclasses
 import functools
 import os
 import warnings
@@ -795,3 +796,133 @@ def test_fine_tuning_refuses_another_architecture(sd1):
     with pytest.raises(CheckpointError, match=r"sd1.ckpt: its U-Net does not match config.model.unet: .*"
                                               r"(missing|unexpected|checkpoint \()"):
         LDMTask(cfg, shd.make_mesh(1, 1, devices=jax.devices()[:1]))
+
+
+# ------------------------------------------------------------------ inpainting from a text-to-image file
+# SD-inpainting's recipe (runwayml sd-v1-5-inpainting from sd-v1-2 / v1-5): the text-to-image U-Net with
+# 5 more input channels in its first convolution, zero-initialised. The reference is the original
+# LatentInpaintDiffusion (sdkit's ldm = Stability's SD 2 repository) built with ckpt_path = the file:
+# LatentFinetuneDiffusion.init_from_ckpt does `new = zeros_like(param); new[:, :keep_dims] = ckpt` for
+# finetune_keys (model.diffusion_model.input_blocks.0.0.weight, keep_finetune_dims 4).
+
+
+def original_inpainting_from(path):
+    """The original LatentInpaintDiffusion (tiny-v1-inpainting-inference.yaml) initialised from the
+    text-to-image file ``path``; returns its widened U-Net (torch)."""
+    import contextlib
+    import io
+
+    from omegaconf import OmegaConf
+
+    from original_ckpt import import_ldm_ddpm
+
+    ddpm, _ = import_ldm_ddpm()
+    params = OmegaConf.load(yaml_path("tiny-v1-inpainting-inference.yaml")).model.params
+    params.cond_stage_config = {"target": "torch.nn.Identity"}  # FrozenCLIPEmbedder would download CLIP
+    params.ckpt_path = path
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        model = ddpm.LatentInpaintDiffusion(**params).eval()
+    assert "modifying key 'model.diffusion_model.input_blocks.0.0.weight'" in out.getvalue()  # its finetune path
+    return model.model.diffusion_model
+
+
+def _inpainting_config(path, unet=None):
+    cfg = _emoji_ldm_config("runlocal")
+    cfg.model.unet = unet or {}
+    cfg.diffusion.concat = "inpainting"
+    cfg.init.checkpoint = path
+    cfg.init.original_config = yaml_path("tiny-v1-inference.yaml")
+    cfg.first_stage.scale_by_std = False
+    cfg.mesh.min_fsdp_size = 2 ** 10
+    return cfg
+
+
+def test_inpainting_fine_tuning_from_a_text_to_image_file_widens_conv_in(sd1, tmp_path, caplog):
+    """diffusion.concat="inpainting" + init.checkpoint = a plain (4-channel) SD file, model.unet={}: the
+    U-Net takes 4 + 5 channels; the first state (params and EMA, 2x4 FSDP mesh) equals the original
+    LatentInpaintDiffusion's U-Net after init_from_ckpt from that file (saved in the original format and
+    loaded with the 9-channel YAML): conv_in's first 4 input channels the file's, the 5 new ones 0,
+    every other leaf the file's. A step runs and trains the new channels. An explicit model.unet with
+    in_channels=9 gives the same start weights."""
+    import logging
+
+    from ldm_jax.training import sharding as shd
+    from ldm_jax.training.ldm_task import LDMTask
+
+    released = sd1["pipe"].params["unet"]
+    # The original: input_blocks.0.0.weight (O, I, kh, kw) widened to 9 input channels with zeros.
+    orig_unet = original_inpainting_from(sd1["path"])
+    w = orig_unet.input_blocks[0][0].weight.detach().numpy()
+    assert w.shape == (32, 9, 3, 3) and not w[:, 4:].any()
+    np.testing.assert_array_equal(w[:, :4], sd1["unet"].input_blocks[0][0].weight.detach().numpy())
+    sd = ldm_state_dict(orig_unet, sd1["first"], sd1["text"], "cond_stage_model.transformer.text_model.",
+                        betas=ldm_betas())
+    ref = load_original_pipeline(save_ckpt(str(tmp_path / "orig-inpainting.ckpt"), sd),
+                                 config=yaml_path("tiny-v1-inpainting-inference.yaml"))
+    assert ref.unet.config.in_channels == 9
+
+    with caplog.at_level(logging.INFO, logger="ldm_jax.training.init_checkpoint"):
+        task = LDMTask(_inpainting_config(sd1["path"]), shd.make_mesh(2, 4))
+    assert task.unet.config.in_channels == 9 and task.unet.config == dataclasses.replace(
+        sd1["pipe"].unet.config, in_channels=9, remat_blocks=task.unet.config.remat_blocks)
+    assert "conv_in widened from 4 to 9 input channels for diffusion.concat='inpainting'" in caplog.text
+    state = task.init_state(jax.random.PRNGKey(0))
+    host = shd.gather_to_host
+    start = host(state.params)
+    assert_same_params(start, host(ref.params["unet"]))  # = the original's widened U-Net
+    assert_same_params(host(state.ema_params), start)
+    kernel = np.asarray(start["conv_in"]["kernel"])  # (3, 3, in, out)
+    assert kernel.shape == (3, 3, 9, 32) and not kernel[:, :, 4:].any()
+    np.testing.assert_array_equal(kernel[:, :, :4], np.asarray(released["conv_in"]["kernel"]))
+    rest = lambda p: {k: v for k, v in p.items() if k != "conv_in"}  # noqa: E731
+    assert_same_params(rest(start), host(rest(released)))
+    np.testing.assert_array_equal(start["conv_in"]["bias"], np.asarray(released["conv_in"]["bias"]))
+    assert_same_params(host(task.frozen["vae"]), host(sd1["pipe"].params["vae"]))
+
+    batch = {"image": np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
+             "caption": np.asarray(["a red apple", "a blue car"] * 4)}
+    state1, metrics = task.train_step(state, shd.shard_batch(task.prepare_batch(batch), task.mesh))
+    new = np.asarray(host(state1.params)["conv_in"]["kernel"])[:, :, 4:]
+    print(f"inpainting from a 4-channel file: loss {float(metrics['loss']):.5f}, new conv_in channels after one "
+          f"step max |w| {np.abs(new).max():.2e}")
+    assert np.isfinite(float(metrics["loss"])) and np.abs(new).max() > 0  # the concat channels train
+
+    # model.unet given (the file's architecture with in_channels 9): the same start weights.
+    fields = dataclasses.asdict(sd1["pipe"].unet.config)
+    explicit = LDMTask(_inpainting_config(sd1["path"], dict(fields, in_channels=9)), shd.make_mesh(2, 4))
+    assert_same_params(host(explicit._start_params["unet"]), start)
+
+
+def test_inpainting_fine_tuning_refuses_other_mismatches(sd1):
+    """Only conv_in's input channels may differ, and only from a file that takes the latents alone."""
+    from types import SimpleNamespace
+
+    from ldm_jax.training import sharding as shd
+    from ldm_jax.training.init_checkpoint import start_unet_params
+    from ldm_jax.training.ldm_task import LDMTask
+
+    fields = dataclasses.asdict(sd1["pipe"].unet.config)
+    cfg = _inpainting_config(sd1["path"], dict(fields, in_channels=9, block_out_channels=(32, 32)))
+    with pytest.raises(CheckpointError, match=r"sd1.ckpt: its U-Net does not match config.model.unet: .*"
+                                              r"conv_in/kernel: checkpoint \(3, 3, 4, 32\), model.unet \(3, 3, 9, 32\)"
+                                              r".*widened only from a checkpoint that takes the 4 latent channels"):
+        LDMTask(cfg, shd.make_mesh(1, 1, devices=jax.devices()[:1]))
+
+    def params(in_channels, out=8):
+        return {"conv_in": {"kernel": np.ones((3, 3, in_channels, out), np.float32), "bias": np.ones(out, np.float32)}}
+
+    def start(file_in, want_in, concat="inpainting", want_out=8):
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params(want_in, want_out))
+        return start_unet_params(abstract, SimpleNamespace(params={"unet": params(file_in)}, source="file.ckpt"),
+                                 concat, 4)
+
+    got = start(4, 9)["conv_in"]["kernel"]
+    assert got.shape == (3, 3, 9, 8) and np.asarray(got[:, :, :4]).all() and not np.asarray(got[:, :, 4:]).any()
+    assert start(4, 7, "low_res")["conv_in"]["kernel"].shape == (3, 3, 7, 8)  # the low-res image: 3 zero channels
+    with pytest.raises(CheckpointError, match=r"file.ckpt: .*conv_in/kernel: checkpoint \(3, 3, 7, 8\), model.unet "
+                                              r"\(3, 3, 9, 8\).*takes the 4 latent channels alone"):
+        start(7, 9)  # a concat model (e.g. the x4 upscaler's 4 + 3) is not re-purposed
+    with pytest.raises(CheckpointError, match=r"conv_in/kernel: checkpoint \(3, 3, 4, 8\), model.unet \(3, 3, 9, 8\)"):
+        start(4, 9, "none")  # no concat: nothing to widen for
+    with pytest.raises(CheckpointError, match=r"conv_in/bias.*conv_in/kernel"):
+        start(4, 9, want_out=16)  # another difference in the same layer

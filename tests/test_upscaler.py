@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import ldm_jax
 from ldm_jax.convert.errors import CheckpointError
@@ -202,3 +203,112 @@ def test_sample_cli_noise_level(x4, tmp_path, capsys):
     err = capsys.readouterr().err
     errors = [line[line.index("error: "):] for line in err.splitlines() if "error: " in line]
     assert len(errors) == 1 and "noise_level must be in [0, 350)" in errors[0], err
+
+
+# ------------------------------------------------------------------ fine-tuning from the x4 file (init.checkpoint)
+def _x4_training_config(path, yaml_file=YAML, **diffusion):
+    """configs/sd2_x4_upscaler.py (the released architecture's settings: v-prediction, CompVis linear
+    1e-4..0.02, the low-res schedule and max_noise_level 350, scale factor 0.08333) on emoji_ldm's
+    runlocal data / mesh / optimiser, model.unet={} and init.checkpoint = the tiny x4 file."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def config(name, arg=""):
+        spec = importlib.util.spec_from_file_location("_cfg_" + name, os.path.join(root, "configs", name + ".py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(arg)
+
+    cfg, local = config("sd2_x4_upscaler"), config("emoji_ldm", "runlocal")
+    for key in ("data", "mesh", "train", "model"):
+        cfg[key] = local[key]
+    cfg.model.unet = {}
+    cfg.data.image_size = 16  # 4x4 latents (KL-f4)
+    cfg.data.precompute_latents = False
+    cfg.mesh.min_fsdp_size = 2 ** 10
+    cfg.init.checkpoint = path
+    cfg.init.original_config = yaml_file
+    for k, v in diffusion.items():
+        cfg.diffusion[k] = v
+    return cfg
+
+
+def test_fine_tuning_from_the_x4_upscaler_file(x4):
+    """init.checkpoint = an original x4-upscaler .ckpt with diffusion.concat="noise_augmented_low_res" (the
+    sd2_x4_upscaler config): the first state's U-Net (params and EMA, 2x4 FSDP mesh) is the file's; the
+    frozen autoencoder (scale 0.08333), OpenCLIP text encoder and tokenizer are the file's; the step
+    noises the low-res image with the file's schedule and max_noise_level; one sharded step runs."""
+    from jax.sharding import PartitionSpec as P
+
+    from ldm_jax.training import loop
+    from ldm_jax.training import sharding as shd
+    from ldm_jax.training.ldm_task import LDMTask
+
+    pipe = x4["pipe"]
+    task = LDMTask(_x4_training_config(x4["path"]), shd.make_mesh(2, 4))
+    assert task.unet.config.in_channels == 7 and task.unet.config.num_class_embeds == 1000
+    assert task.step_cfg.max_noise_level == 350
+    assert dict(task.step_cfg.low_res_schedule) == {k: v for k, v in pipe.low_res_scheduler_config.items()
+                                                    if v is not None}
+    assert task.scale_factor == np.float32(0.08333) and task.step_cfg.prediction_type == "v_prediction"
+    host = shd.gather_to_host
+    assert_same = lambda a, b: jax.tree_util.tree_map(np.testing.assert_array_equal, host(a), host(b))  # noqa: E731
+    assert_same(task.frozen["vae"], pipe.params["vae"])
+    assert_same(task.frozen["text_encoder"], pipe.params["text_encoder"])
+    np.testing.assert_array_equal(task.tokenizer(PROMPTS), pipe.tokenize(PROMPTS))
+    state = task.init_state(jax.random.PRNGKey(0))
+    assert jax.tree_util.tree_structure(state.params) == jax.tree_util.tree_structure(pipe.params["unet"])
+    assert_same(state.params, pipe.params["unet"])
+    assert_same(state.ema_params, pipe.params["unet"])
+    kernel = state.params["down_blocks_1"]["resnets_0"]["conv1"]["kernel"]
+    assert kernel.shape == (3, 3, 64, 128) and kernel.sharding.spec == P(None, None, None, "fsdp")
+
+    batch = next(loop.SyntheticDataset(8, image_size=16))
+    before = np.asarray(host(state.params)["conv_in"]["kernel"])
+    state1, metrics = task.train_step(state, shd.shard_batch(task.prepare_batch(batch), task.mesh))
+    print(f"x4 fine-tuning step on 2x4: loss {float(metrics['loss']):.5f}")
+    assert np.isfinite(float(metrics["loss"])) and int(state1.step) == 1
+    assert np.abs(np.asarray(host(state1.params)["conv_in"]["kernel"]) - before).max() > 0
+    # Its sample pipeline is an upscaler with the file's noise schedule and bound.
+    conditioning = task.pipeline_conditioning()
+    assert conditioning["max_noise_level"] == 350 and conditioning["conditioning_key"] == "hybrid-adm"
+
+
+def test_fine_tuning_from_the_x4_file_takes_or_checks_its_low_res_schedule(x4, tmp_path):
+    """The file's low_scale_config (here another one: linear_end 0.03, max_noise_level 250) is used when
+    diffusion.low_res_schedule / max_noise_level are unset, and a setting that disagrees is a clear error;
+    so are a concat other than noise_augmented_low_res and a fixed scale factor other than the file's."""
+    from ldm_jax.diffusion.schedule import NoiseSchedule
+    from ldm_jax.training import sharding as shd
+    from ldm_jax.training.ldm_task import LDMTask
+
+    original = read_original_yaml(YAML)
+    low = original["model"]["params"]["low_scale_config"]["params"]
+    low["noise_schedule_config"]["linear_end"] = 0.03
+    low["max_noise_level"] = 250
+    other = str(tmp_path / "x4-other-low-scale.yaml")
+    with open(other, "w") as f:
+        yaml.safe_dump(original, f)
+    mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
+
+    task = LDMTask(_x4_training_config(x4["path"], other, low_res_schedule=None, max_noise_level=None), mesh)
+    assert task.step_cfg.max_noise_level == 250 and task.pipeline_conditioning()["max_noise_level"] == 250
+    used = NoiseSchedule.from_diffusers_config(dict(task.step_cfg.low_res_schedule))
+    assert used.betas64[-1] == pytest.approx(0.03) and dict(task.step_cfg.low_res_schedule)["beta_end"] == 0.03
+
+    # the config's released values (0.02, 350) against this file
+    with pytest.raises(ValueError, match=r"diffusion.max_noise_level=350 but init.checkpoint=.*x4.ckpt was trained "
+                                         r"with max_noise_level=250 .*set diffusion.max_noise_level=250 or None"):
+        LDMTask(_x4_training_config(x4["path"], other, low_res_schedule=None), mesh)
+    with pytest.raises(ValueError, match=r"diffusion.low_res_schedule=.*'beta_end': 0.02.* does not describe "
+                                         r"init.checkpoint=.*x4.ckpt's low-res noise schedule .*'beta_end': 0.03"):
+        LDMTask(_x4_training_config(x4["path"], other, max_noise_level=None), mesh)
+    with pytest.raises(ValueError, match=r"x4.ckpt is a noise-augmented upscaler .*train it with diffusion.concat="
+                                         r"'noise_augmented_low_res', got 'low_res'"):
+        LDMTask(_x4_training_config(x4["path"], concat="low_res", conditioning="text"), mesh)
+    bad = _x4_training_config(x4["path"])
+    bad.first_stage.scale_factor = 0.18215
+    with pytest.raises(ValueError, match=r"first_stage.scale_factor=0.18215 but init.checkpoint=.*x4.ckpt's "
+                                         r"autoencoder .* scales its latents by 0.0833"):
+        LDMTask(bad, mesh)
