@@ -102,7 +102,8 @@ class Pipeline:
             raise ValueError(
                 f"{self.source or 'this model'} has no tokenizer: its text encoder embeds token ids, not text "
                 "(a BERTEmbedder with use_tokenizer: false, e.g. the layout-to-image model, whose ids come from "
-                "taming-transformers' ObjectsBoundingBoxConditionalBuilder); pass context_ids= (B, L) instead")
+                "taming-transformers' ObjectsBoundingBoxConditionalBuilder, ldm_jax.data.LayoutTokenBuilder here); pass "
+                "context_ids= (B, L) instead")
         return np.asarray(self.tokenizer(prompts), dtype=np.int32)
 
     def encode_prompt(self, prompts: Prompt) -> jax.Array:

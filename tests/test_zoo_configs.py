@@ -34,6 +34,8 @@ RELEASED = {
     "sd_inpainting_finetune.py": ("v1-inpainting-inference.yaml", 859_535_364),    # hybrid: 9 input channels
     "ldm_txt2img_f8.py": ("txt2img-1p4B-eval.yaml", 872_300_484),                  # LDM-KL-8-G, BERT trained
     "sd2_x4_upscaler.py": ("x4-upscaling.yaml", 473_398_020),                      # noise-augmented low-res
+    "ldm_semantic_synthesis.py": ("semantic_synthesis256-config.yaml", 215_229_315),  # concat: rescaled label map
+    "ldm_layout2img.py": ("layout2img-openimages256-config.yaml", 246_277_379),    # layout tokens, BERT trained
 }
 
 
@@ -97,8 +99,10 @@ def test_zoo_config_builds_the_released_architecture(path):
     upscaler = spec.low_res_scheduler is not None  # LatentUpscaleDiffusion (x4): the noised low-res image
     concat = "none" if extra == 0 else "low_res" if spec.cond_stage == "identity" and extra == 3 else (
         "noise_augmented_low_res" if upscaler and extra == 3 else
-        "inpainting" if spec.conditioning_key in ("concat", "hybrid") and extra == ae_cfg.embed_dim + 1 else "?")
+        "inpainting" if spec.conditioning_key in ("concat", "hybrid") and extra == ae_cfg.embed_dim + 1 else
+        "segmentation" if spec.cond_stage == "rescaler" and extra == spec.cond_stage_params["out_channels"] else "?")
     assert c.diffusion.get("concat", "none") == concat
+    assert c.diffusion.get("loss_type", "l2") == original_yaml_params(yaml_name).get("loss_type", "l2")
     if concat == "noise_augmented_low_res":  # the low-res image's schedule and levels (low_scale_config)
         assert dict(c.diffusion.low_res_schedule) == {k: v for k, v in spec.low_res_scheduler.items() if v is not None}
         assert c.diffusion.max_noise_level == spec.max_noise_level
@@ -115,18 +119,31 @@ def test_zoo_config_builds_the_released_architecture(path):
         from ldm_jax.convert.ldm_bert_weights import ldm_bert_config_from_original
         from ldm_jax.models.ldm_bert import LDMBertConfig
 
-        assert c.diffusion.conditioning == "text" and c.text_encoder.kind == "ldm_bert"
+        layout = spec.cond_stage_params.get("use_tokenizer", True) is False  # layout2img: token ids of boxes
+        assert c.diffusion.conditioning == ("layout" if layout else "text") and c.text_encoder.kind == "ldm_bert"
         assert original_yaml_params(yaml_name)["cond_stage_trainable"] is True and c.text_encoder.trainable
         bert_cfg = LDMBertConfig(**c.text_encoder.ldm_bert)
         assert bert_cfg == ldm_bert_config_from_original(spec.cond_stage_params, yaml_name)
         assert bert_cfg.hidden_size == unet_cfg.cross_attention_dim
-        assert c.text_encoder.tokenizer == ""  # required override: the vocabulary is not in any checkpoint
+        if layout:  # taming's builder of the data: 3 x no_max_objects + 2 crop tokens over no_tokens
+            from ldm_jax.data.layout_tokens import LayoutTokenBuilder
+
+            builder = LayoutTokenBuilder.from_config(c.data.layout, no_object_classes=1)
+            assert (builder.no_tokens, builder.embedding_dim) == (bert_cfg.vocab_size, bert_cfg.max_position_embeddings)
+            assert c.diffusion.cond_drop_prob == 0.0
+        else:
+            assert c.text_encoder.tokenizer == ""  # required override: the vocabulary is not in any checkpoint
     elif spec.cond_stage == "class":  # ClassEmbedder: the label as one learned cross-attention token
         assert c.diffusion.conditioning == "class_crossattn"
         assert c.diffusion.num_classes + 1 == spec.cond_stage_params["n_classes"]
         assert spec.cond_stage_params["embed_dim"] == unet_cfg.cross_attention_dim
     elif spec.cond_stage == "identity":  # the low-res image itself is the condition (bsr_sr)
         assert c.diffusion.conditioning == "none" and concat == "low_res"
+    elif spec.cond_stage == "rescaler":  # SpatialRescaler of the one-hot label map, trained (semantic synthesis)
+        assert c.diffusion.conditioning == "none" and concat == "segmentation"
+        assert dict(c.model.cond_stage) == spec.cond_stage_params
+        assert original_yaml_params(yaml_name)["cond_stage_trainable"] is True
+        assert c.data.num_classes == spec.cond_stage_params["in_channels"]
     else:
         assert spec.cond_stage == "none" and c.diffusion.conditioning == "none"
 

@@ -13,8 +13,11 @@ Pipeline build its extra U-Net channels as training did (``LDMTask.pipeline_cond
 super-resolution samples with ``cond_image=`` (the low-res image, output f times larger),
 inpainting with ``init_image=`` and ``mask=``; a noise-augmented upscaler run
 ("noise_augmented_low_res": conditioning_key "hybrid-adm", its low-res schedule and max_noise_level)
-with ``cond_image=`` and ``noise_level=``. An LDMBert run (``text_encoder.kind="ldm_bert"``)
-tokenizes with the vocabulary saved as ``workdir/tokenizer/``.
+with ``cond_image=`` and ``noise_level=``; a semantic-synthesis run ("segmentation") gets its trained
+SpatialRescaler as ``cond_stage_model`` / ``params["cond_stage"]`` and samples with ``segmentation=``
+(label maps at the image size). An LDMBert run (``text_encoder.kind="ldm_bert"``) tokenizes with the
+vocabulary saved as ``workdir/tokenizer/``; a layout run (``diffusion.conditioning="layout"``) has no
+tokenizer and samples with ``context_ids=`` (``ldm_jax.data.layout_tokens`` ids).
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ def load_workdir_pipeline(workdir: str, dtype: str = "float32", use_ema: bool = 
     params = {"unet": unet_params, "vae": task.frozen["vae"]}
     if task.text_encoder is not None:
         params["text_encoder"] = te_params
+    if task.cond_stage is not None:  # semantic synthesis: the trained SpatialRescaler
+        params["cond_stage"] = task.cond_stage_params(state, use_ema)
     vae = task.vae.clone(config=dataclasses.replace(task.vae.config, scaling_factor=task.scale_factor))
     # The sampler options a freshly trained model wants: no x0 clipping (latents are unit-variance,
     # not images), SD's leading spacing with offset 1.

@@ -5,15 +5,17 @@
     batch = next(ds)
     # {"image": uint8 (L, H, W, 3), "caption": str (L,), "index": int64 (L,),
     #  "label": int32 (L,)  if the source has labels,
-    #  "mask": bool (L,)    only with drop_remainder=False (False marks padding)}
+    #  "mask": bool (L,)    only with drop_remainder=False (False marks padding),
+    #  "segmentation": int32 (L, H, W) / "layout_ids": int32 (L, T)  for label-map / layout sources}
     state = ds.get_state()   # small JSON-serialisable dict
     ds.set_state(state)      # the following batches are exactly those of an uninterrupted run
     ds.num_skipped           # unreadable examples met so far (each logged once with its path)
 
 Sources (`data.name`): "emoji" (the built-in dataset, see emoji.py), "folder"
-(an image folder, see folder.py), or any TFDS dataset prepared as array_record,
-read by `tfds.data_source` without TensorFlow. With `data.use_tfds_load=True`
-and TensorFlow importable, TFDS datasets are read through `tfds.load` instead
+(an image folder, see folder.py), the label-map / layout sources of scene_sources.py
+("segmentation_folder", "coco_layout", "synthetic_segmentation", "synthetic_layout"),
+or any TFDS dataset prepared as array_record, read by `tfds.data_source` without
+TensorFlow. With `data.use_tfds_load=True` and TensorFlow importable, TFDS datasets are read through `tfds.load` instead
 (see `_TFLoadIterator`; that path streams, so it cannot skip single corrupt
 examples or report example indices).
 
@@ -45,7 +47,21 @@ the decoding on a few threads, the read-ahead and the batching.
 `data_config` keys (an ml_collections.ConfigDict or dict; missing keys take the defaults in
 `DEFAULTS`): name, data_dir, path, image_size, image_key, caption_key, label_key,
 caption_template, exclude_captions, random_flip, center_crop, shuffle, drop_remainder,
-num_epochs, num_threads, prefetch_batches, folder_labels, download, use_tfds_load.
+num_epochs, num_threads, prefetch_batches, folder_labels, download, use_tfds_load; for label
+maps num_classes, ignore_label, shift_labels, image_dir, label_dir; for layouts annotations,
+layout (``scene_sources.LAYOUT_DEFAULTS``); num_examples for the synthetic scenes.
+
+Semantic maps and layouts (the data of the LDM semantic-synthesis and layout-to-image models):
+"segmentation_folder" (images + label PNGs, ``segmentation.py``) and "synthetic_segmentation"
+add ``"segmentation"`` int32 (L, S, S) to the batch: each label map cropped, resized (nearest)
+and flipped exactly as its image (``preprocess_example``), -1 where ``ignore_label`` was;
+"coco_layout" (COCO instance JSON, ``coco_layout.py``) and "synthetic_layout" add
+``"layout_ids"`` int32 (L, 3 * no_max_objects [+ 2]): the objects through taming's
+``ObjectsBoundingBoxConditionalBuilder`` (``layout_tokens.py``) with the image's crop box and
+flip, the objects shuffled from the slot's (seed, position) generator. A readable example that
+contradicts the config (labels outside num_classes, a label map of another size, an image whose
+size is not its annotation's) raises ``ExampleFormatError`` naming the file instead of being
+skipped.
 
 `exclude_captions` (a regular expression, `re.search`): examples whose caption matches are
 left out of the split (`CaptionFilteredSource`); the captions are read once at start, which
@@ -87,6 +103,16 @@ DEFAULTS: dict[str, Any] = {
     "folder_labels": False,  # folder source: label = top-level sub-folder
     "download": True,  # let TFDS prepare the dataset if missing (offline for "emoji")
     "use_tfds_load": False,  # read TFDS through tfds.load (needs TensorFlow)
+    # Label maps (name "segmentation_folder" / "synthetic_segmentation", see segmentation.py):
+    "num_classes": None,  # classes of the label maps (required for a folder; synthetic default 5)
+    "ignore_label": None,  # label value that becomes -1 (one-hot all zeros), e.g. 255
+    "shift_labels": False,  # taming's shift_segmentation: uint8 labels + 1, 255 -> 0
+    "image_dir": "images",  # sub-folders of data.path holding the images and the label PNGs
+    "label_dir": "labels",
+    # Object layouts (name "coco_layout" / "synthetic_layout", see coco_layout.py, layout_tokens.py):
+    "annotations": None,  # COCO instances JSON (or a list of JSONs) for name "coco_layout"
+    "layout": None,  # LayoutTokenBuilder fields + filters (scene_sources.LAYOUT_DEFAULTS)
+    "num_examples": 64,  # size of a built-in synthetic scene dataset
 }
 
 _STATE_VERSION = 1
@@ -169,6 +195,7 @@ class CaptionFilteredSource:
         if not self.indices:
             raise ValueError(f"data.exclude_captions={pattern!r} leaves no example of {len(source)}")
         self.has_labels = getattr(source, "has_labels", False)
+        self.has_objects = getattr(source, "has_objects", False)
         # Per-example lists of the wrapped source, restricted to the kept examples; other
         # attributes (name, split, root, image_shape) are the source's.
         for attr in ("files", "captions"):
@@ -186,7 +213,7 @@ class CaptionFilteredSource:
         return self.source.load(self.indices[index])
 
     def __getattr__(self, name):
-        if name in ("name", "split", "root", "image_shape", "dataset_info", "_ds"):
+        if name in ("name", "split", "root", "image_shape", "dataset_info", "_ds", "num_classes"):
             return getattr(self.source, name)
         raise AttributeError(name)
 
@@ -201,9 +228,36 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(pil, dtype=np.uint8)
 
 
+class ExampleFormatError(ValueError):
+    """An example that decodes but is not what the data config says (a label map of another size or
+    with labels outside the classes, a box outside the image): the pipeline stops with this error
+    (naming the file) instead of skipping the example as unreadable, since every such example
+    would be skipped the same way."""
+
+
+def _resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Nearest-neighbour resize of an integer label map (PIL NEAREST: the source pixel under each
+    output pixel centre), so no class is invented at the boundaries."""
+    if labels.shape[1] == width and labels.shape[0] == height:
+        return labels
+    pil = Image.fromarray(labels.astype(np.int32), mode="I").resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(pil, dtype=np.int32)
+
+
 def preprocess(image: np.ndarray, image_size: int | None, *, center_crop: bool,
                random_flip: bool, rng: np.random.Generator | None) -> np.ndarray:
     """uint8 (H, W, C) -> uint8 (S, S, 3): RGB, crop/resize, optional horizontal flip."""
+    return preprocess_example(image, None, image_size, center_crop=center_crop, random_flip=random_flip,
+                              rng=rng)[0]
+
+
+def preprocess_example(image: np.ndarray, labels: np.ndarray | None, image_size: int | None, *,
+                       center_crop: bool, random_flip: bool, rng: np.random.Generator | None):
+    """(image uint8 (S, S, 3), labels int32 (S, S) or None, crop box, flipped): ``preprocess`` of the
+    image, the same crop / resize (nearest) / flip applied to an optional (H, W) label map, and the
+    geometry for box annotations: the crop box (x0, y0, w, h) relative to the source image (None:
+    the whole image) and whether the result is mirrored (the crop box is the un-mirrored one, as
+    taming's ``*CropReturnCoordinates`` give it)."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got {image.dtype}")
@@ -211,17 +265,26 @@ def preprocess(image: np.ndarray, image_size: int | None, *, center_crop: bool,
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:
         raise ValueError(f"expected an (H, W, 1|3|4) image, got shape {image.shape}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != image.shape[:2] or not np.issubdtype(labels.dtype, np.integer):
+            raise ExampleFormatError(f"the label map is {labels.dtype} {labels.shape}, but must be integer "
+                                     f"class indices of the image's size {image.shape[:2]}")
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     elif image.shape[-1] == 4:  # composite on white
         alpha = image[..., 3:].astype(np.float32) / 255.0
         image = np.round(image[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    crop = None
     if image_size is not None:
         h, w = image.shape[:2]
         if center_crop:
             side = min(h, w)
             top, left = (h - side) // 2, (w - side) // 2
             image = _resize(image[top:top + side, left:left + side], image_size, image_size)
+            if labels is not None:
+                labels = _resize_labels(labels[top:top + side, left:left + side], image_size, image_size)
+            crop = (left / w, top / h, side / w, side / h)
         else:
             scale = image_size / min(h, w)
             nh, nw = max(image_size, round(h * scale)), max(image_size, round(w * scale))
@@ -229,9 +292,15 @@ def preprocess(image: np.ndarray, image_size: int | None, *, center_crop: bool,
             top = int(rng.integers(0, nh - image_size + 1))
             left = int(rng.integers(0, nw - image_size + 1))
             image = image[top:top + image_size, left:left + image_size]
-    if random_flip and rng.random() < 0.5:
+            if labels is not None:
+                labels = _resize_labels(labels, nw, nh)[top:top + image_size, left:left + image_size]
+            crop = (left / nw, top / nh, image_size / nw, image_size / nh)
+    flipped = bool(random_flip and rng.random() < 0.5)
+    if flipped:
         image = image[:, ::-1]
-    return np.ascontiguousarray(image)
+        labels = None if labels is None else labels[:, ::-1]
+    labels = None if labels is None else np.ascontiguousarray(labels, dtype=np.int32)
+    return np.ascontiguousarray(image), labels, crop, flipped
 
 
 # ----------------------------------------------------------------------------- iterator
@@ -249,7 +318,7 @@ class DataIterator:
                  process_count: int = 1, seed: int = 0, image_size: int | None = None,
                  shuffle: bool = True, drop_remainder: bool = True, random_flip: bool = False,
                  center_crop: bool = True, num_epochs: int | None = None, num_threads: int = 2,
-                 prefetch_batches: int = 2):
+                 prefetch_batches: int = 2, layout_builder=None):
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
         if global_batch_size < 1 or global_batch_size % process_count:
@@ -269,6 +338,12 @@ class DataIterator:
         self.drop_remainder = bool(drop_remainder)
         self.random_flip, self.center_crop = bool(random_flip), bool(center_crop)
         self.has_labels = bool(getattr(source, "has_labels", False))
+        # Sources whose examples carry "objects" (box annotations): their token ids ("layout_ids")
+        # come from this builder (ldm_jax.data.layout_tokens.LayoutTokenBuilder), with the crop and flip.
+        self.layout_builder = layout_builder
+        if getattr(source, "has_objects", False) and layout_builder is None:
+            raise ValueError("the data source yields object layouts; give a layout_builder (data.layout) to turn "
+                             "them into token ids")
         if self.drop_remainder:
             self.per_epoch = (self.n // global_batch_size) * global_batch_size
             if self.per_epoch == 0:
@@ -339,7 +414,9 @@ class DataIterator:
         (unreadable ones are marked and skipped), plus its index and padding mask."""
         position = self._global_position(local_position)
         _, real = self.example_at(position)
-        random = self.random_flip or (self.image_size is not None and not self.center_crop)
+        # (a layout's object order is shuffled per slot too, as taming's builder does)
+        random = (self.random_flip or (self.image_size is not None and not self.center_crop)
+                  or self.layout_builder is not None)
         limit = 2 * self.per_epoch + self.n  # every example is visited within this window
         for k in range(position, position + limit):
             index, _ = self.example_at(k)
@@ -349,6 +426,8 @@ class DataIterator:
             rng = np.random.default_rng([self.seed, 1, position]) if random else None
             try:
                 out = self._example(index, rng)
+            except ExampleFormatError as err:  # readable but wrong: every such example would be skipped
+                raise ExampleFormatError(f"{self.source.describe(index)}: {err}") from err
             except Exception as err:  # noqa: BLE001 - any decode failure means "unreadable"
                 self._mark_bad(index, err)
                 continue
@@ -362,14 +441,31 @@ class DataIterator:
                            f"({len(self._bad)} of {self.n} examples are unreadable)")
 
     def _example(self, index: int, rng) -> dict:
-        """One source example's fields ("image" preprocessed, "caption"[, "label"]); raises
-        when it cannot be read. ``rng``: the slot's augmentation generator (None: none)."""
+        """One source example's fields ("image" preprocessed, "caption"[, "label"][, "segmentation"
+        cropped / flipped with the image][, "layout_ids"]); raises when it cannot be read. ``rng``:
+        the slot's augmentation generator (None: none)."""
         ex = self.source.load(index)
-        image = preprocess(ex["image"], self.image_size, center_crop=self.center_crop,
-                           random_flip=self.random_flip, rng=rng)
+        image, labels, crop, flipped = preprocess_example(
+            ex["image"], ex.get("segmentation"), self.image_size, center_crop=self.center_crop,
+            random_flip=self.random_flip, rng=rng)
         out = {"image": image, "caption": str(ex.get("caption", ""))}
         if self.has_labels:
             out["label"] = ex["label"]
+        if labels is not None:
+            out["segmentation"] = labels
+        if "objects" in ex:
+            import random as _random
+            import warnings
+
+            # The builder's shuffle, from the slot's generator (after the crop / flip draws).
+            shuffle = _random.Random(int(rng.integers(0, 2 ** 63 - 1)))
+            with warnings.catch_warnings():  # (an empty / crowded layout is expected data, not news)
+                warnings.simplefilter("ignore")
+                try:
+                    ids = self.layout_builder.build(ex["objects"], crop, flipped, shuffle)
+                except ValueError as err:
+                    raise ExampleFormatError(str(err)) from err
+            out["layout_ids"] = ids.astype(np.int32)
         return out
 
     # -- iteration
@@ -386,6 +482,9 @@ class DataIterator:
         for key, dtype in (("label", np.int32), ("mask", np.bool_)):
             if key in examples[0]:
                 out[key] = np.array([ex[key] for ex in examples], dtype=dtype)
+        for key in ("segmentation", "layout_ids"):  # int32 (L, H, W) label maps / (L, n_tokens) layout ids
+            if key in examples[0]:
+                out[key] = np.stack([ex[key] for ex in examples]).astype(np.int32, copy=False)
         return out
 
     def _start(self) -> None:
@@ -564,7 +663,11 @@ def make_source(data_config, split: str = "train"):
 
 
 def _make_named_source(data_config, split: str):
+    from ldm_jax.data.scene_sources import SCENE_SOURCES, make_scene_source
+
     name = _get(data_config, "name")
+    if name in SCENE_SOURCES:
+        return make_scene_source(data_config, name, split)
     if name == "folder":
         import os
 
@@ -591,8 +694,10 @@ def create_dataset(data_config, *, split: str = "train", global_batch_size: int,
     """
     image_size = image_size if image_size is not None else _get(data_config, "image_size")
     num_epochs = num_epochs if num_epochs is not None else _get(data_config, "num_epochs")
+    from ldm_jax.data.scene_sources import SCENE_SOURCES, layout_builder
+
     name = _get(data_config, "name")
-    if name != "folder" and _get(data_config, "use_tfds_load"):
+    if name != "folder" and name not in SCENE_SOURCES and _get(data_config, "use_tfds_load"):
         if _tensorflow_importable():
             return _TFLoadIterator(data_config, split, global_batch_size=global_batch_size,
                                    process_index=process_index, process_count=process_count,
@@ -614,5 +719,6 @@ def create_dataset(data_config, *, split: str = "train", global_batch_size: int,
         center_crop=bool(_get(data_config, "center_crop")), num_epochs=num_epochs,
         num_threads=int(_get(data_config, "num_threads")),
         prefetch_batches=int(_get(data_config, "prefetch_batches")),
+        layout_builder=layout_builder(data_config, source) if getattr(source, "has_objects", False) else None,
     )
 

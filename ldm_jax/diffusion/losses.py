@@ -85,9 +85,17 @@ def min_snr_weights(snr_b: jax.Array, gamma: float, prediction_type: str) -> jax
     return clipped
 
 
-def diffusion_loss(model_output, target, weights_b: Optional[jax.Array] = None) -> jax.Array:
-    """Mean squared error in float32: mean over non-batch axes, times per-example weights, mean over batch."""
-    err = jnp.square(model_output.astype(jnp.float32) - target.astype(jnp.float32))
+LOSS_TYPES = ("l2", "l1")
+
+
+def diffusion_loss(model_output, target, weights_b: Optional[jax.Array] = None, loss_type: str = "l2") -> jax.Array:
+    """Mean squared error ("l2") or mean absolute error ("l1": CompVis ``loss_type: l1``, used by the
+    semantic-synthesis and layout-to-image LDMs) in float32: mean over non-batch axes, times
+    per-example weights, mean over batch."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    diff = model_output.astype(jnp.float32) - target.astype(jnp.float32)
+    err = jnp.square(diff) if loss_type == "l2" else jnp.abs(diff)
     per_example_b = jnp.mean(err, axis=tuple(range(1, err.ndim)))
     if weights_b is not None:
         per_example_b = per_example_b * weights_b

@@ -23,6 +23,13 @@ cross-attention), for training the concat-conditioned families ``ldm_jax.Pipelin
   (``_generate_fn``: ``masked = init * (mask < 0.5)``, ``_encode_image``, the mask taken at every
   f-th pixel, which is ``F.interpolate``'s nearest at an integer factor). The masks are drawn per
   example by ``random_masks`` (see there) unless the batch carries ``"inpaint_mask"``.
+* ``"segmentation"``: semantic synthesis (LDM Sec. 4.3.2, the ``semantic_synthesis256`` /
+  landscapes models: ``cond_stage_key: segmentation``, ``concat_mode``, ``cond_stage_trainable``).
+  The batch's integer label map (B, H, W) at the image size is one-hot encoded (``np.eye(C)[labels]``
+  as the CompVis / taming segmentation data sets build it; an ignored pixel, -1, is all zeros) and
+  goes through a ``SpatialRescaler`` (``ldm_jax.models.spatial_rescaler``: ``n_stages`` bilinear
+  halvings to the latent size, then a 1x1 conv to ``out_channels``) whose parameters are trained
+  with the U-Net (``params["cond_stage"]``); in_channels = latent channels + out_channels.
 
 Classifier-free guidance dropout never touches these channels (as the original and SD: only
 the text/class condition is dropped; guidance at sampling time gives both branches the same
@@ -42,7 +49,7 @@ from ldm_jax.diffusion.schedule import add_noise
 from ldm_jax.training.image_range import images_to_float
 
 NOISE_AUGMENTED = "noise_augmented_low_res"
-CONCATS = ("none", "low_res", NOISE_AUGMENTED, "inpainting")
+CONCATS = ("none", "low_res", NOISE_AUGMENTED, "inpainting", "segmentation")
 LOW_RES_CONCATS = ("low_res", NOISE_AUGMENTED)  # the 3-channel low-res image (noised or not)
 # The released x4 upscaler's low_scale_config: noise_schedule_config linear_start 1e-4, linear_end 0.02
 # (CompVis "linear" = diffusers "scaled_linear"), 1000 steps; max_noise_level 350. The same diffusers
@@ -52,24 +59,29 @@ LOW_RES_SCHEDULE = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000,
 MAX_NOISE_LEVEL = 350
 
 
-def num_concat_channels(concat: str, latent_channels: int) -> int:
-    """Channels ``concat`` adds to the U-Net input: 0, 3 (the RGB low-res image) or
-    latent_channels + 1 (masked-image latents and the mask)."""
+def num_concat_channels(concat: str, latent_channels: int, cond_channels: Optional[int] = None) -> int:
+    """Channels ``concat`` adds to the U-Net input: 0, 3 (the RGB low-res image),
+    latent_channels + 1 (masked-image latents and the mask) or the cond stage's output channels
+    ``cond_channels`` (segmentation)."""
     if concat not in CONCATS:
         raise ValueError(f"diffusion.concat must be one of {CONCATS}, got {concat!r}")
-    return {"none": 0, "low_res": 3, NOISE_AUGMENTED: 3, "inpainting": latent_channels + 1}[concat]
+    return {"none": 0, "low_res": 3, NOISE_AUGMENTED: 3, "inpainting": latent_channels + 1,
+            "segmentation": int(cond_channels or 0)}[concat]
 
 
-def check_unet_in_channels(in_channels: int, latent_channels: int, concat: str) -> None:
+def check_unet_in_channels(in_channels: int, latent_channels: int, concat: str,
+                           cond_channels: Optional[int] = None) -> None:
     """ValueError naming both numbers when the U-Net input is not latents + concat channels."""
-    k = num_concat_channels(concat, latent_channels)
+    k = num_concat_channels(concat, latent_channels, cond_channels)
     if int(in_channels) != latent_channels + k:
         what = {"none": "the latents only (diffusion.concat='none')",
                 "low_res": "the latents + the 3-channel low-res image (diffusion.concat='low_res')",
                 NOISE_AUGMENTED: "the latents + the 3-channel noised low-res image "
                                  f"(diffusion.concat='{NOISE_AUGMENTED}')",
                 "inpainting": f"the latents + the mask + the {latent_channels}-channel masked-image latents "
-                              "(diffusion.concat='inpainting')"}[concat]
+                              "(diffusion.concat='inpainting')",
+                "segmentation": f"the latents + the SpatialRescaler's {k} output channels "
+                                "(diffusion.concat='segmentation', model.cond_stage.out_channels)"}[concat]
         raise ValueError(f"model.unet.in_channels={in_channels}, but the U-Net input is {what}: "
                          f"{latent_channels} + {k} = {latent_channels + k} channels")
 
@@ -215,3 +227,16 @@ def inpainting_condition(vae: nn.Module, vae_params, image_bhwc: jax.Array, mask
     z = z.astype(jnp.float32) * scale_factor
     mask = mask_to_latent_size(mask_bhw1.astype(jnp.float32), vae.config.downsample_factor)
     return jax.lax.stop_gradient(jnp.concatenate([mask, z], axis=-1))
+
+
+# ------------------------------------------------------------------ semantic synthesis
+def one_hot_labels(labels_bhw: jax.Array, num_classes: int) -> jax.Array:
+    """(B, H, W) integer labels -> (B, H, W, num_classes) float32 one-hot; -1 (ignored) -> all zeros."""
+    return jax.nn.one_hot(labels_bhw.astype(jnp.int32), num_classes, dtype=jnp.float32)
+
+
+def segmentation_condition(rescaler: nn.Module, rescaler_params, labels_bhw: jax.Array) -> jax.Array:
+    """The semantic-synthesis channels: the SpatialRescaler (trained, gradients flow into
+    ``rescaler_params``) of the one-hot label maps, (B, h, w, out_channels)
+    (``LatentDiffusion.get_learned_conditioning`` of the one-hot ``segmentation`` batch)."""
+    return rescaler.apply({"params": rescaler_params}, one_hot_labels(labels_bhw, int(rescaler.in_channels)))

@@ -12,7 +12,12 @@ paper's conditional LDMs (Sec. 3.3, Eq. 3: "both tau_theta and eps_theta are joi
 optimized"); the trained parameters are then ``{"unet": ..., "text_encoder": ...}``.
 With ``LDMStepConfig.concat`` the U-Net sees ``[z_t, c]``, c concatenated on the channel axis
 (super-resolution: the low-res image; inpainting: the mask and the masked image's latents;
-see ``concat_conditioning.py``), in Eq. 2's eps_theta(z_t, t, ...) next to tau(y).
+semantic synthesis: a trained SpatialRescaler of the one-hot label map, its parameters then
+``params["cond_stage"]`` next to ``params["unet"]``; see ``concat_conditioning.py``), in Eq. 2's
+eps_theta(z_t, t, ...) next to tau(y). ``LDMStepConfig.loss_type`` "l1" replaces the squared error
+by the absolute error (CompVis ``loss_type: l1`` of the semantic-synthesis and layout models).
+Layout-to-image is text conditioning to the step: its ``"input_ids"`` are the layout's token ids
+(``ldm_jax.data.layout_tokens``) into a trained LDMBert.
 
 ``make_train_step(...)`` returns a pure function ``train_step(state, batch, frozen) ->
 (state, metrics)``:
@@ -25,7 +30,8 @@ see ``concat_conditioning.py``), in Eq. 2's eps_theta(z_t, t, ...) next to tau(y
   Concat-conditioned models (``LDMStepConfig.concat``, ``concat_conditioning.py``): super-
   resolution builds its ``"low_res"`` (B, h, w, 3) from ``"image"`` unless the batch carries it
   (precomputed latents, or degraded low-res images); inpainting needs ``"image"`` and draws a
-  mask per example unless the batch carries ``"inpaint_mask"`` (B, H, W, 1) of 0/1.
+  mask per example unless the batch carries ``"inpaint_mask"`` (B, H, W, 1) of 0/1; semantic
+  synthesis needs ``"segmentation"`` int32 (B, H, W) class indices at the image size (-1: ignored).
 * ``frozen``: ``{"vae": params | None, "text_encoder": params | None,
   "scale_factor": () float32, "empty_ids": (1, L) int32 | None}``.
 
@@ -47,7 +53,7 @@ import optax
 from jax.sharding import Mesh
 
 from ldm_jax.diffusion.losses import (
-    check_prediction_type, diffusion_loss, min_snr_weights, prediction_target, sample_training_inputs,
+    LOSS_TYPES, check_prediction_type, diffusion_loss, min_snr_weights, prediction_target, sample_training_inputs,
 )
 from ldm_jax.diffusion.schedule import NoiseSchedule, add_noise, snr
 from ldm_jax.training import concat_conditioning as concat_lib
@@ -80,9 +86,12 @@ class LDMStepConfig:
     # a tuple to keep the config hashable) and the levels' bound (levels uniform in [0, max_noise_level)).
     low_res_schedule: tuple = tuple(sorted(concat_lib.LOW_RES_SCHEDULE.items()))
     max_noise_level: int = concat_lib.MAX_NOISE_LEVEL
+    loss_type: str = "l2"                  # "l2" (squared error) or "l1" (CompVis loss_type: l1)
 
     def __post_init__(self):
         check_prediction_type(self.prediction_type)
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"LDMStepConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         concat_lib.num_concat_channels(self.concat, 0)  # validates the name
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"LDMStepConfig.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
@@ -113,10 +122,16 @@ def first_stage_latents(vae: nn.Module, vae_params, image_bhwc: jax.Array, eps_b
     return jax.lax.stop_gradient(z.astype(jnp.float32))
 
 
-def split_trained_params(params, train_text_encoder: bool):
-    """(U-Net params, text-encoder params or None) of the trained parameter tree."""
-    if train_text_encoder:
-        return params["unet"], params["text_encoder"]
+def trains_cond_stage(cfg: "LDMStepConfig") -> bool:
+    """Whether the trained parameters include a cond stage (``params["cond_stage"]``: segmentation)."""
+    return cfg.concat == "segmentation"
+
+
+def split_trained_params(params, train_text_encoder: bool, train_cond_stage: bool = False):
+    """(U-Net params, text-encoder params or None) of the trained parameter tree: the U-Net's alone,
+    or ``{"unet"[, "text_encoder"][, "cond_stage"]}`` when more than the U-Net is trained."""
+    if train_text_encoder or train_cond_stage:
+        return params["unet"], params.get("text_encoder")
     return params, None
 
 
@@ -148,8 +163,10 @@ def make_train_step(
     vae: Optional[nn.Module] = None,
     text_encoder: Optional[nn.Module] = None,
     mesh: Optional[Mesh] = None,
+    cond_stage: Optional[nn.Module] = None,
 ) -> Callable[[TrainState, Any, Any], tuple]:
-    """The pure LDM step for these (static) modules and settings; see the module docstring."""
+    """The pure LDM step for these (static) modules and settings; see the module docstring.
+    ``cond_stage``: the SpatialRescaler of ``concat="segmentation"`` (its parameters are trained)."""
     cfg = step_cfg
     k_accum = opt_cfg.grad_accum_steps
     lr_fn = optim.learning_rate_schedule(opt_cfg)
@@ -170,8 +187,11 @@ def make_train_step(
                              f"class label, so model.unet.num_class_embeds must be >= max_noise_level="
                              f"{cfg.max_noise_level}, got {n_cls}")
         low_res_schedule = NoiseSchedule.from_diffusers_config(dict(cfg.low_res_schedule))
+    train_cond_stage = trains_cond_stage(cfg)
+    if train_cond_stage and cond_stage is None:
+        raise ValueError("concat='segmentation' needs the cond stage module (a SpatialRescaler)")
 
-    def concat_condition(mb, frozen):
+    def concat_condition(mb, frozen, cs_params):
         """The channels concatenated to z_t (LDM Sec. 3.3; SR Sec. 4.4, inpainting Sec. 4.5), or None.
         The same for CFG-dropped examples: only the text / class condition is dropped."""
         if cfg.concat in concat_lib.LOW_RES_CONCATS:
@@ -182,13 +202,15 @@ def make_train_step(
             if noise_augmented:  # Ho et al. 2021 Sec. 4.1: noised at the example's level
                 low_res = concat_lib.noise_augment(low_res, mb["low_res_noise"], mb["noise_level"], low_res_schedule)
             return low_res
+        if cfg.concat == "segmentation":  # trained: gradients flow into the rescaler's channel mapper
+            return concat_lib.segmentation_condition(cond_stage, cs_params, mb["segmentation"])
         if cfg.concat == "inpainting":
             return concat_lib.inpainting_condition(vae, frozen["vae"], mb["image"], mb["inpaint_mask"],
                                                    mb.get("masked_eps"), frozen["scale_factor"])
         return None
 
     def loss_fn(params, mb, index, frozen, dropout_key):
-        unet_params, te_params = split_trained_params(params, cfg.train_text_encoder)
+        unet_params, te_params = split_trained_params(params, cfg.train_text_encoder, train_cond_stage)
         # Frozen first stage (Sec. 3.1): z = E(x) * scale_factor.
         if "latents" in mb:
             z = mb["latents"].astype(jnp.float32)
@@ -214,7 +236,7 @@ def make_train_step(
         # Forward process q(z_t | z_0) (Ho et al. 2020 Eq. 4) and the regression target.
         x_t = add_noise(schedule, x0, mb["noise"], mb["t"])
         target = prediction_target(schedule, x0, mb["noise"], mb["t"], cfg.prediction_type)
-        cond = concat_condition(mb, frozen)
+        cond = concat_condition(mb, frozen, params["cond_stage"] if train_cond_stage else None)
         if cond is not None:  # U-Net input [z_t, c] on the channel axis (CompVis DiffusionWrapper "concat")
             x_t = jnp.concatenate([x_t, cond.astype(x_t.dtype)], axis=-1)
         out = unet.apply({"params": unet_params}, x_t.astype(unet.dtype), mb["t"], context, labels, train=True,
@@ -222,13 +244,14 @@ def make_train_step(
         weights = None
         if cfg.min_snr_gamma is not None:
             weights = min_snr_weights(snr(schedule, mb["t"]), float(cfg.min_snr_gamma), cfg.prediction_type)
-        loss = diffusion_loss(out, target, weights)
+        loss = diffusion_loss(out, target, weights, cfg.loss_type)
         return loss, {"latent_std": jnp.std(x0)}
 
     def check_concat_inputs(batch, shape):
         """Trace-time checks of the batch against the U-Net's input channels and ``cfg.concat``."""
         latent_channels = shape[-1]
-        concat_lib.check_unet_in_channels(unet.config.in_channels, latent_channels, cfg.concat)
+        concat_lib.check_unet_in_channels(unet.config.in_channels, latent_channels, cfg.concat,
+                                          cond_stage.features if cond_stage is not None else None)
         if cfg.concat == "inpainting":
             if "image" not in batch or vae is None:
                 raise ValueError("concat='inpainting' needs the batch's 'image' and the first stage: the masked image "
@@ -237,6 +260,17 @@ def make_train_step(
               and ("image" not in batch or vae is None)):
             raise ValueError(f"concat={cfg.concat!r} needs 'image' (and the first stage, for its factor) or a "
                              "'low_res' (B, h, w, 3) entry in the batch")
+        if cfg.concat == "segmentation":
+            seg = batch.get("segmentation")
+            if seg is None or seg.ndim != 3 or not jnp.issubdtype(seg.dtype, jnp.integer):
+                raise ValueError("concat='segmentation' needs a 'segmentation' entry in the batch: integer class "
+                                 f"indices (B, H, W) at the image size, got {None if seg is None else seg.shape}")
+            out_hw = cond_stage.output_size(*seg.shape[1:3])
+            if tuple(out_hw) != tuple(shape[1:3]):
+                raise ValueError(f"the {seg.shape[1]}x{seg.shape[2]} label maps become {out_hw[0]}x{out_hw[1]} through "
+                                 f"the SpatialRescaler ({cond_stage.n_stages} x {cond_stage.multiplier}), but the "
+                                 f"latents are {shape[1]}x{shape[2]}: set model.cond_stage.n_stages to match the "
+                                 "first stage's factor")
         if "low_res" in batch and tuple(batch["low_res"].shape) != tuple(shape[:3]) + (3,):
             raise ValueError(f"batch 'low_res' must be (B, h, w, 3) at the latent size {tuple(shape[:3])}, got "
                              f"{tuple(batch['low_res'].shape)}")
@@ -297,7 +331,7 @@ def make_train_step(
 
 
 _STEP_KEYS = ("image", "latents", "input_ids", "label", "t", "noise", "eps", "drop", "low_res", "inpaint_mask",
-              "masked_eps", "noise_level", "low_res_noise")
+              "masked_eps", "noise_level", "low_res_noise", "segmentation")
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings, frozen_shardings):

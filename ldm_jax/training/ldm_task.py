@@ -25,7 +25,12 @@ Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
   ``mesh.rules``, ``sample.*``;
 * ``diffusion.conditioning``: what reaches the U-Net through cross-attention or its class
   embedding: "text" (tau = the text encoder), "class" (``num_class_embeds``), "class_crossattn"
-  (the LDM ClassEmbedder) or "none";
+  (the LDM ClassEmbedder), "layout" (LDM layout-to-image: the data's ``"layout_ids"``, taming's
+  object-box tokens of ``data.layout``, into an LDMBert ``text_encoder.ldm_bert`` trained with the
+  U-Net; no tokenizer, no CFG dropout; the workdir samples with ``pipe(context_ids=ids)``; see
+  ``scene_conditioning.py``) or "none";
+* ``diffusion.loss_type``: "l2" (default) or "l1" (CompVis ``loss_type: l1``: the semantic-synthesis
+  and layout models);
 * ``diffusion.concat``: what is concatenated to the noisy latents on the channel axis
   (``concat_conditioning.py``; independent of ``conditioning``, so "text" + a concat is the
   CompVis "hybrid" key): "none"; "low_res" (super-resolution, LDM Sec. 4.4 / bsr_sr: the
@@ -37,11 +42,18 @@ Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
   "inpainting" (SD-inpainting /
   LDM Sec. 4.5: [mask at latent size, scale_factor * E(masked image)], in_channels = 2 x latent
   channels + 1; masks drawn per example as ``diffusion.inpainting_masks`` (MaskConfig fields)
-  says; a workdir samples with ``pipe(prompt, init_image=..., mask=...)``). The concat channels
-  are never dropped for CFG; inpainting cannot train on precomputed latents;
+  says; a workdir samples with ``pipe(prompt, init_image=..., mask=...)``); "segmentation" (semantic
+  synthesis, LDM Sec. 4.3.2: the data's ``"segmentation"`` label maps one-hot through the
+  ``model.cond_stage`` SpatialRescaler, trained with the U-Net as ``params["cond_stage"]``;
+  in_channels = latent channels + its out_channels; a workdir samples with
+  ``pipe([""], segmentation=labels)``). The concat channels are never dropped for CFG; inpainting,
+  segmentation and layouts cannot train on precomputed latents;
 * ``init.checkpoint`` / ``init.original_config`` / ``init.use_ema``: start from a released
-  model's U-Net and take its frozen stages (``init_checkpoint.py``; an LDM txt2img file's
-  BERTEmbedder with ``text_encoder.kind="ldm_bert"``, its vocabulary from ``text_encoder.tokenizer``);
+  model's U-Net and take its frozen stages (``init_checkpoint.py``: a text-to-image file with a
+  concat gets conv_in widened with zeros for the concat channels (SD-inpainting's recipe); an x4
+  upscaler file trains with "noise_augmented_low_res" and its low-res schedule / max_noise_level; an
+  LDM txt2img file's BERTEmbedder with ``text_encoder.kind="ldm_bert"``, its vocabulary from
+  ``text_encoder.tokenizer``);
 * ``data.precompute_latents``: train on latents encoded once into ``WORKDIR/latents``
   (``latent_dataset``, ``latent_cache.py``).
 """
@@ -61,6 +73,7 @@ from ldm_jax.diffusion.schedule import NoiseSchedule
 from ldm_jax.models.unet import UNet, UNetConfig, unet_dummy_inputs
 from ldm_jax.training import concat_conditioning as concat_lib
 from ldm_jax.training import init_checkpoint, ldm_step, optim
+from ldm_jax.training import scene_conditioning as scene_lib
 from ldm_jax.training import sharding as shd
 from ldm_jax.training import state as state_lib
 from ldm_jax.training.config_access import config_as_dict as _as_dict, config_get as _get
@@ -253,7 +266,7 @@ def build_class_embedder(diff_cfg, ctx_dim: Optional[int], seed: int, dtype, mes
     return module, params, ClassLabelTokenizer(module.num_classes)
 
 
-CONDITIONINGS = ("text", "class", "class_crossattn", "none")
+CONDITIONINGS = ("text", "class", "class_crossattn", "layout", "none")
 WORKDIR_TOKENIZER = "tokenizer"  # WORKDIR/tokenizer: the BERT vocabulary of an ldm_bert run
 
 
@@ -284,7 +297,9 @@ class LDMTask:
             if self.init_pipe is None:
                 raise ValueError("config.model.unet is empty: give the U-Net's fields, or init.checkpoint to take "
                                  "its architecture")
-            unet_fields = init_checkpoint.unet_fields_from(self.init_pipe)
+            # (a checkpoint without concat channels gets the concat's: its conv_in is widened, see there)
+            unet_fields = init_checkpoint.unet_fields_from(self.init_pipe,
+                                                           _get(config.diffusion, "concat", "none") or "none")
         unet_fields["remat_blocks"] = bool(_get(model, "remat", unet_fields.get("remat_blocks", False)))
         self.unet = UNet(UNetConfig(**unet_fields), dtype=self.dtype, attention_impl=attention_impl)
 
@@ -295,8 +310,18 @@ class LDMTask:
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"diffusion.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         class_crossattn = self.conditioning == "class_crossattn"
-        conditioning = "text" if class_crossattn else self.conditioning
+        # "layout": token ids of object layouts into a trained LDMBert (scene_conditioning.py); to the
+        # step it is a trained text encoder too.
+        layout = self.conditioning == "layout"
+        conditioning = "text" if (class_crossattn or layout) else self.conditioning
         self.concat = _get(diff, "concat", "none") or "none"  # checked by LDMStepConfig
+        if self.concat == "segmentation" or layout:
+            scene_lib.check_not_init_checkpoint(self.init_pipe, "diffusion.concat='segmentation'" if not layout
+                                                else "diffusion.conditioning='layout'")
+            if layout and float(_get(diff, "cond_drop_prob", 0.0)):
+                raise ValueError("diffusion.conditioning='layout' has no classifier-free guidance (the original "
+                                 "drops no condition, and a layout model has no unconditional input): set "
+                                 f"diffusion.cond_drop_prob=0, got {_get(diff, 'cond_drop_prob', 0.0)}")
         self.step_cfg = ldm_step.LDMStepConfig(
             prediction_type=_get(diff, "prediction_type", "epsilon"),
             min_snr_gamma=_get(diff, "min_snr_gamma", None) or None,
@@ -305,7 +330,7 @@ class LDMTask:
             cond_drop_prob=float(_get(diff, "cond_drop_prob", 0.1)),
             null_class=_get(diff, "null_class", None),
             sample_posterior=bool(_get(config.first_stage, "sample_posterior", True)),
-            train_text_encoder=class_crossattn or (
+            train_text_encoder=class_crossattn or layout or (
                 conditioning == "text" and bool(_get(config.text_encoder, "trainable", False))),
             concat=self.concat,
             masks=concat_lib.MaskConfig.from_mapping(_as_dict(_get(diff, "inpainting_masks", None))),
@@ -313,6 +338,7 @@ class LDMTask:
             low_res_schedule=tuple(sorted({**concat_lib.LOW_RES_SCHEDULE,
                                            **_as_dict(_get(diff, "low_res_schedule", None))}.items())),
             max_noise_level=int(_get(diff, "max_noise_level", concat_lib.MAX_NOISE_LEVEL)),
+            loss_type=_get(diff, "loss_type", "l2") or "l2",
         )
         if self.concat == concat_lib.NOISE_AUGMENTED and self.conditioning != "text":
             raise ValueError(f"diffusion.concat={self.concat!r} (the SD 2 x4 upscaler family: text through cross-"
@@ -329,9 +355,12 @@ class LDMTask:
 
         self.vae, vae_params = build_first_stage(config.first_stage, self.dtype, attention_impl, **sharding_kw,
                                                  init_pipe=self.init_pipe)
-        concat_lib.check_unet_in_channels(self.unet.config.in_channels, self.vae.config.embed_dim, self.concat)
+        # Semantic synthesis: the SpatialRescaler whose output is concatenated (trained, params["cond_stage"]).
+        self.cond_stage = scene_lib.build_cond_stage(config, self.dtype) if self.concat == "segmentation" else None
+        concat_lib.check_unet_in_channels(self.unet.config.in_channels, self.vae.config.embed_dim, self.concat,
+                                          None if self.cond_stage is None else self.cond_stage.features)
         self._check_init_concat_layout()
-        self.text_encoder = self.tokenizer = None
+        self.text_encoder = self.tokenizer = self.layout_builder = None
         te_params = empty_ids = None
         ucfg = self.unet.config
         ctx_dim = ucfg.per_block("cross_attention_dim")[-1] if ucfg.uses_cross_attention else None
@@ -340,6 +369,13 @@ class LDMTask:
                 diff, ctx_dim, int(_get(config.text_encoder, "seed", 0)), self.dtype, **sharding_kw,
                 init_pipe=self.init_pipe)
             empty_ids = jnp.asarray(self.tokenizer([""]))
+        elif layout:  # no tokenizer: the ids come from the data; the empty layout stands for "no condition"
+            self.text_encoder, te_params, self.layout_builder = scene_lib.build_layout_encoder(
+                config, self.dtype, attention_impl, **sharding_kw)
+            empty_ids = jnp.asarray(self.layout_builder.empty()[None], jnp.int32)
+            if ctx_dim != self.text_encoder.config.hidden_size:
+                raise ValueError(f"model.unet.cross_attention_dim={ctx_dim} does not match the layout encoder width "
+                                 f"{self.text_encoder.config.hidden_size}")
         elif conditioning == "text":
             self.text_encoder, te_params, self.tokenizer = build_text_encoder(
                 config.text_encoder, self.dtype, attention_impl, **sharding_kw, init_pipe=self.init_pipe)
@@ -373,9 +409,14 @@ class LDMTask:
         if self.step_cfg.train_text_encoder:
             # Placeholder text-encoder weights of the right shapes; init_state puts the start weights in.
             te = self.text_encoder
-            ids = jnp.zeros((1, np.asarray(self.tokenizer([""])).shape[1]), jnp.int32)  # (1, 1) for class tokens
+            ids = jnp.zeros((1, np.asarray(empty_ids).shape[1]), jnp.int32)  # (1, 1) for class tokens
             init_params = lambda k: {"unet": unet.init(k, *dummy)["params"],  # noqa: E731
                                      "text_encoder": te.init(jax.random.PRNGKey(0), ids)["params"]}
+        if self.cond_stage is not None:  # params {"unet"[, "text_encoder"], "cond_stage"}: its init is the start
+            base_init, joint, cs = init_params, self.step_cfg.train_text_encoder, self.cond_stage
+            size = self._image_size()
+            init_params = lambda k: {**(base_init(k) if joint else {"unet": base_init(k)}),  # noqa: E731
+                                     "cond_stage": scene_lib.init_cond_stage(cs, jax.random.fold_in(k, 1), size)}
         self._init_fn = state_lib.make_init_fn(init_params, self.tx, use_ema=self.opt_cfg.ema_decay > 0)
         self._abstract, self.state_shardings = state_lib.abstract_train_state(
             self._init_fn, mesh, self.min_fsdp_size, self.rules)
@@ -383,12 +424,15 @@ class LDMTask:
         self._start_params = {}
         if self.init_pipe is not None:
             expected, _ = ldm_step.split_trained_params(self._abstract.params, self.step_cfg.train_text_encoder)
-            init_checkpoint.check_same_structure(expected, self.init_pipe.params["unet"], self.init_pipe.source)
-            self._start_params["unet"] = self.init_pipe.params["unet"]
+            # The file's U-Net, checked leaf by leaf (conv_in widened with zeros for new concat channels).
+            self._start_params["unet"] = init_checkpoint.start_unet_params(
+                expected, self.init_pipe, self.concat, self.vae.config.embed_dim)
+            init_checkpoint.check_scale_factor(self.init_pipe, config.first_stage, self.scale_factor)
         if self.step_cfg.train_text_encoder:
             self._start_params["text_encoder"] = te_params
         step_fn = ldm_step.make_train_step(self.unet, self.schedule, self.tx, self.step_cfg, self.opt_cfg,
-                                           vae=self.vae, text_encoder=self.text_encoder, mesh=mesh)
+                                           vae=self.vae, text_encoder=self.text_encoder, mesh=mesh,
+                                           cond_stage=self.cond_stage)
         self.step_fn = step_fn  # the pure function (tests compare it unjitted)
         # SyncedJit: with several processes, compile, then meet at a barrier before the first run.
         self._jitted = shd.SyncedJit(
@@ -405,14 +449,20 @@ class LDMTask:
     def _check_init_concat_layout(self) -> None:
         """init.checkpoint models whose concat channels mean something else than this task builds."""
         pipe = self.init_pipe
-        if pipe is None or self.concat == "none":
+        if pipe is None:
             return
         if getattr(pipe, "is_upscaler", False):
-            # Fine-tuning a released x4 upscaler is not wired up (its frozen stages, low-res schedule and
-            # levels would have to come from the file); diffusion.concat="noise_augmented_low_res" trains one.
-            raise ValueError(f"init.checkpoint={pipe.source} is a noise-augmented upscaler (SD 2 x4: the low-res "
-                             "image noised to a level given as a class label); initialising from it is not "
-                             f"supported (diffusion.concat={self.concat!r})")
+            if self.concat != concat_lib.NOISE_AUGMENTED:
+                raise ValueError(f"init.checkpoint={pipe.source} is a noise-augmented upscaler (SD 2 x4: the low-res "
+                                 "image noised to a level given as a class label); train it with diffusion.concat="
+                                 f"'{concat_lib.NOISE_AUGMENTED}', got {self.concat!r}")
+            # Its U-Net knows the levels of the file's low-res schedule: the step noises with that schedule
+            # and bound (taken from the file when unset; a conflicting setting is an error).
+            schedule, level = init_checkpoint.upscaler_low_res(pipe, self.config.diffusion)
+            self.step_cfg = dataclasses.replace(self.step_cfg, low_res_schedule=schedule, max_noise_level=level)
+            return
+        if self.concat == "none":
+            return
         if self.concat == "inpainting" and pipe.cond_stage == "first_stage":
             raise ValueError(f"init.checkpoint={pipe.source} is a CompVis LDM inpainting model (channels [unscaled "
                              "first-stage mode of the masked image, mask]); diffusion.concat='inpainting' trains the "
@@ -422,12 +472,28 @@ class LDMTask:
     def init_state(self, rng: jax.Array):
         """A fresh state; the U-Net from init.checkpoint and a trained text encoder from its
         start weights when given (params and EMA alike)."""
+        joint = self.step_cfg.train_text_encoder  # params {"unet", "text_encoder"}: replace the parts given
+        given = dict(self._start_params) if joint else self._start_params.get("unet")
+        if given is not None and (jax.tree_util.tree_structure(given)
+                                  == jax.tree_util.tree_structure(self._abstract.params)):
+            # Every trained weight is given (init.checkpoint): the state is built around them, without
+            # compiling and running a random U-Net init only to replace it. make_init_fn as _init_fn does
+            # (same rng split, fresh optimizer state); copies, so the state owns its buffers (the step
+            # donates them) and the checkpoint's arrays stay intact.
+            if getattr(self, "_start_jit", None) is None:
+                use_ema = self.opt_cfg.ema_decay > 0
+
+                def from_start(rng, params):
+                    copied = jax.tree_util.tree_map(jnp.copy, params)
+                    return state_lib.make_init_fn(lambda _: copied, self.tx, use_ema=use_ema)(rng)
+
+                self._start_jit = shd.SyncedJit(jax.jit(from_start, out_shardings=self.state_shardings), "init")
+            return self._start_jit(rng, given)
         state = self._init_jit(rng)
         if not self._start_params:
             return state
         # Copies placed like the state (params and EMA own their buffers: the step donates them).
         copy = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=self.state_shardings.params)
-        joint = self.step_cfg.train_text_encoder  # params {"unet", "text_encoder"}: replace the parts given
 
         def start(params):
             return copy({**params, **self._start_params} if joint else self._start_params["unet"])
@@ -439,8 +505,16 @@ class LDMTask:
         """(U-Net params, text-encoder params) to sample with: the EMA weights when kept, and
         the frozen text encoder unless it was trained."""
         params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
-        unet_params, te_params = ldm_step.split_trained_params(params, self.step_cfg.train_text_encoder)
+        unet_params, te_params = ldm_step.split_trained_params(params, self.step_cfg.train_text_encoder,
+                                                               self.cond_stage is not None)
         return unet_params, (te_params if te_params is not None else self.frozen["text_encoder"])
+
+    def cond_stage_params(self, state, use_ema: bool = True):
+        """The trained SpatialRescaler's parameters (semantic synthesis; EMA when kept), else None."""
+        if self.cond_stage is None:
+            return None
+        params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
+        return params["cond_stage"]
 
     def abstract_state(self):
         return self._abstract
@@ -460,7 +534,21 @@ class LDMTask:
             out["low_res"] = np.asarray(host_batch["low_res"])
         if self.concat == "inpainting" and "inpaint_mask" in host_batch:
             out["inpaint_mask"] = np.asarray(host_batch["inpaint_mask"], np.float32)
-        if self.conditioning == "class_crossattn":
+        if self.concat == "segmentation":
+            if "segmentation" not in host_batch:
+                raise KeyError("diffusion.concat='segmentation' needs label maps in the data: a 'segmentation' field "
+                               "(data.name='segmentation_folder' or 'synthetic_segmentation')")
+            out["segmentation"] = np.asarray(host_batch["segmentation"], np.int32)
+        if self.conditioning == "layout":
+            if "layout_ids" not in host_batch:
+                raise KeyError("diffusion.conditioning='layout' needs object layouts in the data: a 'layout_ids' field "
+                               "(data.name='coco_layout' or 'synthetic_layout')")
+            ids = np.asarray(host_batch["layout_ids"], np.int32)
+            if ids.shape[1:] != (self.layout_builder.embedding_dim,):
+                raise ValueError(f"the data's layout_ids have length {ids.shape[1]}, the layout encoder takes "
+                                 f"{self.layout_builder.embedding_dim} (data.layout)")
+            out["input_ids"] = ids
+        elif self.conditioning == "class_crossattn":
             if "label" not in host_batch:
                 raise KeyError("class-conditional training needs a 'label' field in the data "
                                "(data.label_key, or data.folder_labels=True for an image folder)")
@@ -513,6 +601,9 @@ class LDMTask:
         once by the frozen first stage, rebuilt when stale); see ``latent_cache``."""
         from ldm_jax.training import latent_cache
 
+        if self.concat == "segmentation" or self.conditioning == "layout":
+            raise ValueError("data.precompute_latents=True is not supported with label maps or layouts (the cache does "
+                             "not store them with their crops and flips); set data.precompute_latents=False")
         if self.concat == "inpainting":
             raise ValueError("data.precompute_latents=True cannot train diffusion.concat='inpainting': the masked "
                              "image changes with every drawn mask and is encoded by the first stage each step; "
@@ -544,9 +635,15 @@ class LDMTask:
         pipe.params["unet"], te_params = self.trained_params(state)
         if te_params is not None:
             pipe.params["text_encoder"] = te_params
+        if self.cond_stage is not None:
+            pipe.params["cond_stage"] = self.cond_stage_params(state)
         kw = dict(num_inference_steps=int(_get(cfg, "num_inference_steps", 20)),
                   guidance_scale=float(_get(cfg, "guidance_scale", 3.0)), seed=int(_get(cfg, "seed", 0)),
                   sampler=_get(cfg, "sampler", "ddim"), height=self._image_size(), width=self._image_size())
+        if self.conditioning == "layout":  # the synthetic scenes' layouts; no guidance (no unconditional input)
+            n = int(_get(cfg, "num_images", 4))
+            ids = scene_lib.sample_layout_ids(self.layout_builder, n, self._image_size())
+            return pipe(context_ids=ids, **{**kw, "guidance_scale": 1.0})
         if self.conditioning == "text":
             prompts = list(_get(cfg, "prompts", ["a red square"]))
             return pipe(prompts, **kw, **self._sample_concat_inputs(len(prompts)))
@@ -562,6 +659,9 @@ class LDMTask:
         images with a centred box to repaint (strength 1) for inpainting."""
         if self.concat == "none":
             return {}
+        if self.concat == "segmentation":  # sample.segmentations (label PNGs), else synthetic scenes' maps
+            size = self._image_size()
+            return {"segmentation": scene_lib.sample_segmentations(self.config, n, size, self.cond_stage.in_channels)}
         from ldm_jax.data.pipeline import preprocess
 
         size = self._image_size()
@@ -600,6 +700,8 @@ class LDMTask:
                     "low_res_scheduler_config": dict(self.step_cfg.low_res_schedule),
                     "max_noise_level": int(self.step_cfg.max_noise_level)}
         key = "hybrid" if self.text_encoder is not None else "concat"
+        if self.concat == "segmentation":  # Pipeline runs the trained rescaler on segmentation= (params["cond_stage"])
+            return {"conditioning_key": key, "cond_stage": "rescaler", "cond_stage_model": self.cond_stage}
         return {"conditioning_key": key, "cond_stage": "identity" if self.concat == "low_res" else ""}
 
     def _image_size(self) -> int:
