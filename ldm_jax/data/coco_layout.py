@@ -33,8 +33,8 @@ from collections import defaultdict
 from typing import Dict, List, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps
 
+from ldm_jax.data.folder import read_rgb
 from ldm_jax.data.layout_tokens import LayoutObject
 
 
@@ -132,9 +132,7 @@ class CocoLayoutSource:
 
     def load(self, index: int) -> dict:
         path = self.describe(index)
-        with Image.open(path) as img:
-            img.load()
-            image = np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)
+        image = read_rgb(path)
         width, height = self.sizes[index]
         if image.shape[:2] != (height, width):
             from ldm_jax.data.pipeline import ExampleFormatError

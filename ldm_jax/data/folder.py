@@ -33,6 +33,19 @@ logger = logging.getLogger("ldm_jax.data")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def read_rgb(path: str) -> np.ndarray:
+    """An image file as uint8 (H, W, 3): EXIF orientation applied, transparency composited on
+    white (like the emoji asset). Truncated or garbage files raise (decoded here, not lazily)."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img.alpha_composite(rgba)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
 def _read_caption_tables(root: str) -> dict[str, str]:
     """captions.csv and captions.jsonl at `root` (jsonl wins): {relative posix path: caption}."""
     table: dict[str, str] = {}
@@ -121,16 +134,7 @@ class FolderSource:
 
     def load(self, index: int) -> dict:
         path = self.describe(index)
-        with Image.open(path) as img:
-            img.load()  # decode now: truncated or garbage files raise here
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                # Composite transparency on white (like the emoji asset).
-                rgba = img.convert("RGBA")
-                img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img.alpha_composite(rgba)
-            image = np.asarray(img.convert("RGB"), dtype=np.uint8)
-        out = {"image": image, "caption": self.captions[index]}
+        out = {"image": read_rgb(path), "caption": self.captions[index]}
         if self.labels is not None:
             out["label"] = self.labels[index]
         return out

@@ -35,9 +35,9 @@ import os
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ldm_jax.data.folder import IMAGE_EXTENSIONS
+from ldm_jax.data.folder import IMAGE_EXTENSIONS, read_rgb
 
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "1")
 
@@ -122,9 +122,7 @@ class SegmentationFolderSource:
         return f"{os.path.join(self.image_root, self.files[index])} (labels {self.label_files[index]})"
 
     def load(self, index: int) -> dict:
-        with Image.open(os.path.join(self.image_root, self.files[index])) as img:
-            img.load()
-            image = np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)
+        image = read_rgb(os.path.join(self.image_root, self.files[index]))
         path = self.label_files[index]
         labels = normalize_labels(read_label_map(path), self.num_classes, ignore_label=self.ignore_label,
                                   shift_labels=self.shift_labels, what=f"label map {path}")
