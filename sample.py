@@ -14,6 +14,17 @@
                      --segmentation labels.png          # semantic synthesis (SpatialRescaler cond stage)
     python sample.py --checkpoint txt2img-f8-large.ckpt --config txt2img-1p4B-eval.yaml \
                      --tokenizer bert-base-uncased/vocab.txt --prompt "..."   # LDM text-to-image (BERT)
+    python sample.py --checkpoint layout2img.ckpt --config config.yaml --layout layouts.json   # layout-to-image
+    python sample.py --checkpoint runs/layout --layout layouts.json                # a layout training workdir
+
+A layout file (--layout) holds one layout, a list of objects with boxes relative to the image
+(x0, y0 = top-left corner, w, h; all in [0, 1]; a box in pixels is [x/W, y/H, w/W, h/H]):
+    [{"category": 3, "bbox": [0.1, 0.2, 0.5, 0.4]}, {"category": 0, "bbox": [0.55, 0.05, 0.4, 0.3]}]
+or several (a list of such lists), each sampled like one prompt (--n_samples images, --n_iter
+batches). "category" is the model's category number; "is_group_of": true (a crowd) only where the
+model's number of classes is known (a workdir). The ids are built as the model's data built them
+(taming's ObjectsBoundingBoxConditionalBuilder: a workdir's data.layout; a released file's
+vocabulary and length), over the whole image; no guidance (these models have no unconditional input).
 
 PATH: a diffusers folder, a CompVis/Stability .ckpt/.safetensors file, or a
 train.py workdir. Writes outdir/samples/NNNNN.png (generation settings in the
@@ -22,6 +33,7 @@ PNG text chunks) and outdir/grid.png; rerunning skips images already written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -39,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--n_samples", type=int, default=4, help="images per prompt and iteration (one batch)")
     p.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=float, default=None,
+                   help="classifier-free guidance scale (default 7.5; 1, i.e. none, with --layout)")
     p.add_argument("--sampler", default="ddim", help="ddpm, ddim, plms, dpmpp_2m, euler or euler_a")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
@@ -64,6 +77,10 @@ def parse_args(argv=None):
                    help="noise-augmented upscalers (SD 2 x4 upscaler): the level the --cond-img low-res image is "
                         "noised to and the U-Net is told, an int below the model's max_noise_level (350 for the "
                         "released x4 upscaler); default 20 as diffusers; Pipeline's noise_level=")
+    p.add_argument("--layout", default=None,
+                   help="layout-to-image models: a JSON file of object layouts (one: a list of {\"category\": int, "
+                        "\"bbox\": [x0, y0, w, h]} with the box relative to the image, in [0, 1]; several: a list of "
+                        "such lists), used instead of --prompt; see above")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     return p.parse_args(argv)
 
@@ -88,7 +105,16 @@ def main(argv=None) -> int:
     from ldm_jax.sampling_job import SamplingJob, read_prompt_file
 
     try:
-        if args.from_file:
+        layouts = None
+        if args.layout:  # (the file's structure is checked before the slow model load)
+            if args.from_file or args.prompt is not None or args.class_label is not None:
+                raise ValueError("--layout is the condition of a layout-to-image model; it does not go with "
+                                 "--prompt, --from-file or --class_label")
+            from ldm_jax.data.layout_file import describe_layout, read_layout_file
+
+            layouts = read_layout_file(args.layout)
+            prompts = [describe_layout(layout) for layout in layouts]  # (recorded in the PNGs as "layout")
+        elif args.from_file:
             prompts = read_prompt_file(args.from_file)
         elif args.prompt is not None:
             prompts = [args.prompt]
@@ -98,8 +124,9 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"--cond-img file not found: {args.cond_img}")
         if args.segmentation and not os.path.isfile(args.segmentation):
             raise FileNotFoundError(f"--segmentation file not found: {args.segmentation}")
+        scale = args.scale if args.scale is not None else (1.0 if layouts is not None else 7.5)
         job = SamplingJob(
-            prompts=prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.steps, scale=args.scale,
+            prompts=prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.steps, scale=scale,
             sampler=args.sampler, eta=args.eta, seed=args.seed, height=args.H, width=args.W,
             negative_prompt=args.negative_prompt, init_image=args.init_img, strength=args.strength,
             mask=args.mask, class_label=args.class_label, checkpoint=args.checkpoint)
@@ -111,7 +138,20 @@ def main(argv=None) -> int:
         configure_compilation_cache(args.compilation_cache)
         load_kw = {"tokenizer": args.tokenizer} if args.tokenizer else {}
         pipe = ldm_jax.load_pipeline(args.checkpoint, config=args.config, dtype=args.dtype, **load_kw)
-        no_prompt = not args.from_file and args.prompt is None and args.class_label is None
+        builder = getattr(pipe, "layout_builder", None)
+        if layouts is not None:
+            if builder is None:
+                raise ValueError(f"--layout is for layout-to-image models (an LDMBert over layout token ids: CompVis "
+                                 "layout2img-openimages256, or a diffusion.conditioning='layout' workdir); "
+                                 f"{args.checkpoint} is not one")
+            from ldm_jax.data.layout_file import layout_file_ids
+
+            job = dataclasses.replace(job, context_ids=layout_file_ids(layouts, builder, args.layout))
+        elif builder is not None:
+            raise ValueError(f"{args.checkpoint} is a layout-to-image model: it takes object layouts, not text or "
+                             "class labels; give --layout FILE.json (a list of {\"category\": int, \"bbox\": "
+                             "[x0, y0, w, h]} objects, boxes relative to the image)")
+        no_prompt = not args.from_file and args.prompt is None and args.class_label is None and layouts is None
         if no_prompt and pipe.text_encoder is not None:
             raise ValueError("this model is text- or class-conditioned: give --prompt, --from-file or --class_label")
         inputs = {}

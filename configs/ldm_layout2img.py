@@ -28,7 +28,18 @@ the tokens:
 The workdir loads with ``ldm_jax.load_pipeline(workdir)`` and samples with ``pipe(context_ids=ids)``,
 ``ids = LayoutTokenBuilder(...).build([(category_no, (x0, y0, w, h)), ...])[None]``. Learning rate as
 CompVis main.py's scale_lr: base_learning_rate 2e-6 x the YAML's batch 24, AdamW, EMA 0.9999.
-Fine-tuning the released checkpoint (``init.checkpoint``) is not supported.
+Fine-tuning the released checkpoint (its U-Net, its VQ-f4 first stage frozen, its LDMBert the start of the
+trained one; this config's architecture, LDMBert and ``data.layout`` (92 ids of 8192 tokens) are the
+file's, which is checked; see ldm_jax/training/init_checkpoint.py; the data's category numbers must mean
+the file's classes):
+
+    python train.py --config configs/ldm_layout2img.py --workdir /ckpt/layout_ft \
+        --config.init.checkpoint=layout2img-openimages256/model.ckpt \
+        --config.init.original_config=layout2img-openimages256/config.yaml --config.data.path=... \
+        --config.data.annotations=...
+
+Sampling from object boxes (a JSON file, see sample.py --help):
+``python sample.py --checkpoint /ckpt/layout [--config config.yaml for a .ckpt] --layout layouts.json``.
 """
 import importlib.util
 import os

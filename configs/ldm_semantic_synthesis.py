@@ -24,7 +24,13 @@ Random 256 crops of the shorter-side-resized image, the label map cropped with i
 The workdir loads with ``ldm_jax.load_pipeline(workdir)`` and samples with ``pipe([""],
 segmentation=labels)`` (integer maps or one-hot at the image size). Learning rate as CompVis
 main.py's scale_lr: base_learning_rate 1e-6 x batch 8 (semantic_synthesis512's data batch_size),
-AdamW, EMA 0.9999. Fine-tuning the released checkpoint (``init.checkpoint``) is not supported.
+AdamW, EMA 0.9999. Fine-tuning the released checkpoint (its U-Net, its VQ-f4 first stage frozen, its
+rescaler's weights the start of the trained one; this config's architecture and rescaler are the
+file's, which is checked; see ldm_jax/training/init_checkpoint.py):
+
+    python train.py --config configs/ldm_semantic_synthesis.py --workdir /ckpt/semantic_ft \
+        --config.init.checkpoint=semantic_synthesis256/model.ckpt \
+        --config.init.original_config=semantic_synthesis256/config.yaml --config.data.path=/data/landscapes
 """
 import importlib.util
 import os

@@ -67,6 +67,9 @@ class Pipeline:
     # SpatialRescaler of the CompVis semantic-synthesis models (``cond_stage == "rescaler"``), with
     # params["cond_stage"]; None for every other model.
     cond_stage_model: Any = None
+    # Layout-to-image models (an LDMBert over layout token ids, no tokenizer): the LayoutTokenBuilder that
+    # makes their context_ids from object boxes (sample.py --layout, ldm_jax.data.layout_file); None otherwise.
+    layout_builder: Any = None
     _jit_cache: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ properties
@@ -416,7 +419,7 @@ class Pipeline:
         """Everything the jitted chain closes over except the parameters (which are arguments):
         the modules with their configurations, dtypes and attention implementations, and the
         conditioning fields. The executable store keys compiled chains by it."""
-        skip = ("params", "tokenizer", "source", "sample_size", "mesh", "_jit_cache")
+        skip = ("params", "tokenizer", "layout_builder", "source", "sample_size", "mesh", "_jit_cache")
         return repr([(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in skip])
 
     # ------------------------------------------------------------------ concat conditioning

@@ -7,6 +7,10 @@ files all exist is skipped, so rerunning a killed job completes it without
 changing what was already written; files are written to a temporary name and
 renamed, so a kill never leaves a half-written PNG. With several processes
 (multi-host), process p renders batches p, p + P, p + 2P, ...
+
+A layout-to-image model's job gives token ids per prompt (``context_ids``, one
+row per layout of ``sample.py --layout``) in place of text; its prompts are then
+the layouts' descriptions, recorded as ``layout`` in the PNGs.
 """
 from __future__ import annotations
 
@@ -42,6 +46,9 @@ class SamplingJob:
     mask: Optional[str] = None          # inpainting mask (path; white = repaint)
     class_label: Optional[int] = None   # class-conditional models
     checkpoint: str = ""                # recorded in the metadata
+    # (len(prompts), L) token ids used instead of the prompts' text (layout-to-image models: the layouts'
+    # ids); the prompts are then only descriptions, written to the PNGs as "layout"
+    context_ids: Optional[np.ndarray] = None
 
     def validate(self) -> None:
         if self.sampler not in SAMPLER_NAMES:
@@ -59,6 +66,13 @@ class SamplingJob:
             raise ValueError("--mask needs --init-img (the image to inpaint)")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
+        if self.context_ids is not None:
+            ids = np.asarray(self.context_ids)
+            if ids.ndim != 2 or ids.shape[0] != len(self.prompts):
+                raise ValueError(f"context_ids must have one row per prompt ({len(self.prompts)}), got shape "
+                                 f"{ids.shape}")
+            if self.class_label is not None:
+                raise ValueError("context_ids (layouts) and --class_label do not go together")
 
     @property
     def num_batches(self) -> int:
@@ -85,6 +99,8 @@ def _metadata(job: SamplingJob, prompt: str, seed: int, k: int) -> PngInfo:
     fields = dict(prompt=prompt, negative_prompt=job.negative_prompt or "", seed=seed, index_in_batch=k,
                   sampler=job.sampler, steps=job.steps, scale=job.scale, eta=job.eta,
                   checkpoint=job.checkpoint, software="ldm_jax")
+    if job.context_ids is not None:  # a layout: its description, not a prompt
+        fields = {"layout" if key == "prompt" else key: value for key, value in fields.items()}
     if job.init_image:
         fields.update(init_image=job.init_image, strength=job.strength)
     if job.mask:
@@ -127,11 +143,16 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
         for b in todo:
             prompt = job.prompts[b // job.n_iter]
             seed = job.seed + b
+            if job.context_ids is None:
+                cond = dict(class_labels=None if job.class_label is None else [job.class_label] * job.n_samples)
+                text = [prompt] * job.n_samples
+            else:  # token ids (a layout), repeated over the batch; no text
+                row = np.asarray(job.context_ids)[b // job.n_iter]
+                cond, text = dict(context_ids=np.repeat(row[None], job.n_samples, axis=0)), None
             images = pipe(
-                [prompt] * job.n_samples, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
+                text, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
                 guidance_scale=job.scale, height=job.height, width=job.width, seed=seed, sampler=job.sampler,
-                eta=job.eta, init_image=init, strength=job.strength, mask=job.mask,
-                class_labels=None if job.class_label is None else [job.class_label] * job.n_samples)
+                eta=job.eta, init_image=init, strength=job.strength, mask=job.mask, **cond)
             for k, image in enumerate(images):
                 _write_png(sample_path(outdir, b * job.n_samples + k), image, _metadata(job, prompt, seed, k))
             made += len(images)

@@ -15,7 +15,9 @@
   same draws (the semantic condition built with torch's one-hot, bilinear F.interpolate and conv2d), the
   step's update of the rescaler / LDMBert follows the hand-written loss's gradient, and a short
   ``loop.train`` run writes a workdir that ``ldm_jax.load_pipeline`` samples (``segmentation=`` /
-  ``context_ids=``) as a DDIM loop written here with diffusers' DDIMScheduler.
+  ``context_ids=``) as a DDIM loop written here with diffusers' DDIMScheduler; ``sample.py --layout FILE.json``
+  on the layout workdir writes the images of ``pipe(context_ids=builder.build(...))`` for the file's layouts.
+(Fine-tuning the released files, init.checkpoint: tests/test_scene_fine_tuning.py.)
 """
 import json
 import os
@@ -525,8 +527,14 @@ def test_layout_step_matches_hand_written_loss(layout):
     np.testing.assert_allclose(delta[~used], -task.opt_cfg.lr * task.opt_cfg.weight_decay * table0[~used], atol=ulp)
 
 
-def test_layout_workdir_samples_with_context_ids(layout, tmp_path):
-    workdir, trained = train_workdir(layout, tmp_path / "run")
+@pytest.fixture(scope="module")
+def layout_workdir(layout, tmp_path_factory):
+    """(workdir, trained state) of a 2-step layout run (shared by the sampling tests)."""
+    return train_workdir(layout, tmp_path_factory.mktemp("layout_run") / "run")
+
+
+def test_layout_workdir_samples_with_context_ids(layout, layout_workdir):
+    workdir, trained = layout_workdir
     pipe = ldm_jax.load_pipeline(workdir)
     assert pipe.tokenizer is None and pipe.text_encoder.config.max_position_embeddings == 14
     ids = layout["host_batch"]["layout_ids"][:2]
@@ -540,6 +548,49 @@ def test_layout_workdir_samples_with_context_ids(layout, tmp_path):
     assert err < 1e-4 and ctx.shape == (2, 14, 32)
     with pytest.raises(ValueError, match="no tokenizer"):
         pipe(["a cat"], num_inference_steps=2)
+
+
+def test_sample_cli_layout_file_on_a_layout_workdir(layout_workdir, tmp_path, capsys):
+    """sample.py --layout FILE.json on a layout workdir: each layout of the file (boxes relative to the image) is
+    built into ids with the run's data.layout builder (4 objects on an 8x8 grid + crop, 64 tokens; the synthetic
+    data's 4 categories, so is_group_of adds 4) and sampled as one batch (seed + batch); the PNGs equal
+    pipe(context_ids=builder.build(...)). --prompt is refused for the layout model, and a category past its 4."""
+    import sample as sample_cli
+    from ldm_jax.image_io import to_uint8
+
+    workdir, _ = layout_workdir
+    layouts = [[{"category": 1, "bbox": [0.1, 0.2, 0.5, 0.4]},
+                {"category": 3, "bbox": [0.5, 0.5, 0.4, 0.45], "is_group_of": True}],
+               [{"category": 0, "bbox": [0.0, 0.25, 1.0, 0.5]}]]
+    path = tmp_path / "layouts.json"
+    path.write_text(json.dumps(layouts))
+    out = tmp_path / "out"
+    base = ["--checkpoint", workdir, "--steps", "2", "--seed", "7"]
+    assert sample_cli.main(base + ["--layout", str(path), "--n_samples", "2", "--outdir", str(out)]) == 0
+    builder = LayoutTokenBuilder(no_object_classes=4, no_max_objects=4, no_tokens=64, encode_crop=True,
+                                 use_group_parameter=True)
+    ids = [builder.build([LayoutObject(o["category"], tuple(o["bbox"]), o.get("is_group_of", False))
+                          for o in layout]) for layout in layouts]
+    assert ids[0][3] == 3 + 4 and ids[0][0] == 1  # the crowd's token: category + no_object_classes
+    pipe = ldm_jax.load_pipeline(workdir)
+    for b in range(2):
+        want = to_uint8(pipe(context_ids=np.repeat(ids[b][None], 2, 0), num_inference_steps=2, seed=7 + b))
+        got = np.stack([np.asarray(Image.open(out / "samples" / f"{2 * b + k:05d}.png")) for k in range(2)])
+        np.testing.assert_array_equal(got, want)
+    assert json.loads(Image.open(out / "samples" / "00002.png").text["layout"]) == layouts[1]
+    assert not np.array_equal(np.asarray(Image.open(out / "samples" / "00000.png")),
+                              np.asarray(Image.open(out / "samples" / "00002.png")))
+
+    def error(argv):
+        code = sample_cli.main(base + argv + ["--outdir", str(tmp_path / "bad")])
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+        assert code == 2 and len(lines) == 1, lines
+        return lines[0]
+
+    assert "is a layout-to-image model: it takes object layouts, not text" in error(["--prompt", "a red square"])
+    path.write_text(json.dumps([{"category": 4, "bbox": [0.1, 0.2, 0.5, 0.4]}]))
+    assert ("layouts.json: layout 0, object 0: category 4 is outside the model's 4 object classes"
+            in error(["--layout", str(path)]))
 
 
 def test_configuration_checks(layout, semantic, tmp_path):

@@ -16,7 +16,10 @@ Families (``cond_stage_config``):
   ``ClassLabelTokenizer``: prompts are class indices, "" the unconditional class.
 * BERTEmbedder (the LDM text-to-image model, txt2img-1p4B): an ``LDMBertModel``
   from the x-transformers names under ``cond_stage_model.transformer.``; its
-  WordPiece vocabulary is not in the file: ``tokenizer=`` (folder or vocab.txt).
+  WordPiece vocabulary is not in the file: ``tokenizer=`` (folder or vocab.txt). With
+  ``use_tokenizer: false`` (the layout-to-image model, layout2img-openimages256) there is no
+  tokenizer: it samples from ``context_ids=``, which ``Pipeline.layout_builder`` (taming's
+  builder with the file's vocabulary and length: ``released_layout_builder``) makes from boxes.
 * __is_unconditional__: no text encoder; an unconditional model samples with
   ``pipe([""] * batch)``.
 * Concat conditioning (``conditioning_key`` "concat", or unset with the default
@@ -220,6 +223,22 @@ def _load_rescaler(spec: OriginalSpec, state: Mapping[str, np.ndarray], source: 
     return model, params
 
 
+def released_layout_builder(bert_config):
+    """The ``LayoutTokenBuilder`` of a layout-to-image file (a BERTEmbedder with ``use_tokenizer: false``),
+    or None when its length fits no builder. The file records only the vocabulary (vocab_size = no_tokens)
+    and the sequence length (max_seq_len = 3 x no_max_objects [+ 2 crop tokens]); the rest are taming's
+    scene-image settings the released layout2img model was trained with (use_group_parameter, no
+    OpenImages flags). Its number of object classes is not recorded (None: objects with flags are
+    refused), so category numbers are checked only against the vocabulary."""
+    from ldm_jax.data.layout_tokens import LayoutTokenBuilder, layout_shape_for_length
+
+    shape = layout_shape_for_length(bert_config.max_position_embeddings)
+    if shape is None or int(bert_config.vocab_size) < 4:
+        return None
+    return LayoutTokenBuilder(None, shape[0], int(bert_config.vocab_size), shape[1], use_group_parameter=True,
+                              use_additional_parameters=False)
+
+
 def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32", use_ema: bool = False,
                            prediction_type: Optional[str] = None, attention_impl: str = "xla",
                            tokenizer: Optional[str] = None):
@@ -287,6 +306,9 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
     text_encoder, text_params, tokenizer = _load_cond_stage(spec, state, path, kw, tokenizer)
     if text_encoder is not None:
         params["text_encoder"] = text_params
+    layout_builder = None
+    if spec.cond_stage == "bert" and tokenizer is None:  # use_tokenizer: false: the layout-to-image model
+        layout_builder = released_layout_builder(text_encoder.config)
     cond_stage_model = None
     if spec.cond_stage == "rescaler":
         cond_stage_model, params["cond_stage"] = _load_rescaler(spec, state, path, kw)
@@ -294,5 +316,5 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
                     scheduler_config=spec.scheduler, source=path, sample_size=spec.sample_size,
                     conditioning_key=spec.conditioning_key, cond_stage=spec.cond_stage,
-                    cond_stage_model=cond_stage_model,
+                    cond_stage_model=cond_stage_model, layout_builder=layout_builder,
                     low_res_scheduler_config=spec.low_res_scheduler, max_noise_level=spec.max_noise_level)

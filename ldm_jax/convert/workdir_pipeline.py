@@ -17,7 +17,8 @@ with ``cond_image=`` and ``noise_level=``; a semantic-synthesis run ("segmentati
 SpatialRescaler as ``cond_stage_model`` / ``params["cond_stage"]`` and samples with ``segmentation=``
 (label maps at the image size). An LDMBert run (``text_encoder.kind="ldm_bert"``) tokenizes with the
 vocabulary saved as ``workdir/tokenizer/``; a layout run (``diffusion.conditioning="layout"``) has no
-tokenizer and samples with ``context_ids=`` (``ldm_jax.data.layout_tokens`` ids).
+tokenizer and samples with ``context_ids=`` (``ldm_jax.data.layout_tokens`` ids); its
+``Pipeline.layout_builder`` is the run's ``data.layout`` builder (``sample.py --layout``).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def load_workdir_pipeline(workdir: str, dtype: str = "float32", use_ema: bool = 
     from ldm_jax.pipeline import Pipeline
     from ldm_jax.training import sharding as shd
     from ldm_jax.training.checkpoint import CheckpointManager
+    from ldm_jax.training import scene_conditioning as scene_lib
     from ldm_jax.training.ldm_task import WORKDIR_TOKENIZER, LDMTask
 
     config_path = os.path.join(workdir, "config.json")
@@ -79,4 +81,6 @@ def load_workdir_pipeline(workdir: str, dtype: str = "float32", use_ema: bool = 
     # concatenated channels as the train step did (cond_image= for SR, init_image= + mask= for inpainting).
     return Pipeline(unet=task.unet, vae=vae, text_encoder=task.text_encoder, tokenizer=task.tokenizer,
                     params=params, scheduler_config=scheduler_config, source=workdir,
-                    sample_size=image_size // vae.config.downsample_factor, **task.pipeline_conditioning())
+                    sample_size=image_size // vae.config.downsample_factor, **task.pipeline_conditioning(),
+                    layout_builder=(scene_lib.layout_sampling_builder(config) if task.conditioning == "layout"
+                                    else None))

@@ -11,7 +11,8 @@ the packaged asset and reads without TensorFlow.
 Label maps and object layouts (semantic synthesis, layout-to-image): `SegmentationFolderSource`
 (segmentation.py), `CocoLayoutSource` (coco_layout.py), the generated `Synthetic*Source`s
 (synthetic_scenes.py) and `LayoutTokenBuilder` (layout_tokens.py: taming's
-ObjectsBoundingBoxConditionalBuilder ids).
+ObjectsBoundingBoxConditionalBuilder ids); layout_file.py reads the JSON layouts of
+`sample.py --layout`.
 """
 
 from ldm_jax.data import emoji  # noqa: F401  (registers the TFDS builder "emoji")

@@ -95,17 +95,34 @@ def _relative_to(bbox: BoundingBox, crop: BoundingBox, flip: bool) -> BoundingBo
     return x0, y0, w, h
 
 
+def layout_shape_for_length(length: int) -> Optional[Tuple[int, bool]]:
+    """(no_max_objects, encode_crop) of a builder whose sequences have ``length`` ids (the text
+    encoder's max_position_embeddings): 3 per object, plus 2 crop tokens when encoded; None when
+    ``length`` is neither 3 k + 2 nor 3 k. (The two cannot both hold: 92 = 3 x 30 + 2 for the
+    released layout2img model.)"""
+    length = int(length)
+    if length >= 5 and (length - 2) % 3 == 0:
+        return (length - 2) // 3, True
+    if length >= 3 and length % 3 == 0:
+        return length // 3, False
+    return None
+
+
 class LayoutTokenBuilder:
     """Token ids of object layouts (see the module docstring); taming's builder's constructor
     arguments, same meaning."""
 
-    def __init__(self, no_object_classes: int, no_max_objects: int, no_tokens: int, encode_crop: bool,
+    def __init__(self, no_object_classes: Optional[int], no_max_objects: int, no_tokens: int, encode_crop: bool,
                  use_group_parameter: bool = False, use_additional_parameters: bool = False):
+        # no_object_classes None: not known (a released model's file does not record it). It only enters
+        # the flag modifiers (category + no_object_classes * modifier), so flagged objects are refused then.
         for name, value in (("no_object_classes", no_object_classes), ("no_max_objects", no_max_objects),
                             ("no_tokens", no_tokens)):
+            if name == "no_object_classes" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"LayoutTokenBuilder {name} must be a positive int, got {value!r}")
-        self.no_object_classes = int(no_object_classes)
+        self.no_object_classes = None if no_object_classes is None else int(no_object_classes)
         self.no_max_objects = int(no_max_objects)
         self.no_tokens = int(no_tokens)
         self.encode_crop = bool(encode_crop)
@@ -166,7 +183,10 @@ class LayoutTokenBuilder:
             modifier |= 1 * (obj.is_group_of is True)
         if self.use_additional_parameters:
             modifier |= 2 * (obj.is_occluded is True) | 4 * (obj.is_depiction is True) | 8 * (obj.is_inside is True)
-        return int(obj.category_no) + self.no_object_classes * modifier
+        if modifier and self.no_object_classes is None:
+            raise ValueError("an object with flags (is_group_of, ...) needs the builder's no_object_classes (its "
+                             "token is category + no_object_classes * flags), which is not known here")
+        return int(obj.category_no) + (self.no_object_classes or 0) * modifier
 
     # ---------------------------------------------------------------- build
     def build(self, objects: Iterable, crop_coordinates: Optional[Sequence[float]] = None,

@@ -37,6 +37,20 @@ Which files go with which ``diffusion.concat``:
   the vocabulary in ``text_encoder.tokenizer`` (the file has none); with ``text_encoder.trainable``
   its BERT starts training from the file's weights (``cond_stage_trainable: true``), otherwise it
   is frozen.
+* a semantic-synthesis file (CompVis ``semantic_synthesis256`` / ``512``: a ``SpatialRescaler`` cond
+  stage) trains only with ``diffusion.concat = "segmentation"``: its U-Net, its first stage (VQ-f4 for
+  the released ones, scale factor 1) frozen, and its rescaler's ``channel_mapper`` as the start of
+  the trained ``params["cond_stage"]``; ``model.cond_stage`` must repeat the file's rescaler settings
+  (n_stages, method, multiplier, in_channels, out_channels, bias) or be ``{}`` to take them.
+* a layout-to-image file (``layout2img-openimages256``: a ``BERTEmbedder`` with ``use_tokenizer:
+  false``) trains only with ``diffusion.conditioning = "layout"``: its U-Net, its first stage frozen,
+  and its LDMBert as the start of the trained layout encoder; ``text_encoder.ldm_bert`` must be the
+  file's or ``{}``, and ``data.layout`` must build the file's ids (no_tokens = its vocab_size 8192,
+  3 x no_max_objects + 2 crop tokens = its max_seq_len 92).
+
+The file's EMA (``init.use_ema``) covers its U-Net only (the original's ``LitEma`` holds
+``model.diffusion_model``), so the rescaler / LDMBert start from the file's weights either way.
+See ``scene_conditioning.py`` for the checks.
 """
 from __future__ import annotations
 
@@ -158,6 +172,18 @@ def start_unet_params(expected, pipe, concat: str, latent_channels: int):
          "LatentFinetuneDiffusion.init_from_ckpt)", pipe.source, h[_IN_AXIS], w[_IN_AXIS], concat,
          h[_IN_AXIS] - 1, h[_IN_AXIS], w[_IN_AXIS] - 1)
     return {**got, "conv_in": {**got["conv_in"], "kernel": kernel}}
+
+
+def start_cond_stage_params(expected, pipe):
+    """The semantic-synthesis file's SpatialRescaler weights (its ``channel_mapper``), where the trained
+    ``params["cond_stage"]`` starts (the original trains them with the U-Net: cond_stage_trainable),
+    checked leaf by leaf against ``expected`` (the rescaler's abstract params)."""
+    got = pipe.params["cond_stage"]
+    problems = _problems(_shapes(expected), _shapes(got))
+    if problems:  # (build_cond_stage has compared the settings; this guards the weights themselves)
+        raise CheckpointError(f"init.checkpoint={pipe.source}: its SpatialRescaler weights do not fit "
+                              f"model.cond_stage: {'; '.join(problems)}")
+    return got
 
 
 def check_scale_factor(pipe, first_stage_cfg, scale_factor: float) -> None:

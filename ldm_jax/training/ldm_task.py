@@ -53,7 +53,9 @@ Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
   concat gets conv_in widened with zeros for the concat channels (SD-inpainting's recipe); an x4
   upscaler file trains with "noise_augmented_low_res" and its low-res schedule / max_noise_level; an
   LDM txt2img file's BERTEmbedder with ``text_encoder.kind="ldm_bert"``, its vocabulary from
-  ``text_encoder.tokenizer``);
+  ``text_encoder.tokenizer``; a semantic-synthesis file with "segmentation", its SpatialRescaler the
+  start of ``params["cond_stage"]``; a layout-to-image file with conditioning "layout", its LDMBert the
+  start of the trained encoder, ``data.layout`` checked to build its ids);
 * ``data.precompute_latents``: train on latents encoded once into ``WORKDIR/latents``
   (``latent_dataset``, ``latent_cache.py``).
 """
@@ -315,9 +317,9 @@ class LDMTask:
         layout = self.conditioning == "layout"
         conditioning = "text" if (class_crossattn or layout) else self.conditioning
         self.concat = _get(diff, "concat", "none") or "none"  # checked by LDMStepConfig
+        # A semantic-synthesis / layout-to-image file trains only as that family (scene_conditioning.py).
+        scene_lib.check_init_family(self.init_pipe, self.concat, self.conditioning)
         if self.concat == "segmentation" or layout:
-            scene_lib.check_not_init_checkpoint(self.init_pipe, "diffusion.concat='segmentation'" if not layout
-                                                else "diffusion.conditioning='layout'")
             if layout and float(_get(diff, "cond_drop_prob", 0.0)):
                 raise ValueError("diffusion.conditioning='layout' has no classifier-free guidance (the original "
                                  "drops no condition, and a layout model has no unconditional input): set "
@@ -356,7 +358,9 @@ class LDMTask:
         self.vae, vae_params = build_first_stage(config.first_stage, self.dtype, attention_impl, **sharding_kw,
                                                  init_pipe=self.init_pipe)
         # Semantic synthesis: the SpatialRescaler whose output is concatenated (trained, params["cond_stage"]).
-        self.cond_stage = scene_lib.build_cond_stage(config, self.dtype) if self.concat == "segmentation" else None
+        # From init.checkpoint: the file's rescaler settings (model.cond_stage={}) or checked against them.
+        self.cond_stage = (scene_lib.build_cond_stage(config, self.dtype, init_pipe=self.init_pipe)
+                           if self.concat == "segmentation" else None)
         concat_lib.check_unet_in_channels(self.unet.config.in_channels, self.vae.config.embed_dim, self.concat,
                                           None if self.cond_stage is None else self.cond_stage.features)
         self._check_init_concat_layout()
@@ -370,8 +374,9 @@ class LDMTask:
                 init_pipe=self.init_pipe)
             empty_ids = jnp.asarray(self.tokenizer([""]))
         elif layout:  # no tokenizer: the ids come from the data; the empty layout stands for "no condition"
+            # (from init.checkpoint: the file's LDMBert, its weights the start of the trained encoder)
             self.text_encoder, te_params, self.layout_builder = scene_lib.build_layout_encoder(
-                config, self.dtype, attention_impl, **sharding_kw)
+                config, self.dtype, attention_impl, **sharding_kw, init_pipe=self.init_pipe)
             empty_ids = jnp.asarray(self.layout_builder.empty()[None], jnp.int32)
             if ctx_dim != self.text_encoder.config.hidden_size:
                 raise ValueError(f"model.unet.cross_attention_dim={ctx_dim} does not match the layout encoder width "
@@ -420,14 +425,18 @@ class LDMTask:
         self._init_fn = state_lib.make_init_fn(init_params, self.tx, use_ema=self.opt_cfg.ema_decay > 0)
         self._abstract, self.state_shardings = state_lib.abstract_train_state(
             self._init_fn, mesh, self.min_fsdp_size, self.rules)
-        # Start weights put into a fresh state by init_state: {"unet": ..., "text_encoder": ...}.
+        # Start weights put into a fresh state by init_state: {"unet": ...[, "text_encoder": ...][, "cond_stage": ...]}.
         self._start_params = {}
         if self.init_pipe is not None:
-            expected, _ = ldm_step.split_trained_params(self._abstract.params, self.step_cfg.train_text_encoder)
+            expected, _ = ldm_step.split_trained_params(self._abstract.params, self.step_cfg.train_text_encoder,
+                                                        self.cond_stage is not None)
             # The file's U-Net, checked leaf by leaf (conv_in widened with zeros for new concat channels).
             self._start_params["unet"] = init_checkpoint.start_unet_params(
                 expected, self.init_pipe, self.concat, self.vae.config.embed_dim)
             init_checkpoint.check_scale_factor(self.init_pipe, config.first_stage, self.scale_factor)
+            if self.cond_stage is not None:  # the file's SpatialRescaler (settings checked by build_cond_stage)
+                self._start_params["cond_stage"] = init_checkpoint.start_cond_stage_params(
+                    self._abstract.params["cond_stage"], self.init_pipe)
         if self.step_cfg.train_text_encoder:
             self._start_params["text_encoder"] = te_params
         step_fn = ldm_step.make_train_step(self.unet, self.schedule, self.tx, self.step_cfg, self.opt_cfg,
@@ -472,7 +481,8 @@ class LDMTask:
     def init_state(self, rng: jax.Array):
         """A fresh state; the U-Net from init.checkpoint and a trained text encoder from its
         start weights when given (params and EMA alike)."""
-        joint = self.step_cfg.train_text_encoder  # params {"unet", "text_encoder"}: replace the parts given
+        # params {"unet"[, "text_encoder"][, "cond_stage"]} when more than the U-Net trains: replace the parts given
+        joint = self.step_cfg.train_text_encoder or self.cond_stage is not None
         given = dict(self._start_params) if joint else self._start_params.get("unet")
         if given is not None and (jax.tree_util.tree_structure(given)
                                   == jax.tree_util.tree_structure(self._abstract.params)):
