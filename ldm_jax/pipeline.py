@@ -407,13 +407,8 @@ class Pipeline:
                 out = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
             return (out, steps) if return_intermediates else out
 
-        static = ("generate", mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind)
-        if static not in self._jit_cache:
-            # With the persistent compilation cache on, the compiled chain is also stored whole, so a
-            # later process skips tracing it (executable_store.py).
-            self._jit_cache[static] = StoredProgram(generate, f"{self._static_description()}\n{static}",
-                                                    name="sampling chain")
-        return self._jit_cache[static]
+        return self._jit(("generate", mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind),
+                         generate)
 
     def _static_description(self) -> str:
         """Everything the jitted chain closes over except the parameters (which are arguments):
@@ -556,8 +551,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------ plumbing
     def _jit(self, key, fn):
+        """The jitted ``fn`` for ``key`` (subclasses override it, e.g. the training sampler's
+        replicated outputs). With the persistent compilation cache on, the sampling chain is
+        also stored whole, so a later process skips tracing it (executable_store.py)."""
         if key not in self._jit_cache:
-            self._jit_cache[key] = jax.jit(fn)
+            if isinstance(key, tuple) and key[0] == "generate":
+                self._jit_cache[key] = StoredProgram(fn, f"{self._static_description()}\n{key}", name="sampling chain")
+            else:
+                self._jit_cache[key] = jax.jit(fn)
         return self._jit_cache[key]
 
     def _batch_mesh(self, batch: int) -> Optional[Mesh]:

@@ -154,3 +154,23 @@ def unet_inputs(unet):
     from ldm_jax.models.unet import unet_dummy_inputs
 
     return unet_dummy_inputs(unet.config)
+
+
+def test_subclasses_still_choose_how_the_chain_is_jitted(sd_folder):
+    """Pipeline._jit is the extension point for every program, the sampling chain included (the
+    training sampler replicates its outputs over the mesh there; multi-process runs read them)."""
+    import dataclasses
+
+    seen = []
+
+    from ldm_jax.pipeline import Pipeline
+
+    class Custom(Pipeline):
+        def _jit(self, key, fn):
+            seen.append(key)
+            return jax.jit(fn)
+
+    pipe = ldm_jax.load_pipeline(sd_folder)
+    custom = Custom(**{f.name: getattr(pipe, f.name) for f in dataclasses.fields(pipe) if f.name != "_jit_cache"})
+    fn = custom._generate_fn("txt2img", True, 0, False, False, None)  # builds, compiles nothing
+    assert seen and seen[-1][0] == "generate" and not isinstance(fn, executable_store.StoredProgram)
