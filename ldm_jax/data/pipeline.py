@@ -479,12 +479,11 @@ class DataIterator:
         out = {"image": np.stack([ex["image"] for ex in examples]),
                "caption": np.array([ex["caption"] for ex in examples], dtype=np.str_),
                "index": np.array([ex["index"] for ex in examples], dtype=np.int64)}
-        for key, dtype in (("label", np.int32), ("mask", np.bool_)):
+        # (segmentation: (L, H, W) label maps; layout_ids: (L, n_tokens) layout token ids)
+        for key, dtype in (("label", np.int32), ("mask", np.bool_), ("segmentation", np.int32),
+                           ("layout_ids", np.int32)):
             if key in examples[0]:
                 out[key] = np.array([ex[key] for ex in examples], dtype=dtype)
-        for key in ("segmentation", "layout_ids"):  # int32 (L, H, W) label maps / (L, n_tokens) layout ids
-            if key in examples[0]:
-                out[key] = np.stack([ex[key] for ex in examples]).astype(np.int32, copy=False)
         return out
 
     def _start(self) -> None:

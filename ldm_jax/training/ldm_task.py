@@ -514,7 +514,7 @@ class LDMTask:
     def trained_params(self, state, use_ema: bool = True):
         """(U-Net params, text-encoder params) to sample with: the EMA weights when kept, and
         the frozen text encoder unless it was trained."""
-        params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
+        params = self._weights(state, use_ema)
         unet_params, te_params = ldm_step.split_trained_params(params, self.step_cfg.train_text_encoder,
                                                                self.cond_stage is not None)
         return unet_params, (te_params if te_params is not None else self.frozen["text_encoder"])
@@ -523,8 +523,12 @@ class LDMTask:
         """The trained SpatialRescaler's parameters (semantic synthesis; EMA when kept), else None."""
         if self.cond_stage is None:
             return None
-        params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
-        return params["cond_stage"]
+        return self._weights(state, use_ema)["cond_stage"]
+
+    @staticmethod
+    def _weights(state, use_ema: bool):
+        """The trained parameter tree to sample with: the EMA weights when kept (and asked for)."""
+        return state.ema_params if (use_ema and state.ema_params is not None) else state.params
 
     def abstract_state(self):
         return self._abstract

@@ -89,10 +89,9 @@ def build_cond_stage(config, dtype, init_pipe=None):
         raise ValueError("diffusion.concat='segmentation' needs model.cond_stage: the SpatialRescaler's fields "
                          "(n_stages, in_channels = the number of classes, out_channels; as semantic_synthesis256's "
                          "cond_stage_config: n_stages 2, in_channels 182, out_channels 3)")
-    allowed = {"n_stages", "method", "multiplier", "in_channels", "out_channels", "bias"}
-    unknown = sorted(set(fields) - allowed)
+    unknown = sorted(set(fields) - set(RESCALER_FIELDS))
     if unknown:
-        raise ValueError(f"model.cond_stage: unknown keys {unknown}; expected {sorted(allowed)}")
+        raise ValueError(f"model.cond_stage: unknown keys {unknown}; expected {sorted(RESCALER_FIELDS)}")
     if not fields.get("out_channels"):
         raise ValueError("model.cond_stage.out_channels must be set: the trained part of the cond stage is its 1x1 "
                          "channel mapper (the original's cond_stage_trainable)")
