@@ -236,3 +236,28 @@ def test_write_safetensors_replaces_a_mapped_file_without_touching_its_readers(t
     np.testing.assert_array_equal(views["w"], old["w"])
     np.testing.assert_array_equal(read_safetensors(path)["w"], np.zeros(2, np.float32))
     assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]  # no temporary file left
+
+
+def test_place_params_keeps_every_leaf_in_place(rng):
+    """The copies run on a thread pool: each leaf must come back at its own path with its own values
+    (transposed and sliced views, owned arrays, scalars and device arrays mixed)."""
+    import jax
+
+    from ldm_jax.convert.weights_io import place_params
+
+    def kernel(i):  # a different array per leaf, so a mix-up between leaves shows
+        oihw = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
+        return (oihw.copy(),                     # owned
+                oihw.transpose(2, 3, 1, 0),      # strided view (an OIHW -> HWIO conversion)
+                oihw[2:5, :, 1])[i % 3]          # sliced view
+
+    tree = {f"layer{i}": {"kernel": kernel(i), "bias": rng.standard_normal(i + 1).astype(np.float32)}
+            for i in range(40)}
+    tree["scalar"] = np.float32(3.0)
+    tree["on_device"] = jax.numpy.arange(4.0)
+    want = jax.tree_util.tree_map(np.array, tree)
+    got = place_params(tree)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree_util.tree_leaves(got)):
+        assert isinstance(b, jax.Array), jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(b), a, err_msg=jax.tree_util.keystr(path))
