@@ -304,6 +304,14 @@ def test_semantic_synthesis_concat_matches_latent_diffusion(semantic):
     # the map really enters
     other = pipe([""] * 2, **{**kw, "segmentation": labels[::-1]})[1][-1]
     assert max_err(other, z) > 1e-2
+    # -1 is a pixel of no class: an all-zero input vector (training's data.ignore_label pixels)
+    ignored = labels.copy()
+    ignored[:, :8] = -1
+    zeroed = onehot.copy()
+    zeroed[:, :8] = 0.0
+    from_ignored = pipe([""] * 2, **{**kw, "segmentation": ignored})[1][-1]
+    assert max_err(from_ignored, pipe([""] * 2, **{**kw, "segmentation": zeroed})[1][-1]) < 1e-6
+    assert max_err(from_ignored, z) > 1e-3
 
 
 def test_semantic_synthesis_errors_and_inferred_config(semantic, tmp_path):
@@ -312,6 +320,8 @@ def test_semantic_synthesis_errors_and_inferred_config(semantic, tmp_path):
         pipe([""], num_inference_steps=2, segmentation=np.zeros((32, 32, 4), np.float32))
     with pytest.raises(ValueError, match=r"class indices in \[0, 5\)"):
         pipe([""], num_inference_steps=2, segmentation=np.full((32, 32), 5))
+    with pytest.raises(ValueError, match=r"or -1 for no class, got values in \[-2, -2\]"):
+        pipe([""], num_inference_steps=2, segmentation=np.full((32, 32), -2))
     with pytest.raises(ValueError, match="makes 4x4, but the latent size is 8x8"):
         pipe([""], num_inference_steps=2, height=32, width=32, segmentation=np.zeros((16, 16), np.int64))
     with pytest.raises(ValueError, match="pass segmentation="):

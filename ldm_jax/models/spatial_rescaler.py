@@ -180,7 +180,8 @@ def prepare_segmentation(segmentation, num_classes: int) -> np.ndarray:
     """The rescaler's input (B, H, W, num_classes) float32 from what a user has at hand.
 
     * integer (H, W) or (B, H, W): class indices, one-hot encoded (``np.eye(num_classes)[labels]``,
-      as the LDM segmentation data sets build their ``segmentation`` input);
+      as the LDM segmentation data sets build their ``segmentation`` input); -1 marks a pixel of no
+      class (an all-zero vector, as training encodes ``data.ignore_label`` pixels);
     * (B, H, W, C) of any dtype, or float (H, W, C): the map itself (one-hot or class
       probabilities), C must be ``num_classes``;
     * a path: ``.npy`` holding either of the above, or a single-channel image (PNG "L" / "P" /
@@ -205,10 +206,12 @@ def prepare_segmentation(segmentation, num_classes: int) -> np.ndarray:
     arr = np.asarray(arr)
     if np.issubdtype(arr.dtype, np.integer) and arr.ndim in (2, 3):
         labels = arr[None] if arr.ndim == 2 else arr
-        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        if labels.size and (labels.min() < -1 or labels.max() >= num_classes):
             raise ValueError(f"segmentation labels must be class indices in [0, {num_classes}) (the "
-                             f"SpatialRescaler's in_channels), got values in [{labels.min()}, {labels.max()}]")
-        return np.eye(num_classes, dtype=np.float32)[labels]
+                             f"SpatialRescaler's in_channels) or -1 for no class, got values in "
+                             f"[{labels.min()}, {labels.max()}]")
+        # (not np.eye(n)[labels]: its row -1 is the last class)
+        return (labels[..., None] == np.arange(num_classes)).astype(np.float32)
     if arr.ndim == 3 and np.issubdtype(arr.dtype, np.floating):
         arr = arr[None]
     if arr.ndim != 4 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
