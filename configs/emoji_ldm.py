@@ -81,6 +81,9 @@ def get_config(arg: str = ""):
     c.init.checkpoint = ""
     c.init.original_config = ""     # the original YAML of a single-file checkpoint ("" = inferred)
     c.init.use_ema = False          # a single file's model_ema.* weights instead of model.*
+    # diffusion.num_train_timesteps / beta_* / prediction_type must be the file's (a ValueError
+    # names both), unless this is True: fine-tuning under another schedule or objective on purpose.
+    c.init.allow_schedule_change = False
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.conditioning = "text"  # "text", "class" or "none"

@@ -798,6 +798,37 @@ def test_fine_tuning_refuses_another_architecture(sd1):
         LDMTask(cfg, shd.make_mesh(1, 1, devices=jax.devices()[:1]))
 
 
+def test_fine_tuning_refuses_another_schedule_or_objective(sd1, caplog):
+    """diffusion.beta_* / prediction_type that are not the file's (its YAML's linear_start 0.00085,
+    linear_end 0.012, eps): a ValueError naming both, unless init.allow_schedule_change."""
+    import logging
+
+    from ldm_jax.training import sharding as shd
+    from ldm_jax.training.ldm_task import LDMTask
+
+    def config(**diffusion):
+        cfg = _emoji_ldm_config("runlocal")
+        cfg.model.unet = {}
+        cfg.init.checkpoint = sd1["path"]
+        cfg.init.original_config = yaml_path("tiny-v1-inference.yaml")
+        for key, value in diffusion.items():
+            cfg.diffusion[key] = value
+        return cfg
+
+    mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"sd1.ckpt differ: prediction_type='v_prediction' vs the file's 'epsilon'"):
+        LDMTask(config(prediction_type="v_prediction"), mesh)
+    with pytest.raises(ValueError, match=r"noise schedule .*beta_end=0.02.* vs the file's .*beta_end=0.012.*"
+                                         r"init.allow_schedule_change=True"):
+        LDMTask(config(beta_end=0.02), mesh)
+    cfg = config(prediction_type="v_prediction")
+    cfg.init.allow_schedule_change = True
+    with caplog.at_level(logging.WARNING, logger="ldm_jax.training.init_checkpoint"):
+        task = LDMTask(cfg, mesh)
+    assert task.step_cfg.prediction_type == "v_prediction"
+    assert "prediction_type='v_prediction' vs the file's 'epsilon'" in caplog.text
+
+
 # ------------------------------------------------------------------ inpainting from a text-to-image file
 # SD-inpainting's recipe (runwayml sd-v1-5-inpainting from sd-v1-2 / v1-5): the text-to-image U-Net with
 # 5 more input channels in its first convolution, zero-initialised. The reference is the original

@@ -48,6 +48,10 @@ Which files go with which ``diffusion.concat``:
   file's or ``{}``, and ``data.layout`` must build the file's ids (no_tokens = its vocab_size 8192,
   3 x no_max_objects + 2 crop tokens = its max_seq_len 92).
 
+The training noise schedule and prediction type (``diffusion.num_train_timesteps`` / ``beta_*`` /
+``prediction_type``) must be the file's, else a ``ValueError`` names both
+(``init.allow_schedule_change = True`` fine-tunes under the config's on purpose).
+
 The file's EMA (``init.use_ema``) covers its U-Net only (the original's ``LitEma`` holds
 ``model.diffusion_model``), so the rescaler / LDMBert start from the file's weights either way.
 See ``scene_conditioning.py`` for the checks.
@@ -200,6 +204,39 @@ def check_scale_factor(pipe, first_stage_cfg, scale_factor: float) -> None:
 
 def _hashable(value):
     return tuple(value) if isinstance(value, (list, tuple, np.ndarray)) else value
+
+
+def check_schedule(pipe, schedule_config: Dict[str, Any], allow_change: bool) -> None:
+    """The training noise schedule (``diffusion.num_train_timesteps`` / ``beta_*``) and prediction
+    type against the ones ``pipe`` (the init.checkpoint) was trained with (its scheduler config:
+    the YAML's ``linear_start`` / ``linear_end`` / ``parameterization`` for an original file).
+    Fine-tuning under another schedule or objective changes what every timestep's output means
+    (e.g. an eps-prediction config on an SD 2 768-v file), so a difference is a ``ValueError``
+    naming both, unless ``init.allow_schedule_change`` (a deliberate change, as SD 2-v was made from
+    SD 2-base), where it is logged."""
+    from ldm_jax.diffusion.schedule import NoiseSchedule
+
+    file_config = dict(pipe.scheduler_config)
+    differences = []
+    mine, theirs = NoiseSchedule.from_diffusers_config(schedule_config), NoiseSchedule.from_diffusers_config(file_config)
+    if mine.num_train_timesteps != theirs.num_train_timesteps or not np.allclose(
+            mine.betas64, theirs.betas64, rtol=1e-9, atol=0.0):
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                "rescale_betas_zero_snr")
+        differences.append(
+            f"noise schedule {', '.join(f'{k}={schedule_config[k]!r}' for k in keys if k in schedule_config)} vs the "
+            f"file's {', '.join(f'{k}={file_config[k]!r}' for k in keys if file_config.get(k) is not None)}")
+    file_prediction = file_config.get("prediction_type") or "epsilon"
+    if schedule_config["prediction_type"] != file_prediction:
+        differences.append(f"prediction_type={schedule_config['prediction_type']!r} vs the file's {file_prediction!r}")
+    if not differences:
+        return
+    message = f"training config (diffusion.*) and init.checkpoint={pipe.source} differ: {'; '.join(differences)}"
+    if not allow_change:
+        raise ValueError(f"{message}. Set diffusion.* to the file's values, or init.allow_schedule_change=True to "
+                         "fine-tune under the new schedule / objective deliberately")
+    if jax.process_index() == 0:
+        log.warning("%s (init.allow_schedule_change: training under the config's)", message)
 
 
 def upscaler_low_res(pipe, diffusion_cfg) -> Tuple[tuple, int]:

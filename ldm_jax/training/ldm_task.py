@@ -354,6 +354,9 @@ class LDMTask:
             prediction_type=self.step_cfg.prediction_type,
         )
         self.schedule = NoiseSchedule.from_diffusers_config(self.schedule_config)
+        if self.init_pipe is not None:
+            init_checkpoint.check_schedule(self.init_pipe, self.schedule_config,
+                                           bool(_get(_get(config, "init"), "allow_schedule_change", False)))
 
         self.vae, vae_params = build_first_stage(config.first_stage, self.dtype, attention_impl, **sharding_kw,
                                                  init_pipe=self.init_pipe)
