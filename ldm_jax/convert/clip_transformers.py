@@ -27,23 +27,62 @@ from ldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
 _TRANSFORMERS_IGNORE = (r"(^|\.)position_ids$",)  # a non-persistent buffer in recent versions
 
 
-def clip_config_from_transformers(config_dict: Mapping, output_layer: Optional[str] = None) -> CLIPTextConfig:
-    """``CLIPTextConfig`` from a transformers CLIPTextConfig dict (or a CLIPConfig's ``text_config``)."""
+# transformers' CLIPTextConfig default for an absent eos_token_id (since v4.31, PR #24773)
+_TRANSFORMERS_EOS_DEFAULT = 49407
+# The only transformers classes whose weights are exactly ``CLIPTextModel``'s
+_SUPPORTED_ARCHITECTURES = ("CLIPTextModel",)
+
+
+def _pool_token_id(cfg: Mapping, vocab_size: int, source: str) -> Optional[int]:
+    """``CLIPTextConfig.eos_token_id`` reproducing transformers' pooled position.
+
+    transformers' CLIPTextTransformer.forward pools at ``argmax(ids)`` when the
+    config's ``eos_token_id`` is the legacy 2 (SD 1.x / 2.x hub configs) and
+    otherwise at the first position holding ``eos_token_id`` (0 where absent).
+    When the id is ``vocab_size - 1``, the highest id there is, the two agree on
+    every row that holds it, so it maps to None (argmax) too and such configs stay
+    equal to the presets; they differ only on a row without any EOS, which
+    transformers does not support ("we assume each sequence contains an
+    eos_token_id"). ``null`` (where transformers' pooling fails) pools at argmax.
+    """
+    eos = cfg.get("eos_token_id", _TRANSFORMERS_EOS_DEFAULT)
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
+        raise CheckpointError(f"{source}: unsupported eos_token_id={eos!r} (the pooled position needs a "
+                              "single integer id, or null)")
+    if eos is None or eos == 2 or eos == vocab_size - 1:
+        return None
+    return eos
+
+
+def clip_config_from_transformers(config_dict: Mapping, output_layer: Optional[str] = None,
+                                  source: str = "CLIP text config") -> CLIPTextConfig:
+    """``CLIPTextConfig`` from a transformers CLIPTextConfig dict (or a CLIPConfig's ``text_config``).
+
+    Raises ``CheckpointError`` naming ``source`` (the config.json path) for a missing key or a
+    value the model does not implement."""
     cfg = dict(config_dict.get("text_config") or config_dict)
     try:
-        return CLIPTextConfig(
-            vocab_size=int(cfg["vocab_size"]),
+        vocab_size = int(cfg["vocab_size"])
+        fields = dict(
+            vocab_size=vocab_size,
             hidden_size=int(cfg["hidden_size"]),
             intermediate_size=int(cfg["intermediate_size"]),
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=int(cfg["num_attention_heads"]),
             max_position_embeddings=int(cfg["max_position_embeddings"]),
-            hidden_act=cfg.get("hidden_act", "quick_gelu"),
-            layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
-            output_layer=output_layer or "last",
         )
     except KeyError as e:
-        raise CheckpointError(f"CLIP text config lacks {e.args[0]!r}") from None
+        raise CheckpointError(f"{source}: CLIP text config lacks {e.args[0]!r}") from None
+    fields.update(
+        hidden_act=cfg.get("hidden_act", "quick_gelu"),
+        layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+        output_layer=output_layer or "last",
+        eos_token_id=_pool_token_id(cfg, vocab_size, source),
+    )
+    try:
+        return CLIPTextConfig(**fields)
+    except ValueError as e:  # e.g. hidden_act "relu": name the file and the key, not only the dataclass
+        raise CheckpointError(f"{source}: unsupported CLIP text config ({e})") from None
 
 
 def text_abstract_params(model):
@@ -69,7 +108,16 @@ def load_text_encoder(
     ``output_layer`` overrides the default "last" (a diffusers SD2 text
     encoder already has its last block removed: 23 layers, "last").
     """
-    config = clip_config_from_transformers(read_json(os.path.join(folder, "config.json")), output_layer)
+    config_path = os.path.join(folder, "config.json")
+    config_dict = read_json(config_path)
+    # CLIPTextModelWithProjection (SDXL's text_encoder_2) adds text_projection on the pooled output,
+    # which CLIPTextModel does not have: refuse by name rather than as an unexpected weight.
+    unsupported = [a for a in config_dict.get("architectures") or () if a not in _SUPPORTED_ARCHITECTURES]
+    if unsupported:
+        raise CheckpointError(f"{config_path}: unsupported architectures={unsupported!r} (only "
+                              f"{_SUPPORTED_ARCHITECTURES} is implemented; e.g. the text_projection of "
+                              "CLIPTextModelWithProjection is not)")
+    config = clip_config_from_transformers(config_dict, output_layer, source=config_path)
     path = find_weights(folder, ("model", "pytorch_model"))
     model = CLIPTextModel(config, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype),
                           attention_impl=attention_impl)

@@ -248,7 +248,11 @@ def clip_config_to_transformers(cfg: CLIPTextConfig, pad_token_id: int) -> Dict[
         "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": cfg.hidden_act,
         "layer_norm_eps": cfg.layer_norm_eps, "attention_dropout": 0.0, "dropout": 0.0,
         "initializer_factor": 1.0, "initializer_range": 0.02,
-        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": int(pad_token_id),
+        # transformers pools at the first eos_token_id (unless it is the legacy 2); the highest id
+        # gives ldm_jax's argmax(ids) position (CLIPTextConfig.eos_token_id None)
+        "bos_token_id": 49406,
+        "eos_token_id": cfg.vocab_size - 1 if cfg.eos_token_id is None else int(cfg.eos_token_id),
+        "pad_token_id": int(pad_token_id),
         "torch_dtype": "float32",
     }
 

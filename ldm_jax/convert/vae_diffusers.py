@@ -80,10 +80,13 @@ def vae_config_from_diffusers(config_dict: Mapping[str, Any], class_name: Option
                            f"attention at encoder levels {sorted(down)} but decoder levels {sorted(up)} "
                            f"(up_block_types {types['up_block_types']}); only the same levels in both "
                            "(CompVis attn_resolutions) is implemented")
-    checks = {"act_fn": "silu", "norm_type": "group"}
-    for key, want in checks.items():
-        if cfg.get(key, want) != want:
-            raise _unsupported(source, key, cfg[key], f"only {want!r} is implemented")
+    # diffusers get_activation lower-cases act_fn and maps both "silu" and "swish" to nn.SiLU
+    # (diffusers.models.activations.ACT2CLS), so "swish" / "SiLU" are the same network.
+    act_fn = cfg.get("act_fn", "silu")
+    if not isinstance(act_fn, str) or act_fn.lower() not in ("silu", "swish"):
+        raise _unsupported(source, "act_fn", act_fn, "only 'silu' (alias 'swish') is implemented")
+    if cfg.get("norm_type", "group") != "group":
+        raise _unsupported(source, "norm_type", cfg["norm_type"], "only 'group' is implemented")
     # Ignored on purpose: sample_size (tiling only), force_upcast (dtype is the caller's choice),
     # lookup_from_codebook (only affects decode(force_not_quantize=True); see VQModel.decode_indices),
     # latents_mean / latents_std (pipeline data, not used by the autoencoder).

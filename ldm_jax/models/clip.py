@@ -8,7 +8,8 @@ position embeddings:
     h_i = h_{i-1} + attn(LN1(h_{i-1}));  h_i = h_i + mlp(LN2(h_i))
     context = final_layer_norm(h_N)       SD1 (OpenAI CLIP ViT-L/14)
     context = final_layer_norm(h_{N-1})   SD2 (OpenCLIP ViT-H/14, "penultimate")
-    pooled  = final_layer_norm(h_N)[argmax(ids)]   (the EOT token: highest id)
+    pooled  = final_layer_norm(h_N)[argmax(ids)]   (the EOT token: highest id), or
+              final_layer_norm(h_N)[first i with ids[i] == eos_token_id] when that is set
 
 Parameter names mirror transformers' ``CLIPTextModel`` with the
 ``text_model.`` prefix dropped: ``embeddings/token_embedding/embedding``,
@@ -18,7 +19,8 @@ Parameter names mirror transformers' ``CLIPTextModel`` with the
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Tuple
+import numbers
+from typing import Literal, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -41,6 +43,9 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"        # "quick_gelu" (OpenAI: x*sigmoid(1.702x)) or "gelu" (exact erf)
     layer_norm_eps: float = 1e-5          # epsilon of every LayerNorm
     output_layer: OutputLayer = "last"    # block whose output feeds final_layer_norm for the context
+    eos_token_id: Optional[int] = None    # pooled position: None = argmax(ids) (OpenAI / open_clip, and
+                                          # transformers with the legacy eos_token_id == 2); an id = its
+                                          # first occurrence, 0 where absent (transformers >= 4.31)
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -49,6 +54,9 @@ class CLIPTextConfig:
             raise ValueError(f"output_layer must be 'last' or 'penultimate', got {self.output_layer!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool)
+                                              or not isinstance(self.eos_token_id, numbers.Integral)):
+            raise ValueError(f"eos_token_id must be None or an integer id, got {self.eos_token_id!r}")
         if self.output_layer == "penultimate" and self.num_layers < 2:
             raise ValueError("output_layer='penultimate' needs at least 2 layers")
 
@@ -168,9 +176,10 @@ class CLIPTextModel(nn.Module):
     """``apply({"params": p}, ids_bl)`` -> context (B, L, D) for the U-Net.
 
     ``return_pooled=True`` also returns the pooled features (B, D):
-    final_layer_norm of the *last* block's output at the EOT position
-    (``argmax(ids)``, the first EOT when EOT also pads), as transformers'
-    ``pooler_output`` and open_clip's ``text_global_pool``.
+    final_layer_norm of the *last* block's output at the EOT position, as
+    transformers' ``pooler_output`` and open_clip's ``text_global_pool``:
+    ``argmax(ids)`` (the first EOT when EOT is the highest id and also pads), or
+    with ``config.eos_token_id`` set the first position holding that id.
     """
 
     config: CLIPTextConfig
@@ -215,10 +224,16 @@ class CLIPTextModel(nn.Module):
         return states
 
     def pooled(self, ids_bl: jax.Array) -> jax.Array:
-        """final_layer_norm(h_N) at the EOT (argmax id) position: (B, D)."""
+        """final_layer_norm(h_N) at the EOT position (see the class docstring): (B, D)."""
         return self(ids_bl, return_pooled=True)[1]
 
-    @staticmethod
-    def _pool(x_bld: jax.Array, ids_bl: jax.Array) -> jax.Array:
-        eot_b = jnp.argmax(ids_bl, axis=-1)
+    def _pool(self, x_bld: jax.Array, ids_bl: jax.Array) -> jax.Array:
+        eos = self.config.eos_token_id
+        if eos is None:
+            eot_b = jnp.argmax(ids_bl, axis=-1)
+        else:
+            # transformers CLIPTextTransformer.forward (eos_token_id != 2): the first position equal
+            # to eos_token_id ((ids == eos).int().argmax(-1); 0 where the id is absent). argmax(ids)
+            # would pick an added token (textual inversion ids above EOT) instead.
+            eot_b = jnp.argmax(ids_bl == eos, axis=-1)
         return jnp.take_along_axis(x_bld, eot_b[:, None, None], axis=1)[:, 0]
