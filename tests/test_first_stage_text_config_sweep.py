@@ -138,6 +138,13 @@ def test_vae_unsupported_values_are_named(key, value):
                                   source="vae/config.json")
 
 
+@pytest.mark.parametrize("value", [None, 0.0, "0.18215"])
+def test_vae_bad_scaling_factor_is_named(value):
+    with pytest.raises(CheckpointError, match=r"vae/config\.json: unsupported scaling_factor=.*positive number"):
+        vae_config_from_diffusers({"_class_name": "AutoencoderKL", "block_out_channels": [32],
+                                   "scaling_factor": value}, source="vae/config.json")
+
+
 # ----------------------------------------------------------------------------- CLIP text encoder
 
 

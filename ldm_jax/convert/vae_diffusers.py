@@ -49,6 +49,13 @@ def _unsupported(source: str, key: str, value: Any, why: str) -> CheckpointError
     return CheckpointError(f"{source}: unsupported {key}={value!r} ({why})")
 
 
+def _scaling_factor(cfg: Mapping[str, Any], source: str) -> float:
+    value = cfg.get("scaling_factor", 0.18215)  # diffusers' default for AutoencoderKL and VQModel
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _unsupported(source, "scaling_factor", value, "the latent scale must be a positive number")
+    return float(value)
+
+
 def vae_config_from_diffusers(config_dict: Mapping[str, Any], class_name: Optional[str] = None,
                               *, source: str = "config.json") -> AutoencoderConfig:
     """``AutoencoderConfig`` from a diffusers ``AutoencoderKL`` / ``VQModel`` config dict.
@@ -99,7 +106,7 @@ def vae_config_from_diffusers(config_dict: Mapping[str, Any], class_name: Option
         norm_num_groups=int(cfg.get("norm_num_groups", 32)),
         mid_block_attention=bool(cfg.get("mid_block_add_attention", True)),
         attention_levels=tuple(sorted(down)),
-        scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
+        scaling_factor=_scaling_factor(cfg, source),
     )
     if kind == "kl":
         shift = cfg.get("shift_factor")
