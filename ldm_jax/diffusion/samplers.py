@@ -88,7 +88,21 @@ def noise_to_start(plan: SamplerPlan, x0: jax.Array, noise: jax.Array, start_ind
     return add_noise_at(plan, x0, noise, start_index)
 
 
+def _threshold(plan, x0):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, Sec. 2.3), as diffusers'
+    ``_threshold_sample``: per sample, s = the ``dynamic_thresholding_ratio`` quantile of |x0|
+    (linear interpolation, as torch.quantile), clamped to [1, sample_max_value]; x0 =
+    clip(x0, -s, s) / s."""
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+    s = jnp.quantile(flat, plan.threshold_ratio, axis=1, method="linear")
+    s = jnp.clip(s, 1.0, plan.sample_max_value).reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.clip(x0, -s, s) / s
+
+
 def _clip(plan, x0):
+    # DDPMScheduler / DDIMScheduler.step: thresholding takes precedence over clip_sample.
+    if plan.thresholding:
+        return _threshold(plan, x0)
     if plan.clip_sample:
         r = plan.clip_sample_range
         return jnp.clip(x0, -r, r)
@@ -174,11 +188,14 @@ def _dpmpp_2m_step(model_fn, plan, carry, i, c, rng):
     k = _coefs(plan, i)
     out = model_fn(x, _t_b(plan, i, x)).astype(jnp.float32)
     x0 = predict_x0(out, x, k["alpha"], k["sigma"], plan.prediction_type)
+    if plan.thresholding:  # DPMSolverMultistepScheduler.convert_model_output (dpmsolver++)
+        x0 = _threshold(plan, x0)
     # Lu et al. 2022 (DPM-Solver++) Algorithm 2 (multistep, 2nd order), midpoint form:
     # x_t = (sigma_t/sigma_s) x - alpha_t (e^{-h} - 1) D0 - 0.5 alpha_t (e^{-h} - 1) D1,
     # D0 = x0_s, D1 = (h / h_prev) (x0_s - x0_prev). First order (DPM-Solver++ 1 = DDIM) on the
-    # first step and on the last step (final sigma 0, diffusers' lower_order_final).
-    first_order = (c == 0) | (i == plan.num_steps - 1)
+    # first step and where the plan says so: the last step when the final sigma is 0, or by
+    # diffusers' lower_order_final / euler_at_final (DPMSolverMultistepScheduler.step).
+    first_order = (c == 0) | (k["first_order"] > 0)
     d1 = k["inv_r0"] * (x0 - m_prev)
     prev1 = k["c_x"] * x - k["c_d"] * x0
     prev2 = prev1 - k["half_c_d"] * d1

@@ -49,6 +49,11 @@ class SamplerPlan:
     clip_sample: bool = flax.struct.field(pytree_node=False)     # clip predicted x0 (ddpm, ddim)
     num_inference_steps: int = flax.struct.field(pytree_node=False)  # N asked for (PLMS runs N+1 steps)
     order: int = flax.struct.field(pytree_node=False, default=1)     # diffusers `scheduler.order`
+    # Dynamic thresholding of the predicted x0 (ddpm, ddim, dpmpp_2m; replaces clip_sample):
+    # diffusers' `thresholding`, `dynamic_thresholding_ratio`, `sample_max_value`.
+    thresholding: bool = flax.struct.field(pytree_node=False, default=False)
+    threshold_ratio: Optional[jax.Array] = None   # () float32
+    sample_max_value: Optional[jax.Array] = None  # () float32
 
     @property
     def num_steps(self) -> int:
@@ -104,15 +109,33 @@ def pndm_timesteps(T: int, n: int, spacing: str, steps_offset: int = 0) -> np.nd
     return np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1].astype(np.int64)
 
 
-def dpm_timesteps(T: int, n: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
-    """DPMSolverMultistepScheduler.set_timesteps (lambda_min_clipped = -inf), descending."""
+def dpm_timesteps(T: int, n: int, spacing: str, steps_offset: int = 0, last_timestep: Optional[int] = None
+                  ) -> np.ndarray:
+    """DPMSolverMultistepScheduler.set_timesteps, descending. ``last_timestep``: T minus the
+    number of training steps whose log-SNR/2 lies below lambda_min_clipped (None: T)."""
     _check_spacing(spacing)
+    last = T if last_timestep is None else int(last_timestep)
     if spacing == "linspace":
-        return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
     if spacing == "leading":
-        ratio = T // (n + 1)
+        ratio = last // (n + 1)
         return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
-    return np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+    # diffusers steps by T / n here (not last / n), from last
+    return np.arange(last, 0, -T / n).round().astype(np.int64) - 1
+
+
+def dpm_last_timestep(schedule: NoiseSchedule, lambda_min_clipped: float) -> int:
+    """DPMSolverMultistepScheduler.set_timesteps' ``last_timestep``: lambda_t = log(alpha_t) -
+    log(sigma_t) in float32 (as its __init__), clipped_idx = searchsorted(flip(lambda_t), lmc)."""
+    T = schedule.num_train_timesteps
+    if np.isneginf(lambda_min_clipped):
+        return T
+    ac = schedule.alphas_cumprod64.astype(np.float32)
+    if ac[-1] == 0.0:
+        ac[-1] = np.float32(2.0 ** -24)
+    with np.errstate(divide="ignore"):
+        lam = np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1) - ac))
+    return T - int(np.searchsorted(lam[::-1], np.float32(lambda_min_clipped), side="left"))
 
 
 def euler_timesteps(T: int, n: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
@@ -246,13 +269,26 @@ def _plan_plms(schedule, n, spacing, steps_offset, set_alpha_to_one):
     return ts, coefs, _vp_noise(ac, ts), 1.0
 
 
-def _plan_dpmpp_2m(schedule, n, spacing, steps_offset, use_karras_sigmas):
+def _final_sigma(schedule, final_sigmas_type: str) -> float:
+    """diffusers' final_sigmas_type: "zero", or "sigma_min" = sqrt((1 - abar_0) / abar_0) in float32."""
+    if final_sigmas_type == "zero":
+        return 0.0
+    if final_sigmas_type == "sigma_min":
+        a0 = np.float32(schedule.alphas_cumprod64[0])
+        return float(np.sqrt((np.float32(1) - a0) / a0))
+    raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+
+
+def _plan_dpmpp_2m(schedule, n, spacing, steps_offset, use_karras_sigmas, final_sigmas_type="zero",
+                   lower_order_final=True, euler_at_final=False, lambda_min_clipped=-np.inf,
+                   sigma_min=None, sigma_max=None):
     T = schedule.num_train_timesteps
     train_sigmas = _train_sigmas(schedule)  # float32
     log_sigmas = np.log(train_sigmas)
-    ts = dpm_timesteps(T, n, spacing, steps_offset)
-    if use_karras_sigmas:
-        sig = karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), n)
+    ts = dpm_timesteps(T, n, spacing, steps_offset, dpm_last_timestep(schedule, lambda_min_clipped))
+    if use_karras_sigmas:  # config sigma_min / sigma_max override the training range (_convert_to_karras)
+        sig = karras_sigmas(float(train_sigmas[0]) if sigma_min is None else float(sigma_min),
+                            float(train_sigmas[-1]) if sigma_max is None else float(sigma_max), n)
         ts = sigma_to_t(sig, log_sigmas)
         if schedule.beta_schedule != "squaredcos_cap_v2":  # diffusers rounds unless cosine
             ts = ts.round()
@@ -260,7 +296,7 @@ def _plan_dpmpp_2m(schedule, n, spacing, steps_offset, use_karras_sigmas):
     else:  # np.interp clamps, as diffusers does (leading + steps_offset can reach T)
         sig = np.interp(ts, np.arange(T), train_sigmas)
     # Per-step scalars in float32 arithmetic, as DPMSolverMultistepScheduler computes them.
-    sig = np.concatenate([sig, [0.0]]).astype(np.float32)  # final_sigmas_type="zero"
+    sig = np.concatenate([sig, [_final_sigma(schedule, final_sigmas_type)]]).astype(np.float32)
     one = np.float32(1)
     alpha = one / np.sqrt(sig * sig + one)  # _sigma_to_alpha_sigma_t: VE sigma -> VP (alpha_t, sigma_t)
     sigma = sig * alpha
@@ -271,24 +307,43 @@ def _plan_dpmpp_2m(schedule, n, spacing, steps_offset, use_karras_sigmas):
         inv_r0 = one / (h0 / h)  # 1 / r0, r0 = h_0 / h
     inv_r0 = np.where(np.isfinite(inv_r0), inv_r0, np.float32(0))
     c_d = alpha[1:] * (np.exp(-h) - one)  # alpha_t (e^{-h} - 1)
+    # DPMSolverMultistepScheduler.step's `lower_order_final`: the last step is first order when
+    # euler_at_final, or lower_order_final with fewer than 15 steps, or the final sigma is 0.
+    n_steps = len(ts)
+    last_first = euler_at_final or (lower_order_final and n_steps < 15) or final_sigmas_type == "zero"
+    first_order = np.zeros(n_steps)
+    first_order[-1] = float(last_first)
     coefs = dict(
         alpha=alpha[:-1], sigma=sigma[:-1],
         c_x=sigma[1:] / sigma[:-1],          # sigma_t / sigma_s0
-        c_d=c_d, half_c_d=np.float32(0.5) * c_d, inv_r0=inv_r0,
+        c_d=c_d, half_c_d=np.float32(0.5) * c_d, inv_r0=inv_r0, first_order=first_order,
     )
     return ts, coefs, (alpha[:-1], sigma[:-1]), 1.0
 
 
-def _euler_sigmas(schedule, n, spacing, steps_offset, use_karras_sigmas):
+def _euler_sigmas(schedule, n, spacing, steps_offset, use_karras_sigmas, final_sigmas_type="zero",
+                  interpolation_type="linear", sigma_min=None, sigma_max=None):
     T = schedule.num_train_timesteps
     train_sigmas = _train_sigmas(schedule)  # float32
     ts = euler_timesteps(T, n, spacing, steps_offset)
-    # np.interp clamps, as diffusers does (leading + steps_offset can reach T)
-    sig = np.interp(ts.astype(np.float64), np.arange(T), train_sigmas)
-    if use_karras_sigmas:
-        sig = karras_sigmas(sig[-1], sig[0], n)
+    if interpolation_type == "linear":
+        # np.interp clamps, as diffusers does (leading + steps_offset can reach T)
+        sig = np.interp(ts.astype(np.float64), np.arange(T), train_sigmas)
+    elif interpolation_type == "log_linear":
+        # EulerDiscreteScheduler.set_timesteps: N+1 sigmas log-spaced from sigma_max to sigma_min
+        # (float32 torch.linspace), whatever the timesteps; with the final sigma appended the N
+        # steps then end at sigma_min, one short of the final sigma.
+        lo, hi = np.log(train_sigmas[0]), np.log(train_sigmas[-1])
+        sig = np.exp(np.linspace(np.float64(hi), np.float64(lo), n + 1).astype(np.float32))
+    else:
+        raise ValueError(f"interpolation_type must be 'linear' or 'log_linear', got {interpolation_type!r}")
+    if use_karras_sigmas:  # config sigma_min / sigma_max override the range (_convert_to_karras)
+        # (Python floats, as diffusers' .item(): float32 numpy scalars would make it float32 math)
+        sig = karras_sigmas(float(sig[-1] if sigma_min is None else sigma_min),
+                            float(sig[0] if sigma_max is None else sigma_max), n)
         ts = sigma_to_t(sig, np.log(train_sigmas)).astype(np.float32)
-    sig = np.concatenate([sig, [0.0]]).astype(np.float32)
+    sig = np.concatenate([sig, [_final_sigma(schedule, final_sigmas_type)]]).astype(np.float32)
+    sig = sig[: len(ts) + 1]  # log_linear: its (N+2)-th sigma is never reached
     smax = np.float32(sig.max())
     if spacing == "leading":
         init = (smax * smax + np.float32(1.0)) ** np.float32(0.5)
@@ -307,8 +362,8 @@ def _euler_scalars(s: np.ndarray) -> Dict[str, np.ndarray]:
     return dict(sigma=s, in_scale=root, c_v_out=-s / root, v_skip_div=s2p1)
 
 
-def _plan_euler(schedule, n, spacing, steps_offset, use_karras_sigmas):
-    ts, sig, init = _euler_sigmas(schedule, n, spacing, steps_offset, use_karras_sigmas)
+def _plan_euler(schedule, n, spacing, steps_offset, use_karras_sigmas, **sigma_options):
+    ts, sig, init = _euler_sigmas(schedule, n, spacing, steps_offset, use_karras_sigmas, **sigma_options)
     s, s_next = sig[:-1].astype(np.float32), sig[1:].astype(np.float32)
     coefs = dict(_euler_scalars(s), dt=s_next - s)
     return ts, coefs, (np.ones_like(s), s), init
@@ -327,7 +382,12 @@ def _plan_euler_a(schedule, n, spacing, steps_offset):
 
 def _check_in_range(ts, T):
     if np.any(ts < 0) or np.any(ts > T - 1):
-        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {T - 1}] (check steps_offset)")
+        # (diffusers' "trailing" arange(T, 0, -T / N) keeps a last entry ~1e-13 for some N, e.g.
+        # T=1000, N=61 or T=300, N=7: timestep -1, which its alpha-based schedulers would read as
+        # abar[-1], the noisiest one.)
+        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {T - 1}]: check steps_offset "
+                         "('leading'), or pick another num_inference_steps ('trailing' gives -1 "
+                         "for this one)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,6 +406,16 @@ def make_plan(
     clip_sample: bool = False,
     clip_sample_range: float = 1.0,
     set_alpha_to_one: Optional[bool] = None,
+    thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995,
+    sample_max_value: float = 1.0,
+    final_sigmas_type: str = "zero",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    lambda_min_clipped: float = -np.inf,
+    interpolation_type: str = "linear",
+    sigma_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
 ) -> SamplerPlan:
     """Host-side plan of sampler ``name`` (see ``SAMPLER_NAMES``), reproducing the matching
     diffusers scheduler's ``set_timesteps`` for these options.
@@ -356,6 +426,12 @@ def make_plan(
     use_karras_sigmas: dpmpp_2m and euler only.
     set_alpha_to_one: ddim/plms final step; None = diffusers' default (ddim True, plms False;
       compvis spacing False, as the CompVis samplers use abar_0).
+    thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of the
+      predicted x0 (Saharia et al. 2022, Imagen, Sec. 2.3), ddpm/ddim/dpmpp_2m, as diffusers'
+      `_threshold_sample`; replaces clip_sample when on.
+    final_sigmas_type ("zero" | "sigma_min"): dpmpp_2m and euler. lower_order_final,
+      euler_at_final, lambda_min_clipped: dpmpp_2m. interpolation_type ("linear" | "log_linear"):
+      euler. sigma_min / sigma_max: the Karras sigma range (dpmpp_2m, euler; None = the schedule's).
     """
     if name not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLER_NAMES}")
@@ -372,6 +448,14 @@ def make_plan(
         raise ValueError(f"prediction_type 'sample' is not supported by {name!r} (nor by diffusers)")
     if not 0.0 <= float(eta):
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if thresholding and name not in ("ddpm", "ddim", "dpmpp_2m"):
+        raise ValueError(f"thresholding is only supported by ddpm, ddim and dpmpp_2m, not {name!r}")
+    if thresholding and not 0.0 <= float(dynamic_thresholding_ratio) <= 1.0:  # torch.quantile raises too
+        raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1], got {dynamic_thresholding_ratio!r}")
+    if final_sigmas_type != "zero" and name not in ("dpmpp_2m", "euler"):
+        raise ValueError(f"final_sigmas_type is only supported by dpmpp_2m and euler, not {name!r}")
+    if interpolation_type != "linear" and name != "euler":
+        raise ValueError(f"interpolation_type is only supported by euler, not {name!r}")
     if set_alpha_to_one is None:
         set_alpha_to_one = name == "ddim" and spacing != COMPVIS
 
@@ -386,9 +470,12 @@ def make_plan(
             raise ValueError("plms cannot step from a timestep with abar_t = 0 (zero terminal SNR); "
                              "use 'leading' spacing or another sampler")
     elif name == "dpmpp_2m":
-        out = _plan_dpmpp_2m(schedule, n, spacing, steps_offset, use_karras_sigmas)
+        out = _plan_dpmpp_2m(schedule, n, spacing, steps_offset, use_karras_sigmas, final_sigmas_type,
+                             lower_order_final, euler_at_final, lambda_min_clipped, sigma_min, sigma_max)
     elif name == "euler":
-        out = _plan_euler(schedule, n, spacing, steps_offset, use_karras_sigmas)
+        out = _plan_euler(schedule, n, spacing, steps_offset, use_karras_sigmas,
+                          final_sigmas_type=final_sigmas_type, interpolation_type=interpolation_type,
+                          sigma_min=sigma_min, sigma_max=sigma_max)
     else:
         out = _plan_euler_a(schedule, n, spacing, steps_offset)
     ts, coefs, (noise_a, noise_s), init = out
@@ -410,16 +497,33 @@ def make_plan(
         clip_sample=bool(clip_sample),
         num_inference_steps=n,
         order=1,  # every scheduler reproduced here has diffusers `order = 1`
+        thresholding=bool(thresholding),
+        threshold_ratio=f32(dynamic_thresholding_ratio),
+        sample_max_value=f32(sample_max_value),
     )
 
 
-# diffusers option -> value this module implements (anything else raises).
+# diffusers option -> values this module implements (anything else raises). Options that only
+# matter together with a rejected one need no check: flow_shift and time_shift_type (flow /
+# dynamic-shifting sigmas only), sample_max_value / dynamic_thresholding_ratio (thresholding).
 _FIXED_OPTIONS = {
-    "variance_type": "fixed_small", "thresholding": False, "algorithm_type": "dpmsolver++",
-    "solver_order": 2, "solver_type": "midpoint", "final_sigmas_type": "zero",
-    "euler_at_final": False, "interpolation_type": "linear", "timestep_type": "discrete",
-    "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-    "use_flow_sigmas": False, "sigma_min": None, "sigma_max": None, "skip_prk_steps": True,
+    # DDPM: None falls through _get_variance to the fixed_small value; DPM-Solver: None = no
+    # learned variance channels to drop.
+    "variance_type": ("fixed_small", None),
+    # diffusers' DPMSolverMultistepScheduler.__init__ maps the UniPC / DEIS solver types "logrho",
+    # "bh1", "bh2" (of a folder saved with those schedulers) to "midpoint". (It maps algorithm_type
+    # "deis" to "dpmsolver++" too, but then refuses final_sigmas_type "zero": not accepted here.)
+    "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint", "logrho", "bh1", "bh2"),
+    "solver_order": (2,),
+    "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_lu_lambdas": (False,),
+    "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,), "skip_prk_steps": (True,),
+}
+# options passed on to make_plan (by the samplers that read them) when the dict has them
+_PASSED_OPTIONS = {
+    "thresholding": ("ddpm", "ddim", "dpmpp_2m"), "dynamic_thresholding_ratio": ("ddpm", "ddim", "dpmpp_2m"),
+    "sample_max_value": ("ddpm", "ddim", "dpmpp_2m"), "final_sigmas_type": ("dpmpp_2m", "euler"),
+    "lower_order_final": ("dpmpp_2m",), "euler_at_final": ("dpmpp_2m",), "lambda_min_clipped": ("dpmpp_2m",),
+    "interpolation_type": ("euler",), "sigma_min": ("dpmpp_2m", "euler"), "sigma_max": ("dpmpp_2m", "euler"),
 }
 
 
@@ -427,14 +531,18 @@ def make_plan_from_options(name: str, schedule: NoiseSchedule, num_inference_ste
                            options: Mapping[str, Any], *, eta: float = 0.0) -> SamplerPlan:
     """``make_plan`` from a diffusers-style option dict (e.g. the output of
     ``scheduler_config.resolve_scheduler_options``). Options this module does not implement
-    raise ValueError naming the key."""
+    raise ValueError naming the scheduler_config.json key and the supported values."""
     for key, supported in _FIXED_OPTIONS.items():
-        if key in options and options[key] != supported:
-            raise ValueError(f"scheduler option {key!r}={options[key]!r} is not supported "
-                             f"(only {supported!r})")
-    lmc = options.get("lambda_min_clipped", -np.inf)
-    if lmc is not None and not np.isneginf(lmc):
-        raise ValueError(f"scheduler option 'lambda_min_clipped'={lmc!r} is not supported (only -inf)")
+        if key in options and options[key] not in supported:
+            raise ValueError(f"scheduler option {key!r}={options[key]!r} (scheduler/scheduler_config.json) "
+                             f"is not supported by sampler {name!r}; supported: "
+                             f"{', '.join(repr(v) for v in supported)}")
+    # EulerDiscreteScheduler: timestep_type "continuous" feeds the model 0.25 log(sigma) instead of
+    # t, but only for v_prediction (set_timesteps); otherwise it changes nothing.
+    if options.get("timestep_type", "discrete") != "discrete" and options.get("prediction_type") == "v_prediction":
+        raise ValueError(f"scheduler option 'timestep_type'={options['timestep_type']!r} "
+                         f"(scheduler/scheduler_config.json) is not supported by sampler {name!r} with "
+                         "v_prediction; supported: 'discrete'")
     kw = dict(
         spacing=options.get("timestep_spacing", "leading"),
         steps_offset=int(options.get("steps_offset", 0) or 0),
@@ -449,6 +557,11 @@ def make_plan_from_options(name: str, schedule: NoiseSchedule, num_inference_ste
         kw["use_karras_sigmas"] = bool(options.get("use_karras_sigmas", False) or False)
     if name == "ddim":
         kw["eta"] = eta
+    for key, names in _PASSED_OPTIONS.items():
+        if name in names and options.get(key) is not None:
+            kw[key] = options[key]
+    if "lambda_min_clipped" in kw:
+        kw["lambda_min_clipped"] = float(kw["lambda_min_clipped"])
     return make_plan(name, schedule, num_inference_steps, **kw)
 
 
