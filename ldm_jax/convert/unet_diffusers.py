@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from ldm_jax.convert.errors import CheckpointError
 from ldm_jax.convert.mapping import convert_state_dict
 from ldm_jax.convert.weights_io import find_weights, read_json, read_state_dict
-from ldm_jax.models.unet import UNet, UNetConfig, unet_dummy_inputs
+from ldm_jax.models.unet import DOWN_BLOCKS, UP_BLOCKS, UNet, UNetConfig, unet_dummy_inputs
 
 # Config keys restricted to the values this U-Net implements (other values change
 # the architecture); a key that is absent takes diffusers' default, which is allowed.
@@ -39,9 +39,10 @@ _CONDITION_REQUIRED = {
     "addition_embed_type": (None,),
     "time_cond_proj_dim": (None,),
     "timestep_post_act": (None,),
-    "cross_attention_norm": (None,),
-    "resnet_skip_time_act": (False, None),
-    "resnet_out_scale_factor": (1, 1.0, None),
+    # cross_attention_norm, resnet_skip_time_act and resnet_out_scale_factor are not checked:
+    # diffusers' get_down_block / get_mid_block / get_up_block hand them only to the
+    # Simple*CrossAttn* and Resnet*sampleBlock2D blocks, which _CONDITION_BLOCKS refuses, so
+    # they cannot change a model accepted here.
     "num_attention_heads": (None,),  # diffusers itself refuses it in UNet2DConditionModel
     "time_embedding_act_fn": (None, "silu", "swish"),
     "class_embed_type": (None, "timestep", "identity"),
@@ -64,6 +65,10 @@ _MODEL2D_BLOCKS = {
     "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
 }
 _SOURCE = "config.json"
+
+
+def _json(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _unsupported(source: str, key: str, value, allowed) -> CheckpointError:
@@ -100,7 +105,67 @@ def unet_config_from_diffusers(config: dict, source: str = _SOURCE) -> UNetConfi
         raise CheckpointError(f"{source}: {e}") from None
     if not unet_config.uses_cross_attention:  # diffusers keeps a default of 1280 that nothing uses
         unet_config = dataclasses.replace(unet_config, cross_attention_dim=None)
+    elif isinstance(unet_config.cross_attention_dim, tuple):
+        unet_config = dataclasses.replace(unet_config, cross_attention_dim=_context_width(unet_config, source))
     return unet_config
+
+
+def _attention_levels(fields, kind: str) -> list:
+    """Levels (down-block indices) whose down block, up block or mid block has
+    attention of ``kind`` ("cross" or "self"); the mid block counts as the last
+    level. ``fields``: a UNetConfig or a dict of its fields."""
+    get = fields.get if isinstance(fields, dict) else lambda k: getattr(fields, k)  # noqa: E731
+    down, up = get("down_block_types"), get("up_block_types")
+    n = len(down)
+    levels = {i for i, t in enumerate(down) if DOWN_BLOCKS.get(t) == kind}
+    levels |= {n - 1 - j for j, t in enumerate(up) if UP_BLOCKS.get(t) == kind}
+    mid = {"UNetMidBlock2DCrossAttn": "cross", "UNetMidBlock2D": "self" if get("mid_block_attention") else None}
+    if mid.get(get("mid_block_type")) == kind and get("mid_block_num_layers"):
+        levels.add(n - 1)
+    return sorted(levels)
+
+
+def _check_heads(fields: dict, kind: str, value, source: str):
+    """Refuse, naming ``attention_head_dim``, head layouts UNetConfig cannot build.
+
+    ``kind`` "cross" (UNet2DConditionModel): ``value`` is the number of heads
+    per level; diffusers builds heads of ``c // heads`` channels even when that
+    does not divide ``c`` (the transformer then runs ``heads * (c // heads)``
+    wide), which UNetConfig refuses. ``kind`` "self" (UNet2DModel): ``value``
+    is the channels per head (None: one head); ``c // value`` heads, the same
+    restriction. Only levels with such attention are checked, as only they use it.
+    """
+    if value is None:
+        return
+    n = len(fields["block_out_channels"])
+    per_level = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+    if len(per_level) != n:
+        return  # UNetConfig reports the length mismatch
+    what = "heads" if kind == "cross" else "channels per head"
+    for i in _attention_levels(fields, kind):
+        c, v = fields["block_out_channels"][i], per_level[i]
+        if not isinstance(v, int) or v < 1 or c % v:
+            raise _unsupported(source, "attention_head_dim", _json(value), (
+                f"{what} (a positive divisor of the {c} channels of level {i}, which has attention)",))
+
+
+def _context_width(config: UNetConfig, source: str) -> int:
+    """The one context width of a per-block ``cross_attention_dim``.
+
+    diffusers gives block i ``cross_attention_dim[i]`` (up block j:
+    ``reversed(cross_attention_dim)[j]``, the mid block the last entry), but a
+    block without cross-attention ignores its entry, and ``forward`` takes one
+    ``encoder_hidden_states`` for all the others, so they must agree. The U-Net
+    (and the code that sizes its context, e.g. ``unet_dummy_inputs``) reads the
+    last entry, which may belong to a block without cross-attention: collapse to
+    the width actually used.
+    """
+    dims = config.per_block("cross_attention_dim")
+    used = sorted({dims[i] for i in _attention_levels(config, "cross")})
+    if len(used) != 1:
+        raise _unsupported(source, "cross_attention_dim", list(dims),
+                           ("one width shared by all cross-attention blocks",))
+    return used[0]
 
 
 def _common(cfg: dict, defaults: dict) -> dict:
@@ -144,7 +209,7 @@ def _from_condition_model(cfg: dict, source: str) -> dict:
         raise _unsupported(source, "mid_block_type", mid, ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None))
     out = _common(cfg, defaults)
     heads = cfg.get("attention_head_dim", 8)  # = number of heads, see the module docstring
-    if heads is None or (isinstance(heads, (list, tuple)) and None in heads):
+    if heads is None:  # diffusers itself fails on it (`len(None)` in _check_config)
         raise _unsupported(source, "attention_head_dim", heads, ("an int or a list of ints",))
     out.update(
         mid_block_type=mid,
@@ -166,6 +231,12 @@ def _from_condition_model(cfg: dict, source: str) -> dict:
     )
     if out["time_embedding_act_fn"] == "swish":
         out["time_embedding_act_fn"] = "silu"
+    _check_heads(out, "cross", heads, source)
+    if isinstance(heads, (list, tuple)) and None in heads:
+        # diffusers accepts null entries for levels without cross-attention (they
+        # are never used: get_down_block only turns a null into `output_channel`
+        # for the Simple* blocks); _check_heads refused them on attention levels.
+        out["num_heads"] = tuple(1 if h is None else h for h in heads)
     return out
 
 
@@ -179,6 +250,8 @@ def _from_2d_model(cfg: dict, source: str) -> dict:
         downsample_padding=1, mid_block_scale_factor=1.0)
     if not isinstance(cfg.get("layers_per_block", 2), int):
         raise _unsupported(source, "layers_per_block", cfg["layers_per_block"], ("an int",))
+    if cfg.get("norm_num_groups", 32) is None:  # diffusers' resnets fail on GroupNorm(None, c) too
+        raise _unsupported(source, "norm_num_groups", None, ("an integer",))
     out = _common(cfg, defaults)
     head_dim = cfg.get("attention_head_dim", 8)  # real channels per head here; None: one head
     mid = cfg.get("mid_block_type", "UNetMidBlock2D")
@@ -191,6 +264,7 @@ def _from_2d_model(cfg: dict, source: str) -> dict:
         head_dim=head_dim,
         cross_attention_dim=None,
     )
+    _check_heads(out, "self", head_dim, source)
     return out
 
 

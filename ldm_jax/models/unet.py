@@ -146,6 +146,8 @@ class UNetConfig:
             heads = self.heads(i)
             if heads < 1 or c % heads:
                 raise ValueError(f"UNetConfig: block {i} has {c} channels, not divisible into {heads} heads")
+        for name in ("layers_per_block", "only_cross_attention", "num_heads", "head_dim", "cross_attention_dim"):
+            self.per_block(name)  # a per-block sequence of the wrong length fails here, not in __call__
         tl = self.transformer_layers_per_block
         nested = isinstance(tl, tuple) and any(isinstance(v, tuple) for v in tl)
         if nested and self.reverse_transformer_layers_per_block is None:
