@@ -151,3 +151,21 @@ def test_unsupported_layout_is_refused_by_key(name, tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json.*" + pattern):
         unet_config_from_diffusers(json.loads(path.read_text()), source=str(path))
+
+
+def test_context_width_of_a_hand_built_config():
+    """UNetConfig.context_width (what unet_dummy_inputs and the trainer size the context by) is the
+    width of the blocks with cross-attention, not the last per-block entry."""
+    from ldm_jax.models.unet import UNetConfig, unet_dummy_inputs
+
+    kw = dict(block_out_channels=(32, 64), layers_per_block=1, num_heads=2, norm_num_groups=8,
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), mid_block_type=None)
+    cfg = UNetConfig(**kw, cross_attention_dim=(24, 32))
+    assert cfg.context_width == 24
+    assert unet_dummy_inputs(cfg)[2].shape[-1] == 24
+    assert UNetConfig(**kw, cross_attention_dim=16).context_width == 16
+    assert UNetConfig(**{**kw, "down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2},
+                      cross_attention_dim=(24, 32)).context_width is None
+    with pytest.raises(ValueError, match=r"different cross_attention_dim \[24, 32\]"):
+        UNetConfig(**{**kw, "mid_block_type": "UNetMidBlock2DCrossAttn"}, cross_attention_dim=(24, 32)).context_width

@@ -150,22 +150,15 @@ def _check_heads(fields: dict, kind: str, value, source: str):
 
 
 def _context_width(config: UNetConfig, source: str) -> int:
-    """The one context width of a per-block ``cross_attention_dim``.
-
-    diffusers gives block i ``cross_attention_dim[i]`` (up block j:
-    ``reversed(cross_attention_dim)[j]``, the mid block the last entry), but a
-    block without cross-attention ignores its entry, and ``forward`` takes one
-    ``encoder_hidden_states`` for all the others, so they must agree. The U-Net
-    (and the code that sizes its context, e.g. ``unet_dummy_inputs``) reads the
-    last entry, which may belong to a block without cross-attention: collapse to
-    the width actually used.
-    """
-    dims = config.per_block("cross_attention_dim")
-    used = sorted({dims[i] for i in _attention_levels(config, "cross")})
-    if len(used) != 1:
-        raise _unsupported(source, "cross_attention_dim", list(dims),
-                           ("one width shared by all cross-attention blocks",))
-    return used[0]
+    """The one context width of a per-block ``cross_attention_dim`` (``UNetConfig.context_width``:
+    diffusers gives block i ``cross_attention_dim[i]``, but a block without cross-attention ignores
+    its entry and ``forward`` takes one ``encoder_hidden_states`` for all the others), so the saved
+    config reads as one int whatever the unused entries say."""
+    try:
+        return config.context_width
+    except ValueError:
+        raise _unsupported(source, "cross_attention_dim", list(config.per_block("cross_attention_dim")),
+                           ("one width shared by all cross-attention blocks",)) from None
 
 
 def _common(cfg: dict, defaults: dict) -> dict:

@@ -176,6 +176,24 @@ class UNetConfig:
                 or self.mid_block_type == "UNetMidBlock2DCrossAttn")
 
     @property
+    def context_width(self) -> Optional[int]:
+        """Width D of ``context_btd``: the ``cross_attention_dim`` of the blocks with cross-attention
+        (a per-block entry of a block without it is unused, as in diffusers; the used ones must
+        agree, since one context feeds them all); None without cross-attention."""
+        if not self.uses_cross_attention:
+            return None
+        dims, n = self.per_block("cross_attention_dim"), len(self.block_out_channels)
+        levels = {i for i, t in enumerate(self.down_block_types) if DOWN_BLOCKS[t] == "cross"}
+        levels |= {n - 1 - j for j, t in enumerate(self.up_block_types) if UP_BLOCKS[t] == "cross"}
+        if self.mid_block_type == "UNetMidBlock2DCrossAttn" and self.mid_block_num_layers:
+            levels.add(n - 1)  # the mid block reads the last entry
+        used = sorted({dims[i] for i in levels})
+        if len(used) != 1:
+            raise ValueError(f"UNetConfig: the cross-attention blocks have different cross_attention_dim "
+                             f"{used} (per block {list(dims)}), but one context feeds them all")
+        return used[0]
+
+    @property
     def time_embed_dim(self) -> int:
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
@@ -327,8 +345,7 @@ def unet_dummy_inputs(config: UNetConfig, batch: int = 1, size: Optional[int] = 
     t = jax.ShapeDtypeStruct((batch,), jnp.float32)
     ctx = None
     if config.uses_cross_attention:
-        ctx_dim = config.per_block("cross_attention_dim")[-1]
-        ctx = jax.ShapeDtypeStruct((batch, context_len, ctx_dim), jnp.float32)
+        ctx = jax.ShapeDtypeStruct((batch, context_len, config.context_width), jnp.float32)
     labels = None
     if config.class_embed_type is None and config.num_class_embeds is not None:
         labels = jax.ShapeDtypeStruct((batch,), jnp.int32)

@@ -370,7 +370,7 @@ class LDMTask:
         self.text_encoder = self.tokenizer = self.layout_builder = None
         te_params = empty_ids = None
         ucfg = self.unet.config
-        ctx_dim = ucfg.per_block("cross_attention_dim")[-1] if ucfg.uses_cross_attention else None
+        ctx_dim = ucfg.context_width
         if class_crossattn:
             self.text_encoder, te_params, self.tokenizer = build_class_embedder(
                 diff, ctx_dim, int(_get(config.text_encoder, "seed", 0)), self.dtype, **sharding_kw,
