@@ -25,13 +25,12 @@ from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_dis
 from ldm_jax.diffusion import samplers as S
 from ldm_jax.diffusion.schedule import NoiseSchedule
 from ldm_jax.diffusion.scheduler_config import SAMPLER_DEFAULTS, resolve_scheduler_options
+from test_samplers import fake_model_jax, fake_model_torch
 
 B, H, W, C = 2, 4, 4, 4
 TOL = 1e-5
 KEY = jax.random.key(3, impl="rbg")
 _r = np.random.default_rng(1)
-MIX = (np.eye(C) * 0.9 + 0.1 * _r.standard_normal((C, C))).astype(np.float32)
-PHASE = _r.uniform(0, 2 * np.pi, C).astype(np.float32)
 NOISE = _r.standard_normal((B, H, W, C)).astype(np.float32)
 IMAGE = (0.8 * _r.standard_normal((B, H, W, C))).astype(np.float32)
 
@@ -43,30 +42,8 @@ CLASSES = {
 }
 
 
-# ---------------------------------------------------------------------------------------
-# fake model (a denoiser-like linear map plus a t-dependent wiggle), JAX and torch
-# ---------------------------------------------------------------------------------------
-def _model_jax(x, t_b, ac_t, pt):
-    abar = jnp.interp(t_b, jnp.arange(ac_t.shape[0], dtype=jnp.float32), ac_t)[:, None, None, None]
-    lin = jnp.einsum("bhwc,cd->bhwd", x, MIX)
-    wiggle = jnp.sin(t_b[:, None, None, None] / 37.0 + PHASE)
-    if pt == "epsilon":
-        return jnp.sqrt(1 - abar) * lin + 0.05 * wiggle
-    if pt == "v_prediction":
-        return 0.2 * lin + 0.1 * wiggle
-    return jnp.sqrt(abar) * lin + 0.05 * wiggle
-
-
-def _model_torch(x, t, ac_np, pt):
-    t = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
-    abar = np.float32(np.interp(t, np.arange(len(ac_np)), ac_np))
-    lin = torch.einsum("bchw,cd->bdhw", x, torch.from_numpy(MIX))
-    wiggle = torch.sin(torch.tensor(t, dtype=torch.float32) / 37.0 + torch.from_numpy(PHASE)[None, :, None, None])
-    if pt == "epsilon":
-        return float(np.sqrt(np.float32(1) - abar)) * lin + 0.05 * wiggle
-    if pt == "v_prediction":
-        return 0.2 * lin + 0.1 * wiggle
-    return float(np.sqrt(abar)) * lin + 0.05 * wiggle
+# the fake model of test_samplers (a denoiser-like linear map plus a t-dependent wiggle)
+_model_jax, _model_torch = fake_model_jax, fake_model_torch
 
 
 @jax.jit

@@ -16,6 +16,7 @@ import torch
 
 from ldm_jax.convert.errors import CheckpointError
 from ldm_jax.convert.unet_diffusers import load_unet, unet_config_from_diffusers
+from test_unet import _randomize
 
 CA, CU, D, U = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "DownBlock2D", "UpBlock2D"
 AD, AU = "AttnDownBlock2D", "AttnUpBlock2D"
@@ -23,20 +24,6 @@ TINY = dict(block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1)
 COND = dict(TINY, down_block_types=(CA, D), up_block_types=(U, CU), attention_head_dim=2, cross_attention_dim=24)
 MODEL2D = dict(TINY, in_channels=3, out_channels=3, down_block_types=(D, AD), up_block_types=(AU, U),
                attention_head_dim=8)
-
-
-def _randomize(model, seed):
-    """As in test_unet: every tensor random (diffusers zero-inits some layers)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / float(np.prod(p.shape[1:])) ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 # name -> (diffusers class, constructor kwargs, (batch, height, width), context width or None)
