@@ -39,6 +39,9 @@ What cannot be inferred from the weights (pass the YAML, or the override):
   ``prediction_type="v_prediction"`` or ``v2-inference-v.yaml`` selects v.
   (diffusers guesses from ``global_step == 875000``, which misreads
   SD 2.1-512; it is not used here.)
+* cross- instead of self-attention in a transformer's first attention (``disable_self_attentions``,
+  ``disable_middle_self_attn``) where ``context_dim`` equals that block's channels: the weights have
+  the same shapes; inferred as self-attention (a differing width is detected);
 * the noise schedule, when the checkpoint lacks the ``betas`` buffer;
 * ``scale_factor`` without a ``scale_factor`` buffer: 0.18215 (SD) for KL,
   1.0 (LatentDiffusion's default) for VQ first stages.
@@ -233,6 +236,12 @@ def unet_config_from_ldm(unet_params: Mapping, sample_size: int, source: str) ->
     mc = int(p["model_channels"])
     mult = [int(m) for m in p["channel_mult"]]
     n = len(mult)
+    if mult[0] != 1:
+        # openaimodel.UNetModel ends with conv_nd(dims, model_channels, out_channels, 3) although its last output
+        # block has model_channels * channel_mult[0] channels: the original only runs with channel_mult[0] == 1
+        # (and diffusers' conv_in would output block_out_channels[0], not model_channels).
+        raise bad("channel_mult", mult, "the first multiplier must be 1, as openaimodel's input conv and output "
+                                         "conv have model_channels channels")
     channels = [mc * m for m in mult]
     num_res = _per_level(p["num_res_blocks"], n, "num_res_blocks", source)
     attn_res = set(int(r) for r in p.get("attention_resolutions") or ())
@@ -243,16 +252,49 @@ def unet_config_from_ldm(unet_params: Mapping, sample_size: int, source: str) ->
     if num_heads == -1 and head_channels == -1:
         raise CheckpointError(f"{source}: unet_config needs num_heads or num_head_channels")
 
+    legacy = bool(p.get("legacy", True))  # UNetModel's default
+
     def heads(ch: int) -> int:  # openaimodel: num_head_channels wins over num_heads
         if head_channels != -1:
             if ch % head_channels:
+                # openaimodel with legacy=True and a SpatialTransformer: num_heads = ch // num_head_channels, then
+                # dim_head = ch // num_heads (not num_head_channels), so the heads still cover all ch channels
+                # (e.g. 96 channels, num_head_channels 64 -> 1 head of 96).
+                n_heads = ch // head_channels
+                if spatial and legacy and n_heads and ch % n_heads == 0:
+                    return n_heads
+                inner = n_heads * (ch // n_heads if spatial and legacy and n_heads else head_channels)
                 raise CheckpointError(f"{source}: unet_config: {ch} channels are not divisible by "
-                                      f"num_head_channels={head_channels}")
+                                      f"num_head_channels={head_channels} (the original's attention would have "
+                                      f"{inner} inner channels; only heads covering "
+                                      "all channels are implemented)" if ch >= head_channels else
+                                      f"{source}: unet_config: {ch} channels are fewer than "
+                                      f"num_head_channels={head_channels} (the original fails: no head)")
             return ch // head_channels
+        if ch % num_heads:
+            # SpatialTransformer(ch, num_heads, ch // num_heads): inner_dim = num_heads * (ch // num_heads) < ch
+            # (AttentionBlock asserts divisibility). ldm_jax's attention keeps all ch channels.
+            raise bad("num_heads", num_heads, f"{ch} channels are not divisible by {num_heads} heads; only heads "
+                                              "covering all channels are implemented")
         return num_heads
 
+    def level_values(value_of) -> List[int]:
+        """value_of(ch) (heads, or channels per head) per level. openaimodel computes the heads only where it puts
+        attention (``if ds in attention_resolutions``) and for the middle block (the last level's width), so a level
+        without attention may have channels the head size does not fit (32 channels, num_head_channels 64): such a
+        level gets one head, which no layer uses."""
+        def unused(c):
+            try:
+                return value_of(c)
+            except CheckpointError:
+                return 1 if spatial else c
+
+        return [value_of(c) if has_attn[i] or i == n - 1 else unused(c) for i, c in enumerate(channels)]
+
     up_heads = int(p.get("num_heads_upsample", -1))
-    if not spatial and head_channels == -1 and up_heads not in (-1, num_heads):
+    # Only with legacy=True does the up path's AttentionBlock use num_heads_upsample: otherwise openaimodel passes
+    # num_head_channels = ch // num_heads, which wins over num_heads_upsample (AttentionBlock.__init__).
+    if not spatial and legacy and head_channels == -1 and up_heads not in (-1, num_heads):
         raise bad("num_heads_upsample", up_heads, "different head counts on the up path")
     num_classes = p.get("num_classes")
     if num_classes is not None and not isinstance(num_classes, int):
@@ -284,7 +326,7 @@ def unet_config_from_ldm(unet_params: Mapping, sample_size: int, source: str) ->
             "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
             "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
             "mid_block_type": "UNetMidBlock2DCrossAttn",
-            "attention_head_dim": _collapse([heads(c) for c in channels]),  # = heads (diffusers misnomer)
+            "attention_head_dim": _collapse(level_values(heads)),  # = heads (diffusers misnomer)
             "cross_attention_dim": int(context_dim),
             "use_linear_projection": bool(p.get("use_linear_in_transformer", False)),
             "transformer_layers_per_block": _collapse(
@@ -298,7 +340,7 @@ def unet_config_from_ldm(unet_params: Mapping, sample_size: int, source: str) ->
         if p.get("context_dim") is not None:
             raise bad("context_dim", p["context_dim"], "cross-attention needs use_spatial_transformer")
         # AttentionBlock: channels per head (diffusers UNet2DModel attention_head_dim).
-        dims = [c // heads(c) for c in channels]
+        dims = level_values(lambda c: c // heads(c))
         config = {
             "_class_name": "UNet2DModel", **common,
             "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
@@ -363,6 +405,11 @@ def vae_config_from_ldm(first_stage_config: Mapping, scale_factor: float, sample
     z = int(dd["z_channels"])
     embed_dim = int(params.get("embed_dim", z))
     ch = int(dd["ch"])
+    if int(dd["ch_mult"][0]) != 1:
+        # The CompVis Encoder's conv_in outputs ch channels (in_ch_mult = (1,) + ch_mult), diffusers'
+        # block_out_channels[0] = ch * ch_mult[0]: they only agree for ch_mult[0] == 1.
+        raise bad("ch_mult", list(dd["ch_mult"]), "the first multiplier must be 1: the encoder's conv_in has ch "
+                                                  "output channels")
     attn = first_stage_attention_levels(dd, source)  # AttnBlocks inside the levels (attn_resolutions)
     config = {
         "in_channels": int(dd.get("in_channels", 3)),

@@ -44,6 +44,17 @@ def infer_unet_params(unet: Mapping[str, np.ndarray], source: str) -> Dict[str, 
     conv_in = need("input_blocks.0.0.weight")
     mc, in_ch = int(conv_in.shape[0]), int(conv_in.shape[1])
     out_ch = int(need("out.2.weight").shape[0])
+    # Options whose weights would otherwise be misread as another layout (openaimodel.UNetModel / ResBlock):
+    # resblock_updown makes the up/downsamplers ResBlocks (output_blocks.{k}.{1|2}.in_layers.*, and an
+    # input block that looks like one more resnet); use_scale_shift_norm doubles emb_layers' outputs.
+    updown = sorted(k for k in unet if re.match(r"^output_blocks\.\d+\.[12]\.in_layers\.", k))
+    if updown:
+        raise CheckpointError(f"{source}: the U-Net up/downsamples with ResBlocks ({UNET_PREFIX}{updown[0]}: "
+                              "unet_config resblock_updown=True), which is not supported (only conv up/downsampling)")
+    emb, res_out = unet.get("input_blocks.1.0.emb_layers.1.weight"), unet.get("input_blocks.1.0.in_layers.2.weight")
+    if emb is not None and res_out is not None and emb.shape[0] == 2 * res_out.shape[0]:
+        raise CheckpointError(f"{source}: {UNET_PREFIX}input_blocks.1.0.emb_layers.1.weight has 2 x channels outputs "
+                              "(unet_config use_scale_shift_norm=True), which is not supported")
     levels: List[List[int]] = [[]]  # input block indices of the resnets of each level
     level_channels: List[int] = []
     k = 1
@@ -60,6 +71,12 @@ def infer_unet_params(unet: Mapping[str, np.ndarray], source: str) -> Dict[str, 
         k += 1
     if not levels[-1] or len(level_channels) != len(levels):
         raise CheckpointError(f"{source}: cannot infer the U-Net levels from the input_blocks keys")
+    later = sorted({int(m.group(1)) for key in unet for m in [re.match(r"^input_blocks\.(\d+)\.", key)] if m
+                    and int(m.group(1)) > k})
+    if later:  # a block without weights in between: openaimodel's Downsample with conv_resample=False (avg pool)
+        raise CheckpointError(f"{source}: {UNET_PREFIX}input_blocks.{k} has no weights but input_blocks.{later[0]} "
+                              "follows: a parameter-free Downsample (unet_config conv_resample=False, average "
+                              "pooling) is not supported")
     mult = []
     for ch in level_channels:
         if ch % mc:
@@ -82,24 +99,61 @@ def infer_unet_params(unet: Mapping[str, np.ndarray], source: str) -> Dict[str, 
                 depths.append(_transformer_depth(unet, block))
                 context_dim = int(need(f"{block}.transformer_blocks.0.attn2.to_k.weight").shape[1])
                 attn1_in = int(need(f"{block}.transformer_blocks.0.attn1.to_k.weight").shape[1])
+                inner = int(need(f"{block}.proj_in.weight").shape[0])
+                if inner != level_channels[i]:
+                    # SpatialTransformer(ch, n_heads, d_head) with n_heads * d_head < ch: num_heads /
+                    # num_head_channels (legacy=False) not dividing the level's channels
+                    raise CheckpointError(f"{source}: {UNET_PREFIX}{block}.proj_in.weight projects the "
+                                          f"{level_channels[i]} channels of level {i} to {inner} (unet_config "
+                                          "num_heads / num_head_channels not dividing the channels); only "
+                                          "attention over all channels is supported")
                 only_cross.append(attn1_in != level_channels[i])
                 continue
         depths.append(_transformer_depth(unet, "middle_block.1") if spatial else 1)
         only_cross.append(False)
     num_res = [len(ks) for ks in levels]
+    # The up path must have attention where the down path has (num_attention_blocks can differ there: openaimodel
+    # gives output block i of a level attention if i < num_attention_blocks[level], of num_res_blocks + 1).
+    k = 0
+    for i in reversed(range(len(levels))):
+        for _ in range(num_res[i] + 1):
+            if (f"output_blocks.{k}.1.norm.weight" in unet) != (2 ** i in attn_levels):
+                raise CheckpointError(f"{source}: {UNET_PREFIX}output_blocks.{k} (level {i} of the up path) "
+                                      f"{'has' if 2 ** i not in attn_levels else 'lacks'} attention unlike the "
+                                      "level's input blocks (unet_config num_attention_blocks); not supported")
+            k += 1
     params: Dict[str, Any] = {
         "image_size": 32, "in_channels": in_ch, "out_channels": out_ch, "model_channels": mc,
         "attention_resolutions": attn_levels, "num_res_blocks": _collapse(num_res), "channel_mult": mult,
-        "use_spatial_transformer": spatial, "legacy": False,
+        # legacy=True (UNetModel's default) only matters where num_head_channels does not divide a level's channels:
+        # there it gives ch // num_head_channels heads over all channels, the only layout whose proj_in is ch -> ch
+        "use_spatial_transformer": spatial, "legacy": True,
     }
     if spatial:
         context_dim = int(need("middle_block.1.transformer_blocks.0.attn2.to_k.weight").shape[1])
+        mid_attn1 = int(need("middle_block.1.transformer_blocks.0.attn1.to_k.weight").shape[1])
+        if mid_attn1 != level_channels[-1]:  # attn1 attends to the context: disable_middle_self_attn=True
+            raise CheckpointError(f"{source}: {UNET_PREFIX}middle_block.1.transformer_blocks.0.attn1.to_k.weight "
+                                  f"takes {mid_attn1} (context) channels, not the {level_channels[-1]} of the middle "
+                                  "block (unet_config disable_middle_self_attn=True), which is not supported")
+        mid_inner = int(need("middle_block.1.proj_in.weight").shape[0])
+        if mid_inner != level_channels[-1]:  # as for the levels' proj_in above
+            raise CheckpointError(f"{source}: {UNET_PREFIX}middle_block.1.proj_in.weight projects the "
+                                  f"{level_channels[-1]} channels to {mid_inner} (unet_config num_heads / "
+                                  "num_head_channels not dividing the channels); only attention over all channels "
+                                  "is supported")
         linear = np.ndim(unet["middle_block.1.proj_in.weight"]) == 2
         params.update(context_dim=context_dim, use_linear_in_transformer=linear,
                       transformer_depth=_collapse(depths))
         if any(only_cross):
             params["disable_self_attentions"] = only_cross
         if linear:  # SD 2.x: 64 channels per head
+            narrow = [c for i, c in enumerate(level_channels) if c < 64 and (2 ** i in attn_levels or
+                                                                         i == len(level_channels) - 1)]  # or middle
+            if narrow:
+                raise CheckpointError(f"{source}: the attention head size cannot be inferred: the SD 2.x 64 "
+                                      f"channels per head do not fit {narrow[0]}-channel attention blocks; pass the "
+                                      "original YAML (num_heads / num_head_channels)")
             params["num_head_channels"] = 64
         else:  # SD 1.x: 8 heads
             params["num_heads"] = 8

@@ -171,7 +171,15 @@ def _load_cond_stage(spec: OriginalSpec, state: Mapping[str, np.ndarray], source
         params = _convert(weights, text_abstract_params(model), rename=lambda k: k[len(prefix):], source=source,
                           config_source=spec.source, ignore=(r"(^|\.)position_ids$",),
                           original_name=lambda k: prefix + k)
-        return model, params, CLIPTokenizer(pad_token_id=SD1_PAD_TOKEN, max_length=config.max_position_embeddings)
+        # FrozenCLIPEmbedder.tokenize pads / truncates to its max_length (default 77) and the context has that
+        # many tokens (ldm/modules/encoders/modules.py: tokenizer(..., max_length=self.max_length,
+        # padding="max_length")). (FrozenOpenCLIPEmbedder ignores its max_length: open_clip.tokenize is 77.)
+        max_length = spec.cond_stage_params.get("max_length", config.max_position_embeddings)
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not (
+                2 <= max_length <= config.max_position_embeddings):
+            raise CheckpointError(f"{source}: FrozenCLIPEmbedder max_length={max_length!r} ({spec.source}) is not "
+                                  f"supported (2 to the text encoder's {config.max_position_embeddings} positions)")
+        return model, params, CLIPTokenizer(pad_token_id=SD1_PAD_TOKEN, max_length=max_length)
     if spec.cond_stage == "open_clip":
         if OPEN_CLIP_PREFIX + "token_embedding.weight" not in state:
             raise CheckpointError(f"{source}: the configuration ({spec.source}) has a FrozenOpenCLIPEmbedder but "
