@@ -20,8 +20,13 @@ def _load(item, mode: str) -> np.ndarray:
     if isinstance(item, Image.Image):
         arr = np.asarray(item.convert(mode), dtype=np.float32) / 255.0
         return arr if arr.ndim == 3 else arr[..., None]
-    arr = np.asarray(item, dtype=np.float32)
-    return arr
+    arr = np.asarray(item)
+    if arr.dtype == np.uint8 and mode == "RGB":
+        # 8-bit pixels (0..255), read as the PIL image of the same array is above (they were refused
+        # as out of [0, 1]). Masks are not rescaled: binarised at 0.5, uint8 {0, 1} and {0, 255}
+        # masks both mean "repaint where nonzero".
+        return arr.astype(np.float32) / 255.0
+    return arr.astype(np.float32)
 
 
 def _batch(images, mode: str) -> np.ndarray:
@@ -34,9 +39,10 @@ def _batch(images, mode: str) -> np.ndarray:
     return arr
 
 
-def prepare_image(images, batch: int, height: Optional[int], width: Optional[int]) -> np.ndarray:
+def prepare_image(images, batch: int, height: Optional[int], width: Optional[int], repeat: bool = True) -> np.ndarray:
     """(B, H, W, 3) float32 in [0, 1] from an array, PIL image(s) or path(s); a single
-    image is repeated over the batch. A given height/width must match the image."""
+    image is repeated over the batch (``repeat=False``: returned as given, k images, after
+    checking that k divides the batch). A given height/width must match the image."""
     arr = _batch(images, "RGB")
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"init_image must be (B, H, W, 3) or (H, W, 3) in [0, 1], got shape {arr.shape}")
@@ -45,12 +51,16 @@ def prepare_image(images, batch: int, height: Optional[int], width: Optional[int
     if (height and height != arr.shape[1]) or (width and width != arr.shape[2]):
         raise ValueError(f"init_image is {arr.shape[1]}x{arr.shape[2]} but height x width is {height}x{width}; "
                          "resize the image or drop height/width")
-    return _repeat(arr, batch, "init_image")
+    return _repeat(arr, batch, "init_image", repeat)
 
 
-def prepare_mask(mask, batch: int, height: int, width: int) -> np.ndarray:
+def prepare_mask(mask, batch: int, height: int, width: int, repeat: bool = True) -> np.ndarray:
     """(B, H, W, 1) float32 of 0/1 (1 = repaint), binarised at 0.5 as diffusers' mask processor."""
     arr = _batch(mask, "L")
+    if arr.ndim == 3 and arr.shape[:2] == (height, width) and arr.shape[1:] != (height, width) and arr.shape[-1] != 1:
+        # (H, W, C) with C > 1 (an RGB mask array) was read as a batch of H masks of size W x C.
+        raise ValueError(f"mask must have one channel: (B, H, W), (H, W) or (B, H, W, 1) (a PIL image is converted "
+                         f"to grayscale), got shape {arr.shape}")
     if arr.ndim == 2:
         arr = arr[None, ..., None]
     elif arr.ndim == 3:
@@ -59,14 +69,16 @@ def prepare_mask(mask, batch: int, height: int, width: int) -> np.ndarray:
         raise ValueError(f"mask must be (B, H, W), (H, W) or (B, H, W, 1), got shape {arr.shape}")
     if arr.shape[1:3] != (height, width):
         raise ValueError(f"mask is {arr.shape[1]}x{arr.shape[2]} but the image is {height}x{width}")
-    return _repeat((arr >= 0.5).astype(np.float32), batch, "mask")
+    return _repeat((arr >= 0.5).astype(np.float32), batch, "mask", repeat)
 
 
-def _repeat(arr: np.ndarray, batch: int, what: str) -> np.ndarray:
+def _repeat(arr: np.ndarray, batch: int, what: str, repeat: bool = True) -> np.ndarray:
     if arr.shape[0] == batch:
         return arr
     if batch % arr.shape[0]:
         raise ValueError(f"{what} has {arr.shape[0]} entries, which does not divide the batch of {batch}")
+    if not repeat:
+        return arr
     return np.concatenate([arr] * (batch // arr.shape[0]))
 
 

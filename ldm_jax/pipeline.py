@@ -233,7 +233,8 @@ class Pipeline:
         elif prompt is None:
             raise ValueError("prompt: give a prompt (or context_ids=, precomputed token ids)")
         else:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompts = _as_prompt_list(prompt, "prompt")
+        _check_call_scalars(height, width, seed, guidance_scale)
         # A text encoder without a tokenizer (BERTEmbedder use_tokenizer: false) has no defined
         # unconditional input: the original samples the layout model without guidance.
         token_ids_only = self.text_encoder is not None and self.tokenizer is None
@@ -264,15 +265,21 @@ class Pipeline:
         if negative_prompt is None:
             negatives = [""] * batch
         else:
-            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else _as_prompt_list(
+                negative_prompt, "negative_prompt")
             if len(negatives) != batch:
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts")
+                raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts (give a string, "
+                                 f"or a list of {batch})")
         if mask is not None and init_image is None:
             raise ValueError("mask needs init_image (the image to inpaint)")
 
         # Image size and latent shape.
         f = self.vae_scale_factor
-        init_bhwc = None if init_image is None else prepare_image(init_image, batch, height, width)
+        # The images as given (k of them, k dividing the batch), not repeated to the batch: they are
+        # encoded once and their latents tiled, as diffusers' img2img/inpaint prepare_latents
+        # (`torch.cat([init_latents] * (batch_size // k))`, `image_latents.repeat(...)`), so a single
+        # image for B prompts gets one posterior sample, not B different ones.
+        init_bhwc = None if init_image is None else prepare_image(init_image, batch, height, width, repeat=False)
         if init_bhwc is not None:
             height, width = init_bhwc.shape[1:3]
         concat, concat_kind = self._concat_input(cond_image, image_conditioning, batch, height, width,
@@ -289,6 +296,15 @@ class Pipeline:
         width = int(width or self.default_size)
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of the autoencoder factor {f}, got {height}x{width}")
+        # The U-Net halves the latents len(block_out_channels) - 1 times and its up blocks double them
+        # back (layers.Upsample), so the latent sides must divide by 2 ** (levels - 1); else the skip
+        # concatenation fails deep inside the traced U-Net. (diffusers' UNet2DConditionModel instead
+        # forwards `upsample_size` to its Upsample2D when `forward_upsample_size`; not implemented here.)
+        levels = len(getattr(self.unet.config, "block_out_channels", ()) or (0,))
+        unet_factor = f * 2 ** (levels - 1)
+        if height % unet_factor or width % unet_factor:
+            raise ValueError(f"height and width must be multiples of {unet_factor} (the autoencoder factor {f} times "
+                             f"the U-Net's downsampling {2 ** (levels - 1)}), got {height}x{width}")
         latent_shape = (batch, height // f, width // f, self.latent_channels)
 
         # Sampler plan from the saved scheduler config (diffusers' from_config semantics).
@@ -300,7 +316,11 @@ class Pipeline:
         if mode != "txt2img":
             start_index = samplers.start_index_for_strength(plan.num_inference_steps, strength, plan.order)
             if start_index >= plan.num_steps:
-                raise ValueError(f"strength={strength} leaves no denoising steps; use a larger strength")
+                # diffusers' get_timesteps runs int(num_inference_steps * strength) steps; its inpaint
+                # pipeline raises here too (img2img fails on an empty timestep tensor).
+                raise ValueError(f"strength={strength} leaves no denoising steps; use a larger strength (with "
+                                 f"num_inference_steps={num_inference_steps}, int(num_inference_steps * strength) "
+                                 "steps are run)")
 
         key = jax.random.PRNGKey(seed)
         if latents is None:
@@ -325,7 +345,7 @@ class Pipeline:
             neg_ids=self.tokenize(negatives) if has_text and use_cfg else None,  # only the guided chain reads it
             class_labels=None if class_labels is None else jnp.asarray(class_labels, jnp.int32),
             init=None if init_bhwc is None else jnp.asarray(init_bhwc * 2.0 - 1.0),
-            mask=None if mask is None else jnp.asarray(prepare_mask(mask, batch, height, width)),
+            mask=None if mask is None else jnp.asarray(self._mask_for(mask, init_bhwc, batch, height, width)),
             concat=None if concat is None else jnp.asarray(concat, jnp.float32),
             cond_noise=cond_noise if concat_kind == "noise_augmented" else None,
             noise_level=jnp.full((batch,), noise_level, jnp.int32) if concat_kind == "noise_augmented" else None,
@@ -355,6 +375,7 @@ class Pipeline:
                 labels = inputs["noise_level"]
 
             noise = inputs["noise"]
+            batch = noise.shape[0]
             extra_channels = None
             inpaint = None
             if concat_kind == "first_stage":
@@ -371,24 +392,29 @@ class Pipeline:
                 extra_channels = inputs["concat"]
             x = samplers.scale_initial_noise(plan, noise)
             if mode != "txt2img":
-                image_latents = self._encode_image(params, inputs["init"], jax.random.fold_in(key, _POSTERIOR))
+                image_latents = _tile_batch(
+                    self._encode_image(params, inputs["init"], jax.random.fold_in(key, _POSTERIOR)), batch)
                 if mode == "img2img" or start_index > 0:
                     x = samplers.noise_to_start(plan, image_latents, noise, start_index)
                 if mode == "inpaint":
                     f = self.vae_scale_factor
-                    mask_bhw1 = inputs["mask"][:, ::f, ::f, :]  # nearest, as F.interpolate
+                    mask_bhw1 = _tile_batch(inputs["mask"][:, ::f, ::f, :], batch)  # nearest, as F.interpolate
+                    init = inputs["init"]
+                    if init.shape[0] != inputs["mask"].shape[0] and 1 not in (init.shape[0], inputs["mask"].shape[0]):
+                        init = _tile_batch(init, batch)  # _mask_for tiled the mask to the batch
                     if self.unet.config.in_channels == self.latent_channels:
                         inpaint = samplers.Inpaint(mask_bhw1, image_latents, noise)
                     elif self._ldm_inpainting:
                         # CompVis LDM inpainting (scripts/inpaint.py): c_concat = [first-stage
                         # encoding of the masked image (unscaled), the mask at latent size].
-                        masked = inputs["init"] * (inputs["mask"] < 0.5)
+                        masked = init * (inputs["mask"] < 0.5)
                         extra_channels = jnp.concatenate(
-                            [self._first_stage_condition(params, masked), mask_bhw1], axis=-1)
+                            [_tile_batch(self._first_stage_condition(params, masked), batch), mask_bhw1], axis=-1)
                     else:
-                        masked = inputs["init"] * (inputs["mask"] < 0.5)
-                        masked_latents = self._encode_image(
-                            params, masked, jax.random.fold_in(key, _MASKED_POSTERIOR))
+                        # diffusers prepare_mask_latents: encode the masked image(s) as given, then repeat.
+                        masked = init * (inputs["mask"] < 0.5)
+                        masked_latents = _tile_batch(self._encode_image(
+                            params, masked, jax.random.fold_in(key, _MASKED_POSTERIOR)), batch)
                         extra_channels = jnp.concatenate([mask_bhw1, masked_latents], axis=-1)
 
             def apply_unet(x_bhwc, t_b, ctx_btd, labels_b):
@@ -576,7 +602,67 @@ class Pipeline:
         if mesh is None:
             return inputs
         batch_sharding = NamedSharding(mesh, P("data"))
-        return {k: (None if v is None else jax.device_put(v, batch_sharding)) for k, v in inputs.items()}
+        # init / mask keep the number of images given (tiled to the batch inside the chain): replicated.
+        replicated = NamedSharding(mesh, P())
+        batch = inputs["noise"].shape[0]
+        return {k: (None if v is None else jax.device_put(v, batch_sharding if v.shape[0] == batch else replicated))
+                for k, v in inputs.items()}
+
+    @staticmethod
+    def _mask_for(mask, init_bhwc: np.ndarray, batch: int, height: int, width: int) -> np.ndarray:
+        """The binarised mask (m, H, W, 1), m the number given. diffusers computes the masked image as
+        ``init_image * (mask_condition < 0.5)`` on the images and masks as given (broadcast) and encodes
+        that; when the two counts do not broadcast (neither 1 nor equal) both are tiled to the batch
+        here (diffusers raises a shape error there)."""
+        arr = prepare_mask(mask, batch, height, width, repeat=False)
+        m, k = arr.shape[0], init_bhwc.shape[0]
+        if m != k and 1 not in (m, k):
+            arr = np.concatenate([arr] * (batch // m))
+        return arr
+
+
+def _tile_batch(x: jax.Array, batch: int) -> jax.Array:
+    """``x`` (k, ...) tiled to (batch, ...) (k divides batch), as ``torch.cat([x] * (batch // k))``."""
+    return x if x.shape[0] == batch else jnp.tile(x, (batch // x.shape[0],) + (1,) * (x.ndim - 1))
+
+
+def _as_prompt_list(prompt, name: str) -> List[str]:
+    """A list of strings from a string or a sequence of strings, else a TypeError naming ``name``
+    (diffusers' check_inputs: `prompt` has to be of type `str` or `list`)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    try:
+        items = list(prompt)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(p, str) for p in items):
+        got = type(prompt).__name__ if items is None else \
+            f"a {type(prompt).__name__} holding {sorted({type(p).__name__ for p in items})}"
+        raise TypeError(f"{name} must be a string or a list of strings, got {got}")
+    return items
+
+
+def _check_call_scalars(height, width, seed, guidance_scale) -> None:
+    """Clear errors for ``__call__``'s scalar arguments, before they reach jax (where a negative size
+    is an MLIR error, a None seed an opaque conversion error, and a NaN scale a silently black image)."""
+    for name, v in (("height", height), ("width", width)):
+        if v is None:
+            continue
+        integral = isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
+        if isinstance(v, (bool, np.bool_)) or not integral or v < 0:
+            # 0 means "the default size", as diffusers' `height = height or sample_size * vae_scale_factor`.
+            raise ValueError(f"{name} must be a positive integer (pixels) or None for the model's default, got {v!r}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int (the only source of randomness here), got {seed!r}")
+    if not -2 ** 63 <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must fit in 64 bits, got {seed}")
+    if guidance_scale is not None:
+        try:
+            g = None if isinstance(guidance_scale, (str, bytes)) else float(guidance_scale)
+        except (TypeError, ValueError):
+            g = None
+        if g is None or not np.isfinite(g):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
 
 
 def load_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32", **kwargs) -> Pipeline:
