@@ -19,9 +19,7 @@ from ldm_jax.convert.errors import CheckpointError
 from original_ckpt import CONFIGS, first_stage, ldm_state_dict, save_ckpt, unet_model
 from tiny_sd import nhwc
 
-TOL = 1e-4  # as tests/test_original.py: float32 parity, max abs
-AE = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
-          num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+from test_original import AE, TOL  # noqa: E402 - the tiny first stage and float32 tolerance of the parity tests
 SPATIAL = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1],
                num_res_blocks=1, channel_mult=[1, 2], num_heads=8, use_spatial_transformer=True,
                transformer_depth=1, context_dim=32, legacy=False)
