@@ -296,15 +296,6 @@ class Pipeline:
         width = int(width or self.default_size)
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of the autoencoder factor {f}, got {height}x{width}")
-        # The U-Net halves the latents len(block_out_channels) - 1 times and its up blocks double them
-        # back (layers.Upsample), so the latent sides must divide by 2 ** (levels - 1); else the skip
-        # concatenation fails deep inside the traced U-Net. (diffusers' UNet2DConditionModel instead
-        # forwards `upsample_size` to its Upsample2D when `forward_upsample_size`; not implemented here.)
-        levels = len(getattr(self.unet.config, "block_out_channels", ()) or (0,))
-        unet_factor = f * 2 ** (levels - 1)
-        if height % unet_factor or width % unet_factor:
-            raise ValueError(f"height and width must be multiples of {unet_factor} (the autoencoder factor {f} times "
-                             f"the U-Net's downsampling {2 ** (levels - 1)}), got {height}x{width}")
         latent_shape = (batch, height // f, width // f, self.latent_channels)
 
         # Sampler plan from the saved scheduler config (diffusers' from_config semantics).

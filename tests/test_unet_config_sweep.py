@@ -57,6 +57,16 @@ CASES = {
         MODEL2D, block_out_channels=(16, 16, 32), norm_num_groups=4, down_block_types=(AD, D, AD),
         up_block_types=(AU, U, AU), attn_norm_num_groups=2, class_embed_type="timestep",
         time_embedding_dim=40, center_input_sample=True, downsample_padding=0), (2, 16, 8), None),
+    # Latent sides the overall downsampling (4) does not divide: diffusers forwards each skip's
+    # size to the upsamplers (upsample_size, nearest F.interpolate), e.g. 7 -> 4 -> 2 -> 4 -> 7.
+    "odd_sizes_three_levels": ("UNet2DConditionModel", dict(
+        block_out_channels=(16, 32, 32), norm_num_groups=8, down_block_types=(CA, CA, D),
+        up_block_types=(U, CU, CU), attention_head_dim=2, cross_attention_dim=24), (2, 7, 10), 24),
+    # the same with downsample_padding 0 (pad (0, 1)): 9 -> 4 -> 1, up 1 -> 4 -> 9 (not 2x minus one)
+    "odd_sizes_pad0": ("UNet2DConditionModel", dict(
+        block_out_channels=(16, 32, 32), norm_num_groups=8, down_block_types=(CA, D, CA),
+        up_block_types=(CU, U, CU), attention_head_dim=2, cross_attention_dim=24, downsample_padding=0),
+        (1, 9, 6), 24),
 }
 
 

@@ -12,11 +12,12 @@ and the attention softmax are always computed in float32.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.models import attention_kernels, conv
 
@@ -178,7 +179,13 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution.
+
+    ``output_hw``: the size to upsample to instead of 2x (diffusers' ``Upsample2D(output_size=)``,
+    which the U-Net passes when a side does not divide by its overall downsampling: a stride-2
+    convolution maps n to ceil(n / 2), so the skip is 2m - 1 where 2m would come back). It is
+    PyTorch's ``F.interpolate(mode="nearest", size=)``: output row i reads input row
+    floor(i * (in / out)), the scale in float32 as ATen computes it."""
 
     out_channels: int
     dtype: Dtype = jnp.float32
@@ -186,9 +193,21 @@ class Upsample(nn.Module):
     conv_impl: Optional[str] = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x: jax.Array, output_hw: Optional[Tuple[int, int]] = None) -> jax.Array:
+        h, w = x.shape[1:3]
+        if output_hw is None or tuple(output_hw) == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            x = jnp.take(x, _nearest_source(h, output_hw[0]), axis=1)
+            x = jnp.take(x, _nearest_source(w, output_hw[1]), axis=2)
         return conv3x3(self.out_channels, self.dtype, self.param_dtype, name="conv", conv_impl=self.conv_impl)(x)
+
+
+def _nearest_source(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output index of ATen's nearest interpolation (upsample_nearest2d)."""
+    scale = np.float32(size_in) / np.float32(size_out)
+    src = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, size_in - 1)
 
 
 class Attention(nn.Module):

@@ -223,8 +223,9 @@ class UNet(nn.Module):
     ``t_b``: a scalar or (B,) timesteps (int or float). ``context_btd``: the
     text-encoder states (B, T, cross_attention_dim) for cross-attention models,
     else None. ``class_labels``: (B,) ints for a label table, or (B,) timesteps
-    ("timestep") / (B, time_embed_dim) vectors ("identity"). Spatial sizes must
-    be divisible by 2 ** (number of blocks - 1). The result is in ``dtype``.
+    ("timestep") / (B, time_embed_dim) vectors ("identity"). Any spatial size: where a
+    side does not divide by 2 ** (number of blocks - 1), each upsampler goes to its skip's
+    size, as diffusers' ``upsample_size``. The result is in ``dtype``.
     """
 
     config: UNetConfig
@@ -238,11 +239,8 @@ class UNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n = len(cfg.block_out_channels)
         b = x_bhwc.shape[0]
-        factor = 2 ** (n - 1)
         if x_bhwc.ndim != 4 or x_bhwc.shape[-1] != cfg.in_channels:
             raise ValueError(f"UNet: expected x of shape (B, H, W, {cfg.in_channels}), got {x_bhwc.shape}")
-        if x_bhwc.shape[1] % factor or x_bhwc.shape[2] % factor:
-            raise ValueError(f"UNet: height and width must be divisible by {factor}, got {x_bhwc.shape[1:3]}")
         if cfg.uses_cross_attention and context_btd is None:
             raise ValueError("UNet: this model has cross-attention; pass context_btd (B, T, D)")
         deterministic = not train
@@ -290,7 +288,9 @@ class UNet(nn.Module):
                 name="mid_block", **stage_kw,
             )(h, emb, ctx, deterministic)
 
-        # Up path: block j mirrors down block n-1-j and consumes layers+1 skips.
+        # Up path: block j mirrors down block n-1-j and consumes layers+1 skips. Each upsampler
+        # goes to the size of the next block's first skip (diffusers' upsample_size, used when a
+        # side does not divide by the overall downsampling; otherwise it is exactly 2x).
         for j, btype in enumerate(cfg.up_block_types):
             i = n - 1 - j
             num_layers = layers_per_block[i] + 1
@@ -299,7 +299,7 @@ class UNet(nn.Module):
                 cfg.block_out_channels[i], num_layers, attention=UP_BLOCKS[btype], heads=cfg.heads(i),
                 transformer_layers=cfg.up_transformer_layers(j), only_cross_attention=only_cross[i],
                 add_upsample=j < n - 1, name=f"up_blocks_{j}", **stage_kw,
-            )(h, tuple(res), emb, ctx, deterministic)
+            )(h, tuple(res), emb, ctx, deterministic, upsample_hw=skips[-1].shape[1:3] if skips else None)
 
         h = layers.GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h)
         pad = cfg.conv_out_kernel // 2

@@ -257,7 +257,9 @@ class UpStage(_StageBase):
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, x, skips: Sequence[jax.Array], temb, ctx, deterministic: bool = True):
+    def __call__(self, x, skips: Sequence[jax.Array], temb, ctx, deterministic: bool = True,
+                 upsample_hw: Optional[Tuple[int, int]] = None):
+        """``upsample_hw``: the next stage's skip size, for sides that did not halve evenly."""
         if len(skips) != self.num_layers:
             raise ValueError(f"up stage expects {self.num_layers} skip tensors, got {len(skips)}")
         for j in range(self.num_layers):
@@ -267,7 +269,7 @@ class UpStage(_StageBase):
                 x = self._attention(j)(x, ctx)
         if self.add_upsample:
             x = layers.Upsample(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                                name="upsamplers_0", conv_impl=self.conv_impl)(x)
+                                name="upsamplers_0", conv_impl=self.conv_impl)(x, upsample_hw)
         return x
 
 
