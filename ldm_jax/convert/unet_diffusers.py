@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from ldm_jax.convert.errors import CheckpointError
 from ldm_jax.convert.mapping import convert_state_dict
 from ldm_jax.convert.weights_io import find_weights, read_json, read_state_dict
-from ldm_jax.models.unet import DOWN_BLOCKS, UP_BLOCKS, UNet, UNetConfig, unet_dummy_inputs
+from ldm_jax.models.unet import UNet, UNetConfig, attention_levels, unet_dummy_inputs
 
 # Config keys restricted to the values this U-Net implements (other values change
 # the architecture); a key that is absent takes diffusers' default, which is allowed.
@@ -110,21 +110,6 @@ def unet_config_from_diffusers(config: dict, source: str = _SOURCE) -> UNetConfi
     return unet_config
 
 
-def _attention_levels(fields, kind: str) -> list:
-    """Levels (down-block indices) whose down block, up block or mid block has
-    attention of ``kind`` ("cross" or "self"); the mid block counts as the last
-    level. ``fields``: a UNetConfig or a dict of its fields."""
-    get = fields.get if isinstance(fields, dict) else lambda k: getattr(fields, k)  # noqa: E731
-    down, up = get("down_block_types"), get("up_block_types")
-    n = len(down)
-    levels = {i for i, t in enumerate(down) if DOWN_BLOCKS.get(t) == kind}
-    levels |= {n - 1 - j for j, t in enumerate(up) if UP_BLOCKS.get(t) == kind}
-    mid = {"UNetMidBlock2DCrossAttn": "cross", "UNetMidBlock2D": "self" if get("mid_block_attention") else None}
-    if mid.get(get("mid_block_type")) == kind and get("mid_block_num_layers"):
-        levels.add(n - 1)
-    return sorted(levels)
-
-
 def _check_heads(fields: dict, kind: str, value, source: str):
     """Refuse, naming ``attention_head_dim``, head layouts UNetConfig cannot build.
 
@@ -142,7 +127,7 @@ def _check_heads(fields: dict, kind: str, value, source: str):
     if len(per_level) != n:
         return  # UNetConfig reports the length mismatch
     what = "heads" if kind == "cross" else "channels per head"
-    for i in _attention_levels(fields, kind):
+    for i in attention_levels(fields, kind):
         c, v = fields["block_out_channels"][i], per_level[i]
         if not isinstance(v, int) or v < 1 or c % v:
             raise _unsupported(source, "attention_head_dim", _json(value), (

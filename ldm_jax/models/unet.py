@@ -182,12 +182,8 @@ class UNetConfig:
         agree, since one context feeds them all); None without cross-attention."""
         if not self.uses_cross_attention:
             return None
-        dims, n = self.per_block("cross_attention_dim"), len(self.block_out_channels)
-        levels = {i for i, t in enumerate(self.down_block_types) if DOWN_BLOCKS[t] == "cross"}
-        levels |= {n - 1 - j for j, t in enumerate(self.up_block_types) if UP_BLOCKS[t] == "cross"}
-        if self.mid_block_type == "UNetMidBlock2DCrossAttn" and self.mid_block_num_layers:
-            levels.add(n - 1)  # the mid block reads the last entry
-        used = sorted({dims[i] for i in levels})
+        dims = self.per_block("cross_attention_dim")
+        used = sorted({dims[i] for i in attention_levels(self, "cross")})  # (the mid block reads the last entry)
         if len(used) != 1:
             raise ValueError(f"UNetConfig: the cross-attention blocks have different cross_attention_dim "
                              f"{used} (per block {list(dims)}), but one context feeds them all")
@@ -331,6 +327,22 @@ class UNet(nn.Module):
         if cfg.class_embeddings_concat:
             return jnp.concatenate([emb, class_emb], axis=-1)
         return emb + class_emb
+
+
+def attention_levels(fields, kind: str) -> list:
+    """Levels (down-block indices) whose down block, up block or mid block has attention of
+    ``kind`` ("cross" or "self"); the mid block counts as the last level. ``fields``: a
+    UNetConfig or a dict of its fields (the diffusers converter checks its fields before
+    building one)."""
+    get = fields.get if isinstance(fields, dict) else lambda k: getattr(fields, k)  # noqa: E731
+    down, up = get("down_block_types"), get("up_block_types")
+    n = len(down)
+    levels = {i for i, t in enumerate(down) if DOWN_BLOCKS.get(t) == kind}
+    levels |= {n - 1 - j for j, t in enumerate(up) if UP_BLOCKS.get(t) == kind}
+    mid = {"UNetMidBlock2DCrossAttn": "cross", "UNetMidBlock2D": "self" if get("mid_block_attention") else None}
+    if mid.get(get("mid_block_type")) == kind and get("mid_block_num_layers"):
+        levels.add(n - 1)
+    return sorted(levels)
 
 
 def unet_dummy_inputs(config: UNetConfig, batch: int = 1, size: Optional[int] = None, context_len: int = 8):

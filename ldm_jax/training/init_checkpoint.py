@@ -206,6 +206,14 @@ def _hashable(value):
     return tuple(value) if isinstance(value, (list, tuple, np.ndarray)) else value
 
 
+def _same_schedule(config_a, config_b) -> bool:
+    """Whether two diffusers scheduler configs give the same noise schedule (length and betas)."""
+    from ldm_jax.diffusion.schedule import NoiseSchedule
+
+    a, b = NoiseSchedule.from_diffusers_config(config_a), NoiseSchedule.from_diffusers_config(config_b)
+    return a.num_train_timesteps == b.num_train_timesteps and np.allclose(a.betas64, b.betas64, rtol=1e-9, atol=0.0)
+
+
 def check_schedule(pipe, schedule_config: Dict[str, Any], allow_change: bool) -> None:
     """The training noise schedule (``diffusion.num_train_timesteps`` / ``beta_*``) and prediction
     type against the ones ``pipe`` (the init.checkpoint) was trained with (its scheduler config:
@@ -214,13 +222,9 @@ def check_schedule(pipe, schedule_config: Dict[str, Any], allow_change: bool) ->
     (e.g. an eps-prediction config on an SD 2 768-v file), so a difference is a ``ValueError``
     naming both, unless ``init.allow_schedule_change`` (a deliberate change, as SD 2-v was made from
     SD 2-base), where it is logged."""
-    from ldm_jax.diffusion.schedule import NoiseSchedule
-
     file_config = dict(pipe.scheduler_config)
     differences = []
-    mine, theirs = NoiseSchedule.from_diffusers_config(schedule_config), NoiseSchedule.from_diffusers_config(file_config)
-    if mine.num_train_timesteps != theirs.num_train_timesteps or not np.allclose(
-            mine.betas64, theirs.betas64, rtol=1e-9, atol=0.0):
+    if not _same_schedule(schedule_config, file_config):
         keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
                 "rescale_betas_zero_snr")
         differences.append(
@@ -243,16 +247,11 @@ def upscaler_low_res(pipe, diffusion_cfg) -> Tuple[tuple, int]:
     """(low-res schedule as LDMStepConfig.low_res_schedule, max_noise_level) of an x4-upscaler
     ``pipe``: the file's; ``diffusion.low_res_schedule`` / ``diffusion.max_noise_level``, where
     set, must agree with it (the U-Net learnt its class labels as levels of this schedule)."""
-    from ldm_jax.diffusion.schedule import NoiseSchedule
-
     file_schedule = {k: _hashable(v) for k, v in pipe.low_res_scheduler_config.items() if v is not None}
     file_level = int(pipe.max_noise_level)
     given = _as_dict(_get(diffusion_cfg, "low_res_schedule", None))
     if given:
-        mine = NoiseSchedule.from_diffusers_config({**concat_lib.LOW_RES_SCHEDULE, **given})
-        theirs = NoiseSchedule.from_diffusers_config(file_schedule)
-        if mine.num_train_timesteps != theirs.num_train_timesteps or not np.allclose(
-                mine.betas64, theirs.betas64, rtol=1e-9, atol=0.0):
+        if not _same_schedule({**concat_lib.LOW_RES_SCHEDULE, **given}, file_schedule):
             raise ValueError(
                 f"diffusion.low_res_schedule={given} does not describe init.checkpoint={pipe.source}'s low-res noise "
                 f"schedule {file_schedule} (its low_scale_config); set it to that, or to None to take the file's")
