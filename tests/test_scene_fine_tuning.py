@@ -61,6 +61,14 @@ def semantic_file(tmp_path_factory):
     return dict(path=path, sd=sd, pipe=ldm_jax.load_pipeline(path, config=SEMANTIC_YAML, use_ema=True))
 
 
+def _with_changes(cfg, changes):
+    """``cfg`` with ``section__name=value`` keyword changes applied."""
+    for key, value in changes.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return cfg
+
+
 def semantic_config(path, **changes):
     """configs/ldm_semantic_synthesis.py:runlocal (synthetic 5-class scenes at 16x16) on the file: its U-Net and
     rescaler taken (model.unet = model.cond_stage = {}), its KL-f4 first stage (4x4x3 latents, scale 1)."""
@@ -69,10 +77,7 @@ def semantic_config(path, **changes):
     cfg.first_stage.scale_by_std, cfg.first_stage.scale_factor = False, None
     cfg.init.checkpoint, cfg.init.original_config, cfg.init.use_ema = path, SEMANTIC_YAML, True
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.min_fsdp_size = 2, 4, 2 ** 10
-    for key, value in changes.items():
-        section, name = key.split("__")
-        cfg[section][name] = value
-    return cfg
+    return _with_changes(cfg, changes)
 
 
 def test_fine_tuning_from_a_semantic_synthesis_file(semantic_file):
@@ -163,10 +168,7 @@ def layout_config(file, **changes):
     cfg.first_stage.scale_by_std, cfg.first_stage.scale_factor = False, None
     cfg.init.checkpoint, cfg.init.original_config = file["path"], file["yaml"]
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.min_fsdp_size = 2, 4, 2 ** 10
-    for key, value in changes.items():
-        section, name = key.split("__")
-        cfg[section][name] = value
-    return cfg
+    return _with_changes(cfg, changes)
 
 
 def test_fine_tuning_from_a_layout_to_image_file(layout_file):
