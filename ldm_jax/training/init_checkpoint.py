@@ -99,7 +99,8 @@ def load_init_pipeline(init_cfg, dtype: str, attention_impl: str, tokenizer: Opt
                                text_encoder=None if pipe.text_encoder is None else with_attention(pipe.text_encoder))
 
 
-def _log(msg: str, *args) -> None:
+def log_main_process(msg: str, *args) -> None:
+    """``log.info`` on process 0 only (every host runs the same init, one line is enough)."""
     if jax.process_index() == 0:
         log.info(msg, *args)
 
@@ -113,7 +114,7 @@ def unet_fields_from(pipe, concat: str = "none") -> Dict[str, Any]:
     extra = concat_lib.num_concat_channels(concat, latent)
     if extra and int(fields["in_channels"]) == latent:
         fields["in_channels"] = latent + extra
-        _log("init.checkpoint=%s: model.unet={} takes its U-Net with in_channels %d -> %d (diffusion.concat=%r adds "
+        log_main_process("init.checkpoint=%s: model.unet={} takes its U-Net with in_channels %d -> %d (diffusion.concat=%r adds "
              "%d channels; conv_in is widened with zeros for them)", pipe.source, latent, latent + extra, concat, extra)
     return fields
 
@@ -171,7 +172,7 @@ def start_unet_params(expected, pipe, concat: str, latent_channels: int):
     # New input channels start at zero: the widened U-Net is the checkpoint's function of the latents,
     # and the concat channels start contributing as their weights train (init_from_ckpt's zeros_like).
     kernel = jnp.zeros(w, old.dtype).at[:, :, :h[_IN_AXIS], :].set(old)
-    _log("init.checkpoint=%s: U-Net conv_in widened from %d to %d input channels for diffusion.concat=%r: channels "
+    log_main_process("init.checkpoint=%s: U-Net conv_in widened from %d to %d input channels for diffusion.concat=%r: channels "
          "0..%d are the checkpoint's, %d..%d (the concat channels) start at zero (as Stability's "
          "LatentFinetuneDiffusion.init_from_ckpt)", pipe.source, h[_IN_AXIS], w[_IN_AXIS], concat,
          h[_IN_AXIS] - 1, h[_IN_AXIS], w[_IN_AXIS] - 1)

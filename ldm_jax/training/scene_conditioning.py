@@ -32,22 +32,14 @@ Fine-tuning the released files (``init.checkpoint`` = the original ``.ckpt`` wit
 """
 from __future__ import annotations
 
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.training.config_access import config_as_dict as _as_dict, config_get as _get
-
-log = logging.getLogger(__name__)
+from ldm_jax.training.init_checkpoint import log_main_process
 
 RESCALER_FIELDS = ("n_stages", "method", "multiplier", "in_channels", "out_channels", "bias")
-
-
-def _log(msg: str, *args) -> None:
-    if jax.process_index() == 0:
-        log.info(msg, *args)
 
 
 def init_rescaler_fields(init_pipe) -> dict:
@@ -84,7 +76,7 @@ def build_cond_stage(config, dtype, init_pipe=None):
     released = None if init_pipe is None else init_rescaler_fields(init_pipe)
     if released is not None and not fields:
         fields = dict(released)
-        _log("init.checkpoint=%s: model.cond_stage={} takes its SpatialRescaler %s", init_pipe.source, released)
+        log_main_process("init.checkpoint=%s: model.cond_stage={} takes its SpatialRescaler %s", init_pipe.source, released)
     if not fields:
         raise ValueError("diffusion.concat='segmentation' needs model.cond_stage: the SpatialRescaler's fields "
                          "(n_stages, in_channels = the number of classes, out_channels; as semantic_synthesis256's "
@@ -169,7 +161,7 @@ def _init_layout_bert(init_pipe, given: dict, builder):
             raise ValueError(f"text_encoder.ldm_bert does not describe init.checkpoint={init_pipe.source}'s LDMBert: "
                              f"{'; '.join(diffs)}. Set it to the file's, or to {{}} to take it from the file")
     else:
-        _log("init.checkpoint=%s: text_encoder.ldm_bert={} takes its LDMBert %s", init_pipe.source, released)
+        log_main_process("init.checkpoint=%s: text_encoder.ldm_bert={} takes its LDMBert %s", init_pipe.source, released)
     # The file's encoder learnt its table over this vocabulary and its positions over this length: the
     # data's builder must produce exactly these ids (a grid of another no_tokens means other coordinates).
     if builder.no_tokens != released.vocab_size or builder.embedding_dim != released.max_position_embeddings:
