@@ -305,9 +305,14 @@ def save_tokenizer(tokenizer, folder: str) -> str:
     pad = tokenizer.decoder[tokenizer.pad_token_id]
     special = {"bos_token": SOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": pad}
     _write_json(os.path.join(folder, "special_tokens_map.json"), special)
-    _write_json(os.path.join(folder, "tokenizer_config.json"),
-                {"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length,
-                 "do_lower_case": True, "errors": "replace", "add_prefix_space": False, **special})
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length,
+              "do_lower_case": True, "errors": "replace", "add_prefix_space": False, **special}
+    if tokenizer.added_tokens:  # textual-inversion tokens, SD2's "!": as transformers 5 saves them
+        config["added_tokens_decoder"] = {
+            str(t.id): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                        "single_word": t.single_word, "special": t.special}
+            for t in sorted(tokenizer.added_tokens, key=lambda t: t.id)}
+    _write_json(os.path.join(folder, "tokenizer_config.json"), config)
     return folder
 
 
