@@ -201,6 +201,8 @@ def test_sd2_v_matches_original_modules(sd2):
     check_kl_autoencoder(pipe, sd2["first"], "SD2")
     ids = pipe.tokenize(PROMPTS)
     assert ids[1, -1] == 0  # open_clip pads with 0
+    # open_clip.tokenize (FrozenOpenCLIPEmbedder) spells the specials <start_of_text> / <end_of_text>
+    assert pipe.tokenizer.encode("a <end_of_text> b <|endoftext|>") == [320, 49407, 321, 27, 347, 40786, 4160, 91, 285]
     context = jit_apply(pipe.text_encoder)(pipe.params["text_encoder"], ids)
     want = open_clip_context(sd2["text"], ids, "penultimate")
     print(f"SD2 OpenCLIP text tower (penultimate): max abs err {max_err(context, want):.2e}")

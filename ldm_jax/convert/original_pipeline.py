@@ -129,7 +129,7 @@ def _unfreeze(tree):
 
 
 def _clip_text_config(weights: Mapping[str, np.ndarray], prefix: str, open_clip: bool, output_layer: str,
-                      source: str):
+                      source: str, hidden_act: Optional[str] = None):
     """CLIPTextConfig from the text-tower shapes (the YAML only names a pretrained version)."""
     def need(key):
         if prefix + key not in weights:
@@ -151,9 +151,23 @@ def _clip_text_config(weights: Mapping[str, np.ndarray], prefix: str, open_clip:
     return clip_config_from_transformers({
         "vocab_size": vocab, "hidden_size": width, "intermediate_size": need(fc1)[0],
         "num_hidden_layers": layers, "num_attention_heads": max(1, width // _CLIP_HEAD_DIM),
-        "max_position_embeddings": positions, "hidden_act": "gelu" if open_clip else "quick_gelu",
+        "max_position_embeddings": positions,
+        "hidden_act": hidden_act or ("gelu" if open_clip else "quick_gelu"),
         "layer_norm_eps": 1e-5,
     }, output_layer=output_layer)
+
+
+def _open_clip_activation(cond_params: Mapping[str, Any], config_source: str) -> str:
+    """The MLP activation FrozenOpenCLIPEmbedder's ``open_clip.create_model_and_transforms(arch,
+    pretrained=version)`` builds: QuickGELU for the ``*-quickgelu`` archs (their model config sets
+    ``quick_gelu``) and for ``version="openai"`` (open_clip 2.0, which SD 2.x pins, loads the OpenAI
+    weights with QuickGELU), nn.GELU otherwise. The weights alone cannot tell."""
+    arch, version = cond_params.get("arch", "ViT-H-14"), cond_params.get("version", "laion2b_s32b_b79k")
+    if not isinstance(arch, str) or (version is not None and not isinstance(version, str)):
+        raise CheckpointError(f"{config_source}: FrozenOpenCLIPEmbedder arch={arch!r} / version={version!r} must be "
+                              "open_clip model / pretrained names")
+    quick = arch.lower().endswith("-quickgelu") or (version or "").lower() == "openai"
+    return "quick_gelu" if quick else "gelu"
 
 
 def _load_cond_stage(spec: OriginalSpec, state: Mapping[str, np.ndarray], source: str, kw: dict,
@@ -185,14 +199,17 @@ def _load_cond_stage(spec: OriginalSpec, state: Mapping[str, np.ndarray], source
             raise CheckpointError(f"{source}: the configuration ({spec.source}) has a FrozenOpenCLIPEmbedder but "
                                   f"the checkpoint has no {OPEN_CLIP_PREFIX}* weights")
         layer = spec.cond_stage_params.get("layer", "last")
-        config = _clip_text_config(state, OPEN_CLIP_PREFIX, True, layer, source)
+        config = _clip_text_config(state, OPEN_CLIP_PREFIX, True, layer, source,
+                                   hidden_act=_open_clip_activation(spec.cond_stage_params, spec.source))
         model = CLIPTextModel(config, **kw)
         try:
             params = clip_params_from_open_clip(state, config, source=source, prefix=OPEN_CLIP_PREFIX)
         except CheckpointError as e:
             raise CheckpointError(
                 f"{e}\n  The model configuration ({spec.source}) does not fit this checkpoint.") from None
-        return model, params, CLIPTokenizer(pad_token_id=SD2_PAD_TOKEN, max_length=config.max_position_embeddings)
+        # open_clip.tokenize: open_clip's SimpleTokenizer, which spells the specials <start_of_text> / <end_of_text>
+        return model, params, CLIPTokenizer(pad_token_id=SD2_PAD_TOKEN, max_length=config.max_position_embeddings,
+                                            style="open_clip")
     if spec.cond_stage == "class":
         key = COND_PREFIX + "embedding.weight"
         if key not in state:

@@ -57,8 +57,10 @@ class CLIPTextConfig:
         if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool)
                                               or not isinstance(self.eos_token_id, numbers.Integral)):
             raise ValueError(f"eos_token_id must be None or an integer id, got {self.eos_token_id!r}")
-        if self.output_layer == "penultimate" and self.num_layers < 2:
-            raise ValueError("output_layer='penultimate' needs at least 2 layers")
+        if self.output_layer == "penultimate" and self.num_layers < 1:
+            # One block is enough: FrozenOpenCLIPEmbedder.text_transformer_forward (and transformers'
+            # hidden_states[-2]) then give ln_final of the embeddings, h_0.
+            raise ValueError("output_layer='penultimate' needs at least 1 layer")
 
     @classmethod
     def clip_l14(cls, **overrides) -> "CLIPTextConfig":
