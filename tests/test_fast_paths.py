@@ -105,6 +105,28 @@ def test_matmul_kernel_grad_matches_float64_sum():
     assert _rel_err(got, want) < 1e-6
 
 
+@pytest.mark.parametrize("shape, k, pad", [
+    ((1, 9, 9, 3), 2, ((2, 0), (2, 0))),     # 100 rows: col2im below the threshold anyway
+    ((2, 40, 40, 3), 2, ((2, 0), (2, 0))),   # 3362 rows: above DX_MATMUL_MAX_ROWS
+    ((2, 30, 30, 3), 3, ((4, 0), (4, 0))),   # 2048 rows
+])
+def test_input_grad_with_padding_past_the_kernel_matches_float64(shape, k, pad):
+    """Paddings over kernel - 1 give XLA's transposed convolution a negative padding, where
+    XLA:CPU (jaxlib 0.10.2) returns garbage; the matmul impl takes col2im there at any size."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, shape[3], 5)), jnp.float32)
+    y, vjp = jax.vjp(lambda x: C.conv_matmul_grad(x, w, (1, 1), pad), x)
+    g = rng.standard_normal(y.shape)
+    (dx,) = vjp(jnp.asarray(g, jnp.float32))
+    (pt, _), (pl, _) = pad
+    dx_pad = np.zeros((shape[0], shape[1] + pt, shape[2] + pl, shape[3]))
+    for i in range(k):
+        for j in range(k):
+            dx_pad[:, i:i + y.shape[1], j:j + y.shape[2]] += np.einsum("bhwo,co->bhwc", g, np.asarray(w[i, j], np.float64))
+    assert _rel_err(dx, dx_pad[:, pt:, pl:]) < 1e-5
+
+
 def test_bf16_matmul_kernel_grad_as_accurate_as_xla():
     """bf16 operands, float32 master kernel: the per-tap matmuls accumulate in float32,
     so its error against the float32 gradient is at most that of XLA's bf16 path

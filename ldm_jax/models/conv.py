@@ -208,6 +208,14 @@ def _rows(x_shape, kernel_hw, strides, padding) -> int:
     return x_shape[0] * ho * wo
 
 
+def _pads_past_kernel(kernel_hw, padding) -> bool:
+    """Whether a padding exceeds kernel - 1, i.e. XLA's transposed convolution (the input
+    gradient) gets a negative padding: XLA:CPU in jaxlib 0.10.2 returns garbage there (e.g. a 2x2
+    kernel padded ((2, 0), (2, 0)): values ~1e30 read from uninitialised memory), so those
+    input gradients always take the col2im route."""
+    return any(p > k - 1 for k, pair in zip(kernel_hw, padding) for p in pair)
+
+
 def _forward(x_bhwc, w_hwio, strides, padding, precision):
     if _rows(x_bhwc.shape, w_hwio.shape[:2], strides, padding) <= FWD_MATMUL_MAX_ROWS:
         return conv_forward_matmul(x_bhwc, w_hwio, strides, padding, precision)
@@ -227,7 +235,8 @@ def _matmul_fwd(x_bhwc, w_hwio, strides, padding, precision):
 def _matmul_bwd(strides, padding, precision, residuals, g_bhwo):
     x_bhwc, w_hwio = residuals
     g_bhwo = g_bhwo.astype(x_bhwc.dtype)
-    if _rows(x_bhwc.shape, w_hwio.shape[:2], strides, padding) <= DX_MATMUL_MAX_ROWS:
+    if (_rows(x_bhwc.shape, w_hwio.shape[:2], strides, padding) <= DX_MATMUL_MAX_ROWS
+            or _pads_past_kernel(w_hwio.shape[:2], padding)):
         dx = input_grad_matmul(g_bhwo, w_hwio, x_bhwc.shape, strides, padding, precision)
     else:  # XLA's own transpose (a convolution with the flipped kernel)
         _, vjp_x = jax.vjp(lambda x: _lax_conv(x, w_hwio, strides, padding, precision), x_bhwc)
