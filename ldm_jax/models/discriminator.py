@@ -51,17 +51,17 @@ class DiscriminatorConfig:
 
     in_channels: int = 3        # image channels (taming disc_in_channels)
     ndf: int = 64               # channels of the first conv (taming ndf)
-    n_layers: int = 3           # stride-2 convs (taming disc_num_layers)
+    n_layers: int = 3           # stride-2 convs, >= 0 (taming disc_num_layers; 0 still has the first)
     norm: str = "group"         # "group" | "batch" | "actnorm" | "none" (see the module docstring)
     norm_groups: int = 32       # GroupNorm groups (must divide every normalised width)
 
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"DiscriminatorConfig.norm must be one of {NORMS}, got {self.norm!r}")
-        if self.n_layers < 1:
-            raise ValueError(f"DiscriminatorConfig.n_layers must be >= 1, got {self.n_layers}")
+        if self.n_layers < 0:
+            raise ValueError(f"DiscriminatorConfig.n_layers must be >= 0, got {self.n_layers}")
         if self.norm == "group":
-            for c in self.widths[1:]:
+            for c in self.normalised_widths:
                 if c % self.norm_groups:
                     raise ValueError(f"DiscriminatorConfig: width {c} is not divisible by "
                                      f"norm_groups={self.norm_groups} (widths {self.widths})")
@@ -71,11 +71,17 @@ class DiscriminatorConfig:
         """Output channels of the convs before the final 1-channel one."""
         return tuple(self.ndf * min(2 ** n, 8) for n in range(self.n_layers + 1))
 
+    @property
+    def normalised_widths(self):
+        """Widths of the normalised convs (all but the first; n_layers=0: the stride-1 one)."""
+        return self.widths[1:] if self.n_layers else self.widths
+
     def min_image_size(self) -> int:
         """Smallest input side that leaves at least one logit."""
         # 4x4 convs with padding 1: stride 1 gives in - 1, stride 2 gives floor(in / 2);
-        # one logit needs 2 before the last conv, 3 before the stride-1 block.
-        return 3 * 2 ** self.n_layers
+        # one logit needs 2 before the last conv, 3 before the stride-1 block. The first
+        # conv has stride 2 even with n_layers=0 (taming builds that too: no middle layers).
+        return 3 * 2 ** max(self.n_layers, 1)
 
 
 def _conv_init(key, shape, dtype=jnp.float32):

@@ -5,16 +5,20 @@ The losses are CompVis ``ldm.modules.losses.contperceptual.LPIPSWithDiscriminato
 Rombach et al. 2022 Sec. 3.1 / Appendix G, Esser et al. 2021 ("Taming", Eq. 5-7):
 
     rec   = |x - x_rec| + perceptual_weight * LPIPS(x, x_rec)        (per element)
-    KL:  nll = sum(rec / exp(logvar) + logvar) / B,  logvar a learned scalar (init 0)
+    KL:  nll = sum(rec / exp(logvar) + logvar) / B,  logvar a scalar (logvar_init; trained
+         only with learn_logvar, as the originals: CompVis AutoencoderKL never optimises it)
          L_AE = nll + kl_weight * KL(q(z|x) || N(0, I)) + lambda * disc_factor * L_G
-    VQ:  nll = mean(rec)
+    VQ:  nll = mean(rec),  rec with |x - x_rec| or (x - x_rec)^2 (CompVis pixel_loss "l2")
          L_AE = nll + codebook_weight * L_codebook + lambda * disc_factor * L_G
     L_G = -mean(D(x_rec))
     lambda = clamp(||grad_w nll|| / (||grad_w L_G|| + 1e-4), 0, 1e4) * disc_weight   (Taming Eq. 7)
     L_D = disc_factor * (hinge or vanilla)(D(x), D(sg(x_rec)))
 
 with ``w`` the weights of the decoder's last layer (``decoder/conv_out/kernel``) and
-``disc_factor = 0`` before ``disc_start`` (``adopt_weight``).
+``disc_factor = 0`` before ``disc_start`` (``adopt_weight``). KL: lambda = 0 when the
+``disc_factor`` option is 0 (CompVis); VQ computes it regardless (taming / CompVis VQ).
+With per-element ``weights`` (CompVis ``LPIPSWithDiscriminator.forward(weights=)``, KL only)
+L_AE uses sum(weights * nll_elem) / B while lambda and the logged nll stay unweighted.
 
 How lambda is computed here: the reconstruction is ``x_rec = conv_out(h)``, so the
 gradient of any loss of ``x_rec`` with respect to ``w`` is the conv's weight-VJP of the
@@ -45,7 +49,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from ldm_jax.models.discriminator import NLayerDiscriminator, actnorm_data_init
+from ldm_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator, actnorm_data_init
 from ldm_jax.models.lpips import LPIPS
 from ldm_jax.models.quantizer import codebook_perplexity
 from ldm_jax.training import optim
@@ -54,6 +58,7 @@ from ldm_jax.training.image_range import images_to_float
 
 KINDS = ("kl", "vq")
 DISC_LOSSES = ("hinge", "vanilla")
+PIXEL_LOSSES = ("l1", "l2")
 LAST_LAYER = ("decoder", "conv_out")  # module path of the decoder's last layer (Taming Eq. 7's w)
 
 
@@ -69,7 +74,11 @@ class FirstStageLossConfig:
     kl_weight: float = 1e-6         # KL: weight of KL(q(z|x) || N(0, I))
     perceptual_weight: float = 1.0  # LPIPS weight inside the reconstruction term; 0 = pure L1
     codebook_weight: float = 1.0    # VQ: weight of the codebook + commitment loss
-    logvar_init: float = 0.0        # KL: initial value of the learned output log-variance
+    logvar_init: float = 0.0        # KL: initial (and, without learn_logvar, fixed) output log-variance
+    learn_logvar: bool = False      # KL: train logvar too (sdkit AutoencoderKL learn_logvar; CompVis never does)
+    pixel_loss: str = "l1"          # VQ: "l1" or "l2" pixel term (CompVis vqperceptual pixel_loss); KL: "l1" only
+    pixelloss_weight: float = 1.0   # accepted for the originals' YAMLs; unused there too (stored, never read)
+    perceptual_loss: str = "lpips"  # only "lpips" (CompVis VQ refuses its "clips" / "dists" too)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -79,14 +88,86 @@ class FirstStageLossConfig:
         for name in ("disc_factor", "disc_weight", "kl_weight", "perceptual_weight", "codebook_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FirstStageLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.pixel_loss not in PIXEL_LOSSES:
+            raise ValueError(f"FirstStageLossConfig.pixel_loss must be one of {PIXEL_LOSSES}, got {self.pixel_loss!r}")
+        if self.kind == "kl" and self.pixel_loss != "l1":
+            # CompVis LPIPSWithDiscriminator has no pixel_loss option (always |x - x_rec|).
+            raise ValueError(f"FirstStageLossConfig.pixel_loss={self.pixel_loss!r}: the KL loss (CompVis "
+                             "LPIPSWithDiscriminator) only has the L1 pixel term; pixel_loss is a VQ option")
+        if self.perceptual_loss != "lpips":
+            raise ValueError(f"FirstStageLossConfig.perceptual_loss={self.perceptual_loss!r}: only 'lpips' is "
+                             "implemented (CompVis VQLPIPSWithDiscriminator raises for 'clips' / 'dists' too)")
+        if self.learn_logvar and self.kind != "kl":
+            raise ValueError("FirstStageLossConfig.learn_logvar: the VQ loss has no logvar (KL only)")
 
     @classmethod
     def from_mapping(cls, values, kind: str) -> "FirstStageLossConfig":
+        """The loss fields of a ``config.loss`` mapping (the discriminator / LPIPS keys are
+        read by ``discriminator_config`` and the task; ``check_loss_keys`` refuses the rest)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{**{k: v for k, v in dict(values).items() if k in names and v is not None}, "kind": kind})
 
 
+# config.loss keys read elsewhere: the discriminator (discriminator_config) and the LPIPS weights (task).
+DISC_KEYS = ("disc_ndf", "disc_num_layers", "disc_norm", "disc_norm_groups", "disc_in_channels", "use_actnorm",
+             "disc_conditional")
+OTHER_KEYS = ("lpips_weights", "n_classes")  # n_classes: CompVis VQ stores it, uses it nowhere (logging commented out)
+
+
+def check_loss_keys(values, where: str = "config.loss") -> None:
+    """Refuse keys no part of the first-stage loss reads, so that an option of the original
+    losses (or a typo) cannot train silently with a different objective."""
+    known = {f.name for f in dataclasses.fields(FirstStageLossConfig)} - {"kind"}
+    known |= set(DISC_KEYS) | set(OTHER_KEYS)
+    unknown = sorted(k for k in dict(values) if k not in known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; the first-stage loss reads {sorted(known)}")
+
+
+def discriminator_config(values, image_channels: int, where: str = "config.loss") -> DiscriminatorConfig:
+    """The PatchGAN's ``DiscriminatorConfig`` from the ``config.loss`` keys (disc_ndf,
+    disc_num_layers, disc_norm, disc_norm_groups, and the originals' disc_in_channels,
+    use_actnorm, disc_conditional) for images with ``image_channels`` channels."""
+    values = {k: v for k, v in dict(values).items() if v is not None}
+    in_channels = int(values.get("disc_in_channels", image_channels))
+    if in_channels != image_channels:
+        # The originals feed the discriminator the images themselves (no cond: see below),
+        # so any other width fails in its first conv.
+        raise ValueError(f"{where}.disc_in_channels={in_channels} but the images have {image_channels} channels "
+                         "(the discriminator sees the images and reconstructions)")
+    if values.get("disc_conditional", False):
+        # LPIPSWithDiscriminator / VQLPIPSWithDiscriminator assert `not disc_conditional` when
+        # no cond is passed, and AutoencoderKL / VQModel.training_step never pass one.
+        raise ValueError(f"{where}.disc_conditional=True: the originals' autoencoders never pass a "
+                         "condition to the discriminator (their loss asserts), so it is not supported")
+    norm = values.get("disc_norm", "group")
+    if "use_actnorm" in values and not values["use_actnorm"] and norm == "actnorm":
+        raise ValueError(f"{where}.use_actnorm=False conflicts with {where}.disc_norm='actnorm'")
+    if values.get("use_actnorm", False):
+        # taming use_actnorm=True: ActNorm instead of BatchNorm ("group" is this library's
+        # default stand-in for taming's BatchNorm, so it yields; "batch"/"none" conflict).
+        if norm not in ("group", "actnorm"):
+            raise ValueError(f"{where}.use_actnorm=True conflicts with {where}.disc_norm={norm!r} "
+                             "(use_actnorm means disc_norm='actnorm')")
+        norm = "actnorm"
+    return DiscriminatorConfig(in_channels=in_channels, ndf=int(values.get("disc_ndf", 64)),
+                               n_layers=int(values.get("disc_num_layers", 3)), norm=norm,
+                               norm_groups=int(values.get("disc_norm_groups", 32)))
+
+
 # ----------------------------------------------------------------------------- pieces
+
+LPIPS_CHANNELS = (1, 3)  # image widths taming's LPIPS takes
+
+
+def lpips_per_image(lpips: LPIPS, lpips_params, x_bhwc, x_rec_bhwc) -> jax.Array:
+    """LPIPS (B,) of RGB or grey images: taming's LPIPS ScalingLayer computes (x - shift) / scale
+    with a (1, 3, 1, 1) shift, which broadcasts a grey (B, 1, H, W) image to 3 identical channels."""
+    if x_bhwc.shape[-1] == 1:
+        x_bhwc = jnp.broadcast_to(x_bhwc, x_bhwc.shape[:-1] + (3,))
+        x_rec_bhwc = jnp.broadcast_to(x_rec_bhwc, x_rec_bhwc.shape[:-1] + (3,))
+    return lpips.apply({"params": lpips_params}, x_bhwc, x_rec_bhwc)
+
 
 
 def adopt_weight(weight: float, step: jax.Array, threshold: int, value: float = 0.0) -> jax.Array:
@@ -127,23 +208,37 @@ class FirstStageLoss:
         """LPIPS per example (B,); zeros when the perceptual term is off."""
         if self.cfg.perceptual_weight <= 0:
             return jnp.zeros((x_bhwc.shape[0],), jnp.float32)
-        return self.lpips.apply({"params": lpips_params}, x_bhwc, x_rec_bhwc)
+        if x_bhwc.shape[-1] not in LPIPS_CHANNELS:
+            raise ValueError(f"FirstStageLoss: perceptual_weight={self.cfg.perceptual_weight} needs 1- or 3-channel "
+                             f"images for LPIPS (VGG16), got {x_bhwc.shape[-1]} channels; set perceptual_weight=0")
+        return lpips_per_image(self.lpips, lpips_params, x_bhwc, x_rec_bhwc)
 
-    def nll(self, x_bhwc, x_rec_bhwc, logvar, lpips_params) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-        """The reconstruction term (KL: Laplace-like NLL with learned logvar summed per
-        example; VQ: mean) and its logs."""
+    def nll(self, x_bhwc, x_rec_bhwc, logvar, lpips_params,
+            weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+        """The reconstruction term (KL: Laplace-like NLL with the scalar logvar summed per
+        example; VQ: mean) and its logs. With ``weights`` (KL only, broadcastable to the
+        images, NHWC) the returned term is CompVis' weighted_nll_loss; ``logs["nll_loss"]``
+        stays the unweighted one, as in CompVis."""
         x_rec = x_rec_bhwc.astype(jnp.float32)
-        abs_err = jnp.abs(x_bhwc.astype(jnp.float32) - x_rec)
+        diff = x_bhwc.astype(jnp.float32) - x_rec
+        pix = jnp.square(diff) if self.cfg.pixel_loss == "l2" else jnp.abs(diff)
         p_b = self.perceptual(lpips_params, x_bhwc, x_rec)
-        rec = abs_err + self.cfg.perceptual_weight * p_b[:, None, None, None]
-        logs = {"l1": jnp.mean(abs_err), "p_loss": jnp.mean(p_b), "rec_loss": jnp.mean(rec)}
+        rec = pix + self.cfg.perceptual_weight * p_b[:, None, None, None]
+        logs = {"l1": jnp.mean(jnp.abs(diff)), "p_loss": jnp.mean(p_b), "rec_loss": jnp.mean(rec)}
         if self.cfg.kind == "kl":
             lv = logvar.astype(jnp.float32)
-            nll = jnp.sum(rec / jnp.exp(lv) + lv) / x_bhwc.shape[0]
+            elem = rec / jnp.exp(lv) + lv
+            nll = jnp.sum(elem) / x_bhwc.shape[0]
             logs["logvar"] = lv
+            logs["nll_loss"] = nll
+            if weights is not None:
+                nll = jnp.sum(jnp.asarray(weights, jnp.float32) * elem) / x_bhwc.shape[0]
+                logs["weighted_nll_loss"] = nll
         else:
+            if weights is not None:
+                raise ValueError("FirstStageLoss: weights are a KL-loss option (VQLPIPSWithDiscriminator has none)")
             nll = jnp.mean(rec)
-        logs["nll_loss"] = nll
+            logs["nll_loss"] = nll
         return nll, logs
 
     def logits(self, disc_params, x_bhwc) -> jax.Array:
@@ -198,10 +293,17 @@ def _ae_forward(ae: nn.Module, x_bhwc, rng, sample_posterior: bool, capture: dic
     return forward
 
 
+def _adaptive_on(cfg: FirstStageLossConfig) -> bool:
+    """Whether lambda is computed: KL only when the disc_factor option is > 0 (CompVis
+    LPIPSWithDiscriminator); taming / CompVis VQLPIPSWithDiscriminator always compute it."""
+    return cfg.kind == "vq" or cfg.disc_factor > 0
+
+
 def generator_grads(loss: FirstStageLoss, ae: nn.Module, params, x_bhwc, *, lpips_params, disc_params,
-                    step, rng, sample_posterior: bool = True):
+                    step, rng, sample_posterior: bool = True, weights=None):
     """Gradients of L_AE w.r.t. ``params = {"autoencoder": ..., "logvar": ()}``, the
-    (stopped) reconstruction and logs. See the module docstring for the method."""
+    (stopped) reconstruction and logs. See the module docstring for the method.
+    ``weights``: CompVis' per-element nll weights (KL only; lambda uses the unweighted nll)."""
     cfg = loss.cfg
     capture: Dict[str, Any] = {}
     (x_rec, reg), vjp_ae, aux = jax.vjp(
@@ -215,6 +317,12 @@ def generator_grads(loss: FirstStageLoss, ae: nn.Module, params, x_bhwc, *, lpip
     nll, vjp_nll, logs = jax.vjp(lambda xr, lv: loss.nll(x_bhwc, xr, lv, lpips_params), x_rec, params["logvar"],
                                  has_aux=True)
     ct_nll, grad_logvar = vjp_nll(jnp.ones((), nll.dtype))
+    ct_total_nll = ct_nll  # cotangent of the nll term of L_AE (the weighted one with weights)
+    if weights is not None:
+        nll_w, vjp_w, logs = jax.vjp(lambda xr, lv: loss.nll(x_bhwc, xr, lv, lpips_params, weights), x_rec,
+                                     params["logvar"], has_aux=True)
+        ct_total_nll, grad_logvar = vjp_w(jnp.ones((), nll_w.dtype))
+        nll = nll_w
     g_loss, vjp_g = jax.vjp(lambda xr: loss.g_loss(disc_params, xr), x_rec)
     (ct_g,) = vjp_g(jnp.ones((), g_loss.dtype))
 
@@ -222,7 +330,7 @@ def generator_grads(loss: FirstStageLoss, ae: nn.Module, params, x_bhwc, *, lpip
     _, vjp_kernel = jax.vjp(lambda k: conv.apply({"params": {**conv_params, "kernel": k}}, h), kernel)
     (grad_w_nll,) = vjp_kernel(ct_nll.astype(x_rec.dtype))
     (grad_w_g,) = vjp_kernel(ct_g.astype(x_rec.dtype))
-    if cfg.disc_factor > 0:
+    if _adaptive_on(cfg):
         d_weight = adaptive_weight(grad_w_nll, grad_w_g, cfg.disc_weight)
     else:
         d_weight = jnp.float32(0.0)
@@ -230,7 +338,7 @@ def generator_grads(loss: FirstStageLoss, ae: nn.Module, params, x_bhwc, *, lpip
     gan_scale = d_weight * disc_factor
 
     # One backward pass through the autoencoder with the combined cotangent.
-    ct_x_rec = (ct_nll + gan_scale * ct_g).astype(x_rec.dtype)
+    ct_x_rec = (ct_total_nll + gan_scale * ct_g).astype(x_rec.dtype)
     (grads_ae,) = vjp_ae((ct_x_rec, jnp.asarray(loss.reg_weight, reg.dtype)))
 
     total = nll + loss.reg_weight * reg + gan_scale * g_loss
@@ -246,14 +354,14 @@ def generator_grads(loss: FirstStageLoss, ae: nn.Module, params, x_bhwc, *, lpip
 
 
 def direct_generator_loss(loss: FirstStageLoss, ae: nn.Module, params, x_bhwc, *, lpips_params, disc_params,
-                          step, rng, sample_posterior: bool = True):
+                          step, rng, sample_posterior: bool = True, weights=None):
     """The reference formulation, for tests: (L_AE, d_weight) as a differentiable function
     of ``params``, with lambda from ``jax.grad`` of nll and L_G w.r.t. the last-layer kernel."""
     cfg = loss.cfg
 
-    def parts(p):
+    def parts(p, w=None):
         x_rec, enc = ae.apply({"params": p["autoencoder"]}, x_bhwc, sample_posterior, rng)
-        nll, _ = loss.nll(x_bhwc, x_rec, p["logvar"], lpips_params)
+        nll, _ = loss.nll(x_bhwc, x_rec, p["logvar"], lpips_params, w)
         reg = jnp.mean(enc.kl()) if hasattr(enc, "logvar") else enc.loss
         return nll, reg, loss.g_loss(disc_params, x_rec)
 
@@ -266,11 +374,11 @@ def direct_generator_loss(loss: FirstStageLoss, ae: nn.Module, params, x_bhwc, *
     kernel = params["autoencoder"]["decoder"]["conv_out"]["kernel"]
     grad_w_nll = jax.grad(lambda k: parts(with_kernel(k))[0])(kernel)
     grad_w_g = jax.grad(lambda k: parts(with_kernel(k))[2])(kernel)
-    d_weight = adaptive_weight(grad_w_nll, grad_w_g, cfg.disc_weight) if cfg.disc_factor > 0 else jnp.float32(0)
+    d_weight = adaptive_weight(grad_w_nll, grad_w_g, cfg.disc_weight) if _adaptive_on(cfg) else jnp.float32(0)
     disc_factor = adopt_weight(cfg.disc_factor, step, cfg.disc_start)
 
     def total(p):
-        nll, reg, g = parts(p)
+        nll, reg, g = parts(p, weights)
         return nll + loss.reg_weight * reg + d_weight * disc_factor * g
 
     return total, d_weight
@@ -354,8 +462,15 @@ def make_train_step(ae: nn.Module, loss: FirstStageLoss, tx_ae: optax.GradientTr
             sums, _ = jax.lax.scan(body, zeros, (jnp.arange(k_accum, dtype=jnp.int32), micro))
             grads, d_grads, logs = jax.tree_util.tree_map(lambda s: s / k_accum, sums)
 
+        if cfg.kind == "kl" and not cfg.learn_logvar:
+            # CompVis AutoencoderKL's Adam holds encoder/decoder/quant convs only: the loss's
+            # logvar stays at logvar_init (sdkit: unless learn_logvar). Zero gradient and no
+            # update (also no decoupled weight decay).
+            grads = {**grads, "logvar": jnp.zeros_like(grads["logvar"])}
         updates, opt_state = tx_ae.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if cfg.kind == "kl" and not cfg.learn_logvar:
+            params = {**params, "logvar": state.params["logvar"]}
 
         # The discriminator only moves once the GAN is on (adopt_weight threshold).
         d_updates, d_opt_new = tx_disc.update(d_grads, state.disc_opt_state, state.disc_params)
@@ -378,11 +493,24 @@ def make_train_step(ae: nn.Module, loss: FirstStageLoss, tx_ae: optax.GradientTr
     return train_step
 
 
-def make_actnorm_init(discriminator: NLayerDiscriminator):
+def make_actnorm_init(discriminator: NLayerDiscriminator, ae: Optional[nn.Module] = None,
+                      sample_posterior: bool = True, grad_accum_steps: int = 1):
     """``(state, batch) -> state`` with the discriminator's ActNorm layers initialised from
-    the batch's real images (taming initialises them in the first training forward)."""
+    data, as taming's ActNorm does in the discriminator's first training forward. That
+    forward is the generator half of the first step (optimizer_idx 0: ``D(x_rec)``), so
+    with ``ae`` the layers initialise from the reconstructions the first train step makes
+    (same parameters, same posterior key ``fold_in(rng, step)``); without it, from the
+    real images. With ``grad_accum_steps`` k > 1, from the first micro-batch (Lightning's
+    first forward sees the first of the k accumulated batches)."""
     def init(state: FirstStageState, batch):
         x = images_to_float(batch["image"])
+        key = jax.random.fold_in(state.rng, state.step)
+        if grad_accum_steps > 1:  # as make_train_step: micro-batch 0 and its key
+            x = optim.split_microbatches(x, grad_accum_steps)[0]
+            key = jax.random.fold_in(key, 0)
+        if ae is not None:
+            x, _ = ae.apply({"params": state.params["autoencoder"]}, x, sample_posterior, key)
+            x = x.astype(jnp.float32)
         return state.replace(disc_params=actnorm_data_init(discriminator, state.disc_params, x))
 
     return init

@@ -23,7 +23,9 @@ Config keys (``configs/emoji_autoencoder.py``): ``model.kind`` ("kl" | "vq"),
 ``model.codebook_init`` ("uniform" | "data", VQ only),
 ``model.autoencoder`` (AutoencoderConfig fields), ``model.dtype``, ``model.attention_impl``;
 ``loss.*`` (FirstStageLossConfig fields, ``lpips_weights``, ``disc_ndf``,
-``disc_num_layers``, ``disc_norm``, ``disc_norm_groups``); ``train.*`` (OptimizerConfig
+``disc_num_layers``, ``disc_norm``, ``disc_norm_groups``, the originals' ``disc_in_channels``,
+``use_actnorm``, ``disc_conditional`` (False only), ``n_classes``; any other key is refused);
+``model.learn_logvar`` (= ``loss.learn_logvar``); ``train.*`` (OptimizerConfig
 fields, ``disc_lr``); ``eval.*``; ``mesh.*``; ``data.*``.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ldm_jax.models.autoencoder import AutoencoderConfig, build_autoencoder
-from ldm_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
+from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS, load_lpips_params
 from ldm_jax.training import autoencoder_losses as losses
 from ldm_jax.training import optim
@@ -137,11 +139,20 @@ class AutoencoderTask:
         self.ae = build_autoencoder(self.ae_config, attention_impl=attention_impl, dtype=self.dtype)
 
         lcfg = config.loss
-        self.loss_cfg = losses.FirstStageLossConfig.from_mapping(_as_dict(lcfg), kind)
-        self.disc_config = DiscriminatorConfig(
-            in_channels=self.ae_config.in_channels, ndf=int(_get(lcfg, "disc_ndf", 64)),
-            n_layers=int(_get(lcfg, "disc_num_layers", 3)), norm=_get(lcfg, "disc_norm", "group"),
-            norm_groups=int(_get(lcfg, "disc_norm_groups", 32)))
+        loss_values = _as_dict(lcfg)
+        losses.check_loss_keys(loss_values)
+        learn_logvar = _get(model, "learn_logvar", None)  # where the originals' YAML has it (model.params)
+        if learn_logvar is not None:
+            if loss_values.get("learn_logvar") is not None and bool(loss_values["learn_logvar"]) != bool(learn_logvar):
+                raise ValueError(f"model.learn_logvar={learn_logvar} conflicts with "
+                                 f"loss.learn_logvar={loss_values['learn_logvar']}")
+            loss_values["learn_logvar"] = bool(learn_logvar)
+        self.loss_cfg = losses.FirstStageLossConfig.from_mapping(loss_values, kind)
+        if self.loss_cfg.perceptual_weight > 0 and self.ae_config.in_channels not in losses.LPIPS_CHANNELS:
+            raise ValueError(f"loss.perceptual_weight={self.loss_cfg.perceptual_weight}: LPIPS needs 1- or 3-channel "
+                             f"images, the autoencoder has in_channels={self.ae_config.in_channels}; "
+                             "set loss.perceptual_weight=0")
+        self.disc_config = losses.discriminator_config(loss_values, self.ae_config.in_channels)
         self.discriminator = NLayerDiscriminator(self.disc_config, dtype=self.dtype)
 
         # LPIPS: needed for the loss when perceptual_weight > 0; used by the eval if found.
@@ -195,7 +206,8 @@ class AutoencoderTask:
                               out_shardings=self.state_shardings, donate_argnums=(0,))
         if self.disc_config.norm == "actnorm":
             self._actnorm_init = shd.SyncedJit(
-                jax.jit(losses.make_actnorm_init(self.discriminator), **init_shardings), "actnorm_init")
+                jax.jit(losses.make_actnorm_init(self.discriminator, self.ae, self.sample_posterior,
+                                                 self.opt_cfg.grad_accum_steps), **init_shardings), "actnorm_init")
 
         # VQ codebook initialisation: "uniform" (taming's U(-1/K, 1/K)) or "data" (from the
         # first batch's latents, see autoencoder_losses.make_codebook_data_init).
@@ -324,7 +336,7 @@ class AutoencoderTask:
 
     def _make_eval_fn(self):
         ae, lpips, kind = self.ae, self.lpips, self.ae_config.kind
-        use_lpips = self.frozen["lpips"] is not None
+        use_lpips = self.frozen["lpips"] is not None and self.ae_config.in_channels in losses.LPIPS_CHANNELS
         num_codes = self.ae_config.num_vq_embeddings
 
         def fn(params, lpips_params, image, mask, rng):
@@ -346,7 +358,7 @@ class AutoencoderTask:
                    "z_sq": jnp.sum(m[:, None, None, None] * jnp.square(z)),
                    "z_count": jnp.sum(m) * float(np.prod(z.shape[1:]))}
             if use_lpips:
-                out["lpips"] = jnp.sum(m * lpips.apply({"params": lpips_params}, x, x_rec))
+                out["lpips"] = jnp.sum(m * losses.lpips_per_image(lpips, lpips_params, x, x_rec))
             if kind == "vq":
                 idx = jnp.where(mask[:, None, None], enc.indices, num_codes)
                 out["code_counts"] = jnp.bincount(idx.reshape(-1), length=num_codes + 1)[:num_codes]
