@@ -661,7 +661,8 @@ def load_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32
     text_encoder/, tokenizer/, scheduler/), a ``train.py`` LDM workdir, or a single original CompVis/Stability
     .ckpt/.safetensors file (``config``: its original YAML, else inferred from the keys;
     ``use_ema=``, ``prediction_type=`` and ``tokenizer=`` (the vocab.txt / tokenizer folder an LDM
-    txt2img BERTEmbedder checkpoint lacks) pass through to ``load_original_pipeline``).
+    txt2img BERTEmbedder checkpoint lacks) pass through to ``load_original_pipeline``; ``variant=``
+    ("fp16", ...) to ``load_diffusers_pipeline``, as diffusers' ``from_pretrained(variant=)``).
     ``dtype``: compute dtype ("float32" or "bfloat16"); parameters stay float32."""
     import os
 

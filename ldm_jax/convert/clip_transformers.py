@@ -102,11 +102,13 @@ def load_text_encoder(
     param_dtype="float32",
     attention_impl: str = "xla",
     output_layer: Optional[str] = None,
+    variant: Optional[str] = None,
 ):
     """(CLIPTextModel, params) from a transformers CLIPTextModel folder.
 
     ``output_layer`` overrides the default "last" (a diffusers SD2 text
     encoder already has its last block removed: 23 layers, "last").
+    ``variant`` (e.g. "fp16") reads ``model.fp16.safetensors`` & co.
     """
     config_path = os.path.join(folder, "config.json")
     config_dict = read_json(config_path)
@@ -118,7 +120,7 @@ def load_text_encoder(
                               f"{_SUPPORTED_ARCHITECTURES} is implemented; e.g. the text_projection of "
                               "CLIPTextModelWithProjection is not)")
     config = clip_config_from_transformers(config_dict, output_layer, source=config_path)
-    path = find_weights(folder, ("model", "pytorch_model"))
+    path = find_weights(folder, ("model", "pytorch_model"), variant=variant)
     model = CLIPTextModel(config, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype),
                           attention_impl=attention_impl)
     state = read_state_dict(path)

@@ -186,20 +186,71 @@ def find_weights(folder: str, stems: Iterable[str], variant: Optional[str] = Non
     """The weight file of a diffusers/transformers component folder.
 
     Looks for ``STEM[.variant].safetensors`` first, then ``.bin``, then sharded indexes
-    (``STEM.safetensors.index[.variant].json``, the diffusers/transformers variant naming).
+    (``STEM.safetensors.index[.variant].json``, the diffusers/transformers variant naming, then
+    the legacy ``STEM.safetensors.variant.index.json`` that diffusers still reads).
+    A folder that only holds other variants (``STEM.fp16.safetensors`` with no
+    ``STEM.safetensors``) is an error that names them and the ``variant=`` to pass, as diffusers
+    and transformers refuse to load it without that argument too.
     """
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: not a directory")
     tried = []
+    stems = list(stems)
+    for name in weight_file_names(stems, variant):
+        candidate = os.path.join(folder, name)
+        tried.append(name)
+        if os.path.isfile(candidate):
+            return candidate
+    hints = []
+    for name in tried:  # a dangling symlink (e.g. a Hugging Face cache snapshot whose blob is gone)
+        candidate = os.path.join(folder, name)
+        if os.path.islink(candidate):
+            hints.append(f"{name} is a broken link to {os.readlink(candidate)}")
+    found = available_variants(folder, stems)
+    if found:
+        choices = ", ".join("variant=None" if v is None else f"variant={v!r}" for v in sorted(found, key=str))
+        hints.append(f"the folder holds {', '.join(sorted(f for v in found.values() for f in v))}: "
+                     f"load it with {choices}")
+    raise CheckpointError(f"{folder}: no weight file found (looked for {', '.join(tried)})"
+                          + "".join(f"; {h}" for h in hints))
+
+
+def weight_file_names(stems: Iterable[str], variant: Optional[str] = None) -> list:
+    """Candidate weight file names, most preferred first (see ``find_weights``)."""
     v = f".{variant}" if variant else ""
+    names = []
     for stem in stems:
-        for name in (f"{stem}{v}.safetensors", f"{stem}{v}.bin",
-                     f"{stem}.safetensors.index{v}.json", f"{stem}.bin.index{v}.json"):
-            candidate = os.path.join(folder, name)
-            tried.append(os.path.basename(candidate))
-            if os.path.isfile(candidate):
-                return candidate
-    raise CheckpointError(f"{folder}: no weight file found (looked for {', '.join(tried)})")
+        names += [f"{stem}{v}.safetensors", f"{stem}{v}.bin",
+                  f"{stem}.safetensors.index{v}.json", f"{stem}.bin.index{v}.json"]
+        if variant:  # diffusers' _fetch_index_file_legacy: the variant before ".index.json"
+            names += [f"{stem}.safetensors{v}.index.json", f"{stem}.bin{v}.index.json"]
+    return names
+
+
+_VARIANT_FILE = re.compile(r"^(?P<stem>[^.]+?)(?:\.(?P<v1>[^.]+?))?(?P<shard>-\d+-of-\d+)?(?:\.(?P<v2>[^.]+))?"
+                           r"\.(?:safetensors|bin)$")
+_VARIANT_INDEX = re.compile(r"^(?P<stem>[^.]+)\.(?:safetensors|bin)(?:\.(?P<v1>[^.]+))?\.index(?:\.(?P<v2>[^.]+))?"
+                            r"\.json$")
+
+
+def available_variants(folder: str, stems: Iterable[str]) -> Dict[Optional[str], list]:
+    """Variant name (None: the plain files) -> the weight files of that variant in ``folder``:
+    ``STEM.VARIANT.safetensors``/``.bin``, sharded ``STEM.VARIANT-00001-of-00002.safetensors`` and
+    their indexes ``STEM.safetensors.index.VARIANT.json`` (or the legacy ``STEM.safetensors.VARIANT.index.json``)."""
+    stems = set(stems)
+    out: Dict[Optional[str], list] = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return out
+    for name in names:
+        m = _VARIANT_INDEX.match(name) or _VARIANT_FILE.match(name)
+        if (m is None or m.group("stem") not in stems or m.groupdict().get("shard")
+                or not os.path.isfile(os.path.join(folder, name))):
+            continue  # shards are listed by their index
+        variant = m.group("v2") or m.group("v1")
+        out.setdefault(variant, []).append(name)
+    return out
 
 
 def read_json(path: str) -> dict:

@@ -512,7 +512,8 @@ _FIXED_OPTIONS = {
     "variance_type": ("fixed_small", None),
     # diffusers' DPMSolverMultistepScheduler.__init__ maps the UniPC / DEIS solver types "logrho",
     # "bh1", "bh2" (of a folder saved with those schedulers) to "midpoint". (It maps algorithm_type
-    # "deis" to "dpmsolver++" too, but then refuses final_sigmas_type "zero": not accepted here.)
+    # "deis" to "dpmsolver++" too, then refuses final_sigmas_type "zero"; here sampler="dpmpp_2m"
+    # is DPM-Solver++(2M) whatever algorithm the folder saved: _FORCED sets it before this check.)
     "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint", "logrho", "bh1", "bh2"),
     "solver_order": (2,),
     "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_lu_lambdas": (False,),
