@@ -1,4 +1,5 @@
-"""Denoising training objective: eps / v / x0 targets, min-SNR weighting, offset noise.
+"""Denoising training objective: eps / v / x0 targets, min-SNR weighting, offset noise, and the
+other terms of the original LatentDiffusion.p_losses (l_simple_weight, the lvlb term, a fixed logvar).
 
 Names follow diffusers' ``prediction_type``: "epsilon" (Ho et al. 2020), "v_prediction"
 (Salimans & Ho 2022, arXiv:2202.00512) and "sample" (x0). With x_t = alpha x0 + sigma eps,
@@ -13,6 +14,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.diffusion.schedule import NoiseSchedule, add_noise, get_velocity, snr
 
@@ -88,18 +90,80 @@ def min_snr_weights(snr_b: jax.Array, gamma: float, prediction_type: str) -> jax
 LOSS_TYPES = ("l2", "l1")
 
 
-def diffusion_loss(model_output, target, weights_b: Optional[jax.Array] = None, loss_type: str = "l2") -> jax.Array:
-    """Mean squared error ("l2") or mean absolute error ("l1": CompVis ``loss_type: l1``, used by the
-    semantic-synthesis and layout-to-image LDMs) in float32: mean over non-batch axes, times
-    per-example weights, mean over batch."""
+def per_example_loss(model_output, target, loss_type: str = "l2") -> jax.Array:
+    """(B,) float32 squared ("l2") or absolute ("l1") error, mean over the non-batch axes
+    (CompVis ``get_loss(..., mean=False).mean([1, 2, 3])``)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     diff = model_output.astype(jnp.float32) - target.astype(jnp.float32)
     err = jnp.square(diff) if loss_type == "l2" else jnp.abs(diff)
-    per_example_b = jnp.mean(err, axis=tuple(range(1, err.ndim)))
+    return jnp.mean(err, axis=tuple(range(1, err.ndim)))
+
+
+def diffusion_loss(model_output, target, weights_b: Optional[jax.Array] = None, loss_type: str = "l2") -> jax.Array:
+    """Mean squared error ("l2") or mean absolute error ("l1": CompVis ``loss_type: l1``, used by the
+    semantic-synthesis and layout-to-image LDMs) in float32: mean over non-batch axes, times
+    per-example weights, mean over batch."""
+    per_example_b = per_example_loss(model_output, target, loss_type)
     if weights_b is not None:
         per_example_b = per_example_b * weights_b
     return jnp.mean(per_example_b)
+
+
+def lvlb_weights(schedule: NoiseSchedule, prediction_type: str, v_posterior: float = 0.0) -> np.ndarray:
+    """(T,) float32 weights of the CompVis ``loss_vlb`` term, as ``DDPM.register_schedule`` builds them
+    (ldm/models/diffusion/ddpm.py; Ho et al. 2020 Eq. 12 for eps):
+
+      epsilon:      beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)), sigma_t^2 the posterior variance
+                    (1 - v) beta~_t + v beta_t, beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+      sample (x0):  0.5 sqrt(abar_t) / (2 - abar_t)   (the original's expression ``2. * 1 - abar``, kept)
+      v_prediction: ones
+    with weight[0] := weight[1] (the posterior variance is 0 at t = 0 when v_posterior = 0).
+    As the original: float64 posterior variance, then the products in float32 on the float32 casts of
+    its buffers (float32 1 - abar_t at small t differs ~1e-5 relative from the float64 value)."""
+    check_prediction_type(prediction_type)
+    f32 = np.float32
+    betas = schedule.betas64
+    ac = schedule.alphas_cumprod64
+    ac_prev = np.concatenate([[1.0], ac[:-1]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if prediction_type == "epsilon":
+            post_var = (1.0 - v_posterior) * betas * (1.0 - ac_prev) / (1.0 - ac) + v_posterior * betas
+            b32, ac32 = betas.astype(f32), ac.astype(f32)
+            w = b32 ** 2 / (f32(2) * post_var.astype(f32) * (1.0 - betas).astype(f32) * (f32(1) - ac32))
+        elif prediction_type == "sample":
+            ac32 = ac.astype(f32)
+            w = f32(0.5) * np.sqrt(ac32) / (f32(2.0 * 1) - ac32)
+        else:
+            w = np.ones_like(betas)
+    w = np.asarray(w, np.float32)
+    w[0] = w[1]
+    return w
+
+
+def ldm_objective(per_example_b: jax.Array, t_b: jax.Array, weights_b: Optional[jax.Array] = None, *,
+                  l_simple_weight: float = 1.0, logvar_init: float = 0.0, original_elbo_weight: float = 0.0,
+                  lvlb_weights_t: Optional[jax.Array] = None) -> jax.Array:
+    """The CompVis ``LatentDiffusion.p_losses`` reduction of per-example losses (B,):
+
+      loss = l_simple_weight * mean(L_b / exp(logvar) + logvar) + original_elbo_weight * mean(lvlb[t_b] L_b)
+
+    with a fixed logvar = ``logvar_init`` (the original's ``learn_logvar: false``) and ``weights_b``
+    (min-SNR) on the simple term only. The defaults reduce it to mean(weights_b * L_b) exactly.
+    ``lvlb_weights_t``: the (T,) table of ``lvlb_weights``, needed when original_elbo_weight != 0."""
+    simple_b = per_example_b if weights_b is None else per_example_b * weights_b
+    if logvar_init:
+        logvar = jnp.float32(logvar_init)
+        simple_b = simple_b / jnp.exp(logvar) + logvar
+    loss = jnp.mean(simple_b)
+    if l_simple_weight != 1.0:
+        loss = jnp.float32(l_simple_weight) * loss
+    if original_elbo_weight:
+        if lvlb_weights_t is None:
+            raise ValueError("original_elbo_weight != 0 needs the lvlb_weights table")
+        vlb = jnp.mean(jnp.asarray(lvlb_weights_t, jnp.float32)[t_b] * per_example_b)
+        loss = loss + jnp.float32(original_elbo_weight) * vlb
+    return loss
 
 
 def sample_training_inputs(rng, x0_bhwc, schedule: NoiseSchedule, offset_noise: float = 0.0):

@@ -15,7 +15,9 @@ With ``LDMStepConfig.concat`` the U-Net sees ``[z_t, c]``, c concatenated on the
 semantic synthesis: a trained SpatialRescaler of the one-hot label map, its parameters then
 ``params["cond_stage"]`` next to ``params["unet"]``; see ``concat_conditioning.py``), in Eq. 2's
 eps_theta(z_t, t, ...) next to tau(y). ``LDMStepConfig.loss_type`` "l1" replaces the squared error
-by the absolute error (CompVis ``loss_type: l1`` of the semantic-synthesis and layout models).
+by the absolute error (CompVis ``loss_type: l1`` of the semantic-synthesis and layout models);
+``l_simple_weight`` / ``original_elbo_weight`` / ``logvar_init`` / ``v_posterior`` add the other terms of
+CompVis ``LatentDiffusion.p_losses`` (``losses.ldm_objective``), ``input_perturbation`` diffusers' option.
 Layout-to-image is text conditioning to the step: its ``"input_ids"`` are the layout's token ids
 (``ldm_jax.data.layout_tokens``) into a trained LDMBert.
 
@@ -44,16 +46,20 @@ sharding nor (with U-Net dropout 0) on ``grad_accum_steps``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from ldm_jax.diffusion.losses import (
-    LOSS_TYPES, check_prediction_type, diffusion_loss, min_snr_weights, prediction_target, sample_training_inputs,
+    LOSS_TYPES, check_prediction_type, ldm_objective, lvlb_weights, min_snr_weights, per_example_loss,
+    prediction_target, sample_training_inputs,
 )
 from ldm_jax.diffusion.schedule import NoiseSchedule, add_noise, snr
 from ldm_jax.training import concat_conditioning as concat_lib
@@ -64,7 +70,8 @@ from ldm_jax.training.state import TrainState
 
 CONDITIONINGS = ("text", "class", "none")
 # Streams folded into the step key.
-_POSTERIOR, _COND_DROP, _NOISE, _DROPOUT, _MASK, _MASKED_POSTERIOR, _NOISE_LEVEL, _LOW_RES_NOISE = range(8)
+(_POSTERIOR, _COND_DROP, _NOISE, _DROPOUT, _MASK, _MASKED_POSTERIOR, _NOISE_LEVEL, _LOW_RES_NOISE,
+ _INPUT_PERTURBATION) = range(9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +94,29 @@ class LDMStepConfig:
     low_res_schedule: tuple = tuple(sorted(concat_lib.LOW_RES_SCHEDULE.items()))
     max_noise_level: int = concat_lib.MAX_NOISE_LEVEL
     loss_type: str = "l2"                  # "l2" (squared error) or "l1" (CompVis loss_type: l1)
+    # diffusers --input_perturbation (Ning et al. 2023, arXiv:2301.11706): z_t is built from
+    # noise + input_perturbation * N(0, 1) while the target keeps the noise; 0 = off.
+    input_perturbation: float = 0.0
+    # CompVis LatentDiffusion.p_losses terms (ldm_objective): loss = l_simple_weight * mean(L / exp(logvar)
+    # + logvar) + original_elbo_weight * mean(lvlb_weights[t] * L), logvar fixed at logvar_init; v_posterior
+    # enters the eps lvlb weights through the posterior variance. Defaults: the plain mean (the zoo's).
+    l_simple_weight: float = 1.0
+    original_elbo_weight: float = 0.0
+    logvar_init: float = 0.0
+    v_posterior: float = 0.0
 
     def __post_init__(self):
         check_prediction_type(self.prediction_type)
+        for name in ("input_perturbation", "l_simple_weight", "original_elbo_weight", "logvar_init", "v_posterior"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"LDMStepConfig.{name} must be a finite number, got {value!r}")
+        if self.input_perturbation < 0 or self.original_elbo_weight < 0:
+            raise ValueError("LDMStepConfig.input_perturbation and original_elbo_weight must be >= 0, got "
+                             f"{self.input_perturbation} and {self.original_elbo_weight}")
+        if not 0.0 <= self.v_posterior <= 1.0:
+            raise ValueError(f"LDMStepConfig.v_posterior must be in [0, 1] (CompVis: sigma^2 = (1 - v) beta~ + v beta), "
+                             f"got {self.v_posterior}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"LDMStepConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         concat_lib.num_concat_channels(self.concat, 0)  # validates the name
@@ -153,6 +180,19 @@ def latent_shape(vae: Optional[nn.Module], batch) -> tuple:
     return (b, h // f, w // f, vae.config.embed_dim)
 
 
+def check_batch_size(batch_size: int, mesh: Optional[Mesh], grad_accum_steps: int = 1) -> None:
+    """The global batch must split into ``grad_accum_steps`` micro-batches, each spread evenly over the
+    mesh's devices (batch on ``P(("data", "fsdp"))``; micro-batches are strided per device, see
+    ``optim.split_microbatches``): batch % (devices x grad_accum_steps) == 0. A clear error here
+    instead of XLA's sharding-shape error from inside the jitted step."""
+    n = 1 if mesh is None else int(mesh.devices.size)
+    k = int(grad_accum_steps)
+    if batch_size % (n * k):
+        where = "" if mesh is None else f" x the {n} devices of the mesh {dict(mesh.shape)} (mesh.data x mesh.fsdp)"
+        raise ValueError(f"train.batch_size={batch_size} must be a multiple of train.grad_accum_steps={k}{where} = "
+                         f"{n * k}: each micro-batch is split evenly over the batch axes")
+
+
 def make_train_step(
     unet: nn.Module,
     schedule: NoiseSchedule,
@@ -187,6 +227,15 @@ def make_train_step(
                              f"class label, so model.unet.num_class_embeds must be >= max_noise_level="
                              f"{cfg.max_noise_level}, got {n_cls}")
         low_res_schedule = NoiseSchedule.from_diffusers_config(dict(cfg.low_res_schedule))
+    vlb_table = None
+    if cfg.original_elbo_weight:
+        vlb_table = lvlb_weights(schedule, cfg.prediction_type, cfg.v_posterior)
+        if not np.all(np.isfinite(vlb_table)):
+            bad = np.flatnonzero(~np.isfinite(vlb_table)).tolist()
+            raise ValueError(f"original_elbo_weight={cfg.original_elbo_weight}: the {cfg.prediction_type} lvlb weights "
+                             f"are not finite at timesteps {bad[:5]} of this schedule (e.g. abar_t = 0 of a zero-"
+                             "terminal-SNR schedule); set original_elbo_weight=0 or change the schedule")
+        vlb_table = jnp.asarray(vlb_table)
     train_cond_stage = trains_cond_stage(cfg)
     if train_cond_stage and cond_stage is None:
         raise ValueError("concat='segmentation' needs the cond stage module (a SpatialRescaler)")
@@ -234,7 +283,8 @@ def make_train_step(
             labels = mb["noise_level"].astype(jnp.int32)
 
         # Forward process q(z_t | z_0) (Ho et al. 2020 Eq. 4) and the regression target.
-        x_t = add_noise(schedule, x0, mb["noise"], mb["t"])
+        # (input perturbation: z_t from the perturbed noise, the target from the noise, as diffusers)
+        x_t = add_noise(schedule, x0, mb["input_noise"] if "input_noise" in mb else mb["noise"], mb["t"])
         target = prediction_target(schedule, x0, mb["noise"], mb["t"], cfg.prediction_type)
         cond = concat_condition(mb, frozen, params["cond_stage"] if train_cond_stage else None)
         if cond is not None:  # U-Net input [z_t, c] on the channel axis (CompVis DiffusionWrapper "concat")
@@ -244,7 +294,9 @@ def make_train_step(
         weights = None
         if cfg.min_snr_gamma is not None:
             weights = min_snr_weights(snr(schedule, mb["t"]), float(cfg.min_snr_gamma), cfg.prediction_type)
-        loss = diffusion_loss(out, target, weights, cfg.loss_type)
+        loss = ldm_objective(per_example_loss(out, target, cfg.loss_type), mb["t"], weights,
+                             l_simple_weight=cfg.l_simple_weight, logvar_init=cfg.logvar_init,
+                             original_elbo_weight=cfg.original_elbo_weight, lvlb_weights_t=vlb_table)
         return loss, {"latent_std": jnp.std(x0)}
 
     def check_concat_inputs(batch, shape):
@@ -280,6 +332,7 @@ def make_train_step(
         key = jax.random.fold_in(state.rng, state.step)
         shape = latent_shape(vae, batch)
         b = shape[0]
+        check_batch_size(b, mesh, k_accum)
         check_concat_inputs(batch, shape)
 
         # Per-example randomness for the whole global batch.
@@ -287,6 +340,9 @@ def make_train_step(
         t_b, noise = sample_training_inputs(jax.random.fold_in(key, _NOISE), jnp.zeros(shape, jnp.float32),
                                             schedule, cfg.offset_noise)
         extra["t"], extra["noise"] = t_b, noise
+        if cfg.input_perturbation:
+            extra["input_noise"] = noise + cfg.input_perturbation * jax.random.normal(
+                jax.random.fold_in(key, _INPUT_PERTURBATION), shape, jnp.float32)
         if "latents_std" in batch:  # cached KL posterior: the sample the image path would draw
             std = batch.pop("latents_std")
             batch["latents"] = posterior_sample(batch["latents"], std, jax.random.fold_in(key, _POSTERIOR))
@@ -330,8 +386,8 @@ def make_train_step(
     return train_step
 
 
-_STEP_KEYS = ("image", "latents", "input_ids", "label", "t", "noise", "eps", "drop", "low_res", "inpaint_mask",
-              "masked_eps", "noise_level", "low_res_noise", "segmentation")
+_STEP_KEYS = ("image", "latents", "input_ids", "label", "t", "noise", "input_noise", "eps", "drop", "low_res",
+              "inpaint_mask", "masked_eps", "noise_level", "low_res_noise", "segmentation")
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings, frozen_shardings):

@@ -31,6 +31,10 @@ Config keys read here (see ``configs/emoji_ldm.py`` for defaults):
   ``scene_conditioning.py``) or "none";
 * ``diffusion.loss_type``: "l2" (default) or "l1" (CompVis ``loss_type: l1``: the semantic-synthesis
   and layout models);
+* ``diffusion.rescale_betas_zero_snr`` (zero-terminal SNR, diffusers' key), ``diffusion.input_perturbation``
+  (diffusers ``--input_perturbation``), and the CompVis ``p_losses`` terms ``diffusion.l_simple_weight`` /
+  ``original_elbo_weight`` / ``logvar_init`` / ``v_posterior`` (``LDMStepConfig``); ``diffusion.learn_logvar``
+  is refused, and an ``init.original_config`` YAML's objective options must match these;
 * ``diffusion.concat``: what is concatenated to the noisy latents on the channel axis
   (``concat_conditioning.py``; independent of ``conditioning``, so "text" + a concat is the
   CompVis "hybrid" key): "none"; "low_res" (super-resolution, LDM Sec. 4.4 / bsr_sr: the
@@ -71,10 +75,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ldm_jax.diffusion.schedule import NoiseSchedule
 from ldm_jax.models.unet import UNet, UNetConfig, unet_dummy_inputs
 from ldm_jax.training import concat_conditioning as concat_lib
 from ldm_jax.training import init_checkpoint, ldm_step, optim
+from ldm_jax.training.objective_config import (
+    check_original_objective, loss_terms, schedule_config_from, schedule_from_config,
+)
 from ldm_jax.training import scene_conditioning as scene_lib
 from ldm_jax.training import sharding as shd
 from ldm_jax.training import state as state_lib
@@ -341,22 +347,18 @@ class LDMTask:
                                            **_as_dict(_get(diff, "low_res_schedule", None))}.items())),
             max_noise_level=int(_get(diff, "max_noise_level", concat_lib.MAX_NOISE_LEVEL)),
             loss_type=_get(diff, "loss_type", "l2") or "l2",
+            **loss_terms(diff),
         )
         if self.concat == concat_lib.NOISE_AUGMENTED and self.conditioning != "text":
             raise ValueError(f"diffusion.concat={self.concat!r} (the SD 2 x4 upscaler family: text through cross-"
                              "attention, the noise level as class label) needs diffusion.conditioning='text', got "
                              f"{self.conditioning!r}")
-        self.schedule_config = dict(
-            num_train_timesteps=int(_get(diff, "num_train_timesteps", 1000)),
-            beta_schedule=_get(diff, "beta_schedule", "scaled_linear"),
-            beta_start=float(_get(diff, "beta_start", 0.00085)),
-            beta_end=float(_get(diff, "beta_end", 0.012)),
-            prediction_type=self.step_cfg.prediction_type,
-        )
-        self.schedule = NoiseSchedule.from_diffusers_config(self.schedule_config)
+        self.schedule_config = schedule_config_from(diff, self.step_cfg.prediction_type)
+        self.schedule = schedule_from_config(self.schedule_config)
         if self.init_pipe is not None:
             init_checkpoint.check_schedule(self.init_pipe, self.schedule_config,
                                            bool(_get(_get(config, "init"), "allow_schedule_change", False)))
+            check_original_objective(_get(config, "init"), self.step_cfg)
 
         self.vae, vae_params = build_first_stage(config.first_stage, self.dtype, attention_impl, **sharding_kw,
                                                  init_pipe=self.init_pipe)
@@ -409,6 +411,7 @@ class LDMTask:
         self.opt_cfg = optim.OptimizerConfig.from_mapping(opt_fields)
         self.tx = optim.make_optimizer(self.opt_cfg)
         self.global_batch_size = int(train.batch_size)
+        ldm_step.check_batch_size(self.global_batch_size, mesh, self.opt_cfg.grad_accum_steps)
 
         x, t, ctx, labels = unet_dummy_inputs(self.unet.config, batch=1, context_len=8)
         dummy = [jnp.zeros(a.shape, a.dtype) if a is not None else None for a in (x, t, ctx, labels)]
