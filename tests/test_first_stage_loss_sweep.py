@@ -584,3 +584,8 @@ def test_task_refuses_unknown_and_conflicting_keys():
     cfg.loss.learn_logvar = False
     with pytest.raises(ValueError, match="learn_logvar"):
         AutoencoderTask(cfg, mesh)
+    # a batch the micro-batches cannot split: named at construction (not a sharding error in the step)
+    cfg = module.get_config("runlocal,kl")
+    cfg.train.batch_size, cfg.train.grad_accum_steps = 6, 4
+    with pytest.raises(ValueError, match=r"train.batch_size=6 must be a multiple of train.grad_accum_steps=4"):
+        AutoencoderTask(cfg, mesh)

@@ -362,7 +362,7 @@ def test_batch_the_mesh_cannot_split_is_a_clear_error(batch_size, k, mesh_shape)
     mesh = None if mesh_shape is None else shd.make_mesh(*mesh_shape, devices=jax.devices()[: np.prod(mesh_shape)])
     match = rf"train.batch_size={batch_size} must be a multiple of train.grad_accum_steps={k}"
     with pytest.raises(ValueError, match=match):
-        ldm_step.check_batch_size(batch_size, mesh, k)
+        shd.check_batch_size(batch_size, mesh, k)
     cfg = ldm_step.LDMStepConfig(conditioning="none")
     net = TinyNet(TinyConfig())
     opt = optim.OptimizerConfig(grad_accum_steps=k, ema_decay=0.0)
@@ -371,4 +371,4 @@ def test_batch_the_mesh_cannot_split_is_a_clear_error(batch_size, k, mesh_shape)
                                    optax.sgd(1.0), use_ema=False)(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(step, state, {"latents": jnp.zeros((batch_size, 4, 4, 3))}, FROZEN)
-    ldm_step.check_batch_size(batch_size * 8 * k, mesh, k)  # a multiple is fine
+    shd.check_batch_size(batch_size * 8 * k, mesh, k)  # a multiple is fine

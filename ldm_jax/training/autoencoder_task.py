@@ -187,6 +187,7 @@ class AutoencoderTask:
         self.tx = optim.make_optimizer(self.opt_cfg)
         self.tx_disc = optim.make_optimizer(self.disc_opt_cfg)
         self.global_batch_size = int(train.batch_size)
+        shd.check_batch_size(self.global_batch_size, mesh, self.opt_cfg.grad_accum_steps)
 
         self.sample_posterior = bool(_get(model, "sample_posterior", True))
         self._init_fn = losses.make_init_fn(self.ae, self.discriminator, self.tx, self.tx_disc, self.image_size,

@@ -180,19 +180,6 @@ def latent_shape(vae: Optional[nn.Module], batch) -> tuple:
     return (b, h // f, w // f, vae.config.embed_dim)
 
 
-def check_batch_size(batch_size: int, mesh: Optional[Mesh], grad_accum_steps: int = 1) -> None:
-    """The global batch must split into ``grad_accum_steps`` micro-batches, each spread evenly over the
-    mesh's devices (batch on ``P(("data", "fsdp"))``; micro-batches are strided per device, see
-    ``optim.split_microbatches``): batch % (devices x grad_accum_steps) == 0. A clear error here
-    instead of XLA's sharding-shape error from inside the jitted step."""
-    n = 1 if mesh is None else int(mesh.devices.size)
-    k = int(grad_accum_steps)
-    if batch_size % (n * k):
-        where = "" if mesh is None else f" x the {n} devices of the mesh {dict(mesh.shape)} (mesh.data x mesh.fsdp)"
-        raise ValueError(f"train.batch_size={batch_size} must be a multiple of train.grad_accum_steps={k}{where} = "
-                         f"{n * k}: each micro-batch is split evenly over the batch axes")
-
-
 def make_train_step(
     unet: nn.Module,
     schedule: NoiseSchedule,
@@ -332,7 +319,7 @@ def make_train_step(
         key = jax.random.fold_in(state.rng, state.step)
         shape = latent_shape(vae, batch)
         b = shape[0]
-        check_batch_size(b, mesh, k_accum)
+        shd.check_batch_size(b, mesh, k_accum)
         check_concat_inputs(batch, shape)
 
         # Per-example randomness for the whole global batch.

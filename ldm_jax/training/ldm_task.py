@@ -411,7 +411,7 @@ class LDMTask:
         self.opt_cfg = optim.OptimizerConfig.from_mapping(opt_fields)
         self.tx = optim.make_optimizer(self.opt_cfg)
         self.global_batch_size = int(train.batch_size)
-        ldm_step.check_batch_size(self.global_batch_size, mesh, self.opt_cfg.grad_accum_steps)
+        shd.check_batch_size(self.global_batch_size, mesh, self.opt_cfg.grad_accum_steps)
 
         x, t, ctx, labels = unet_dummy_inputs(self.unet.config, batch=1, context_len=8)
         dummy = [jnp.zeros(a.shape, a.dtype) if a is not None else None for a in (x, t, ctx, labels)]

@@ -168,6 +168,19 @@ def with_shardings(abstract_tree, shardings):
 
 
 # ------------------------------------------------------------------ batches
+def check_batch_size(batch_size: int, mesh: Optional[Mesh], grad_accum_steps: int = 1) -> None:
+    """The global batch must split into ``grad_accum_steps`` micro-batches, each spread evenly over the
+    mesh's devices (batch on ``P(("data", "fsdp"))``; micro-batches are strided per device, see
+    ``optim.split_microbatches``): batch % (devices x grad_accum_steps) == 0. A clear error here
+    instead of XLA's sharding-shape error from inside the jitted step."""
+    n = 1 if mesh is None else int(mesh.devices.size)
+    k = int(grad_accum_steps)
+    if batch_size % (n * k):
+        where = "" if mesh is None else f" x the {n} devices of the mesh {dict(mesh.shape)} (mesh.data x mesh.fsdp)"
+        raise ValueError(f"train.batch_size={batch_size} must be a multiple of train.grad_accum_steps={k}{where} = "
+                         f"{n * k}: each micro-batch is split evenly over the batch axes")
+
+
 def local_batch_size(global_batch_size: int, mesh: Optional[Mesh] = None) -> int:
     """Examples each process loads: global / process_count (checked against the mesh)."""
     pc = jax.process_count()
