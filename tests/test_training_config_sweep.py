@@ -103,6 +103,13 @@ TERMS = {"plain": dict(), "weighted": dict(l_simple_weight=0.5, elbo=1e-3),
          "v_posterior": dict(elbo=1.0, v_posterior=1.0)}
 
 
+def assert_sgd_step_is(state, new_state, grads, rtol, atol):
+    """One optax.sgd(1.0) step moved each parameter by minus its gradient: params - new = grads."""
+    moved = jax.tree_util.tree_map(lambda a, b: a - b, state.params, new_state.params)
+    for g, e in zip(jax.tree_util.tree_leaves(moved), jax.tree_util.tree_leaves(grads)):
+        np.testing.assert_allclose(g, e, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"{s[0]}-{s[1]}")
 @pytest.mark.parametrize("param", ["eps", "x0", "v"])
 def test_lvlb_weights_match_register_schedule(schedule, param):
@@ -188,10 +195,7 @@ def test_step_matches_p_losses(param, loss_type, kw, cond):
     want, _ = ref.p_losses(nchw(x0), None, torch.tensor(np.asarray(t)), noise=nchw(noise))
     want.backward()
     np.testing.assert_allclose(float(metrics["loss"]), float(want.detach()), rtol=2e-6)
-    expected = vjp(jnp.asarray(nhwc(O.grad)))[0]
-    got = jax.tree_util.tree_map(lambda a, b: a - b, state.params, new_state.params)
-    for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
+    assert_sgd_step_is(state, new_state, vjp(jnp.asarray(nhwc(O.grad)))[0], rtol=1e-5, atol=1e-7)
 
 
 def test_config_keys_reach_the_step_and_refusals(tmp_path):
@@ -294,10 +298,7 @@ def test_step_matches_diffusers_train_text_to_image(prediction_type, gamma, offs
         want = (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
     want.backward()
     np.testing.assert_allclose(float(metrics["loss"]), float(want.detach()), rtol=1e-4)
-    expected = vjp(jnp.asarray(nhwc(pred.grad)))[0]
-    got = jax.tree_util.tree_map(lambda a, b: a - b, state.params, new_state.params)
-    for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+    assert_sgd_step_is(state, new_state, vjp(jnp.asarray(nhwc(pred.grad)))[0], rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------ C: sharding
