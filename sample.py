@@ -28,7 +28,10 @@ vocabulary and length), over the whole image; no guidance (these models have no 
 
 PATH: a diffusers folder, a CompVis/Stability .ckpt/.safetensors file, or a
 train.py workdir. Writes outdir/samples/NNNNN.png (generation settings in the
-PNG text chunks) and outdir/grid.png; rerunning skips images already written.
+PNG text chunks) and outdir/grid.png; rerunning the same command skips images already written (a
+folder holding another job's images is an error). Batch b of the job (prompt b // n_iter) uses seed
+--seed + b: its images equal the API's pipe([prompt] * n_samples, seed=seed + b, ...) with the same
+flags. Bad flags or files are one "error: ..." line (exit code 2), before anything is written.
 """
 from __future__ import annotations
 
@@ -38,33 +41,54 @@ import os
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag (argparse prints the whole usage first)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", "--ckpt", required=True, help="model folder or file")
     p.add_argument("--config", default=None, help="original YAML config for single-file checkpoints")
     p.add_argument("--tokenizer", default=None,
                    help="the BERT vocabulary (folder or vocab.txt) of an original LDM text-to-image checkpoint "
                         "(BERTEmbedder cond stage: the .ckpt holds no vocabulary)")
     p.add_argument("--prompt", default=None, help="the prompt to render")
-    p.add_argument("--from-file", dest="from_file", default=None, help="a file with one prompt per line")
-    p.add_argument("--negative_prompt", "--negative-prompt", default=None)
+    p.add_argument("--from-file", "--from_file", dest="from_file", default=None,
+                   help="a UTF-8 file with one prompt per line (instead of --prompt); blank lines are skipped and "
+                        "whitespace around a line is stripped; each prompt gets --n_iter batches of --n_samples")
+    p.add_argument("--negative_prompt", "--negative-prompt", default=None,
+                   help="the unconditional prompt of classifier-free guidance, for every prompt (used when "
+                        "--scale > 1)")
     p.add_argument("--n_samples", type=int, default=4, help="images per prompt and iteration (one batch)")
-    p.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--n_iter", type=int, default=1,
+                   help="batches per prompt; batch b of the job (prompt b // n_iter) uses seed --seed + b")
+    p.add_argument("--steps", "--ddim_steps", type=int, default=50, help="sampler steps")
     p.add_argument("--scale", type=float, default=None,
                    help="classifier-free guidance scale (default 7.5; 1, i.e. none, with --layout)")
     p.add_argument("--sampler", default="ddim", help="ddpm, ddim, plms, dpmpp_2m, euler or euler_a")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eta", "--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the first batch; batch b uses seed + b, so its images equal the Python API's "
+                        "pipe([prompt] * n_samples, seed=seed + b, ...)")
     p.add_argument("--compilation-cache", "--compilation_cache", dest="compilation_cache", default=None,
                    help="JAX persistent compilation cache: a directory, 'default' or 'off' "
                         "(unset: on only if $LDM_JAX_COMPILATION_CACHE names a directory)")
     p.add_argument("--H", type=int, default=None, help="image height (default: the model's)")
     p.add_argument("--W", type=int, default=None, help="image width (default: the model's)")
-    p.add_argument("--outdir", default="outputs/samples")
-    p.add_argument("--init-img", dest="init_img", default=None, help="img2img / inpainting source image")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img strength in [0, 1]")
-    p.add_argument("--mask", default=None, help="inpainting mask image (white = repaint)")
+    p.add_argument("--outdir", default="outputs/samples",
+                   help="output folder: samples/NNNNN.png (settings in the PNG text chunks) and grid.png (one row "
+                        "per batch); a rerun of the same command skips the images already written, another "
+                        "job's images there are an error")
+    p.add_argument("--init-img", "--init_img", dest="init_img", default=None,
+                   help="img2img / inpainting source image (any format PIL reads; converted to RGB, alpha "
+                        "dropped; not resized: its size must match --H/--W when given, multiples of the "
+                        "autoencoder factor)")
+    p.add_argument("--strength", type=float, default=0.8,
+                   help="img2img / inpainting strength in [0, 1]: int(steps * strength) steps are run")
+    p.add_argument("--mask", default=None,
+                   help="inpainting mask image, the size of --init-img (converted to grayscale, white = repaint, "
+                        "binarised at 0.5)")
     p.add_argument("--class_label", type=int, default=None, help="class index for class-conditional models")
     p.add_argument("--cond-img", dest="cond_img", default=None,
                    help="conditioning image of a concat-conditioned model (super-resolution: the low-res image, "
@@ -81,8 +105,16 @@ def parse_args(argv=None):
                    help="layout-to-image models: a JSON file of object layouts (one: a list of {\"category\": int, "
                         "\"bbox\": [x0, y0, w, h]} with the box relative to the image, in [0, 1]; several: a list of "
                         "such lists), used instead of --prompt; see above")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    return p.parse_args(argv)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default float32; parameters stay float32)")
+    p.add_argument("--precision", default=None, choices=["full", "autocast"],
+                   help="the CompVis scripts' flag: full = --dtype float32, autocast = --dtype bfloat16")
+    args = p.parse_args(argv)
+    by_precision = {"full": "float32", "autocast": "bfloat16", None: None}[args.precision]
+    if args.dtype and by_precision and args.dtype != by_precision:
+        p.error(f"--precision {args.precision} and --dtype {args.dtype} disagree; give one")
+    args.dtype = args.dtype or by_precision or "float32"
+    return args
 
 
 class _WithInputs:
@@ -115,6 +147,8 @@ def main(argv=None) -> int:
             layouts = read_layout_file(args.layout)
             prompts = [describe_layout(layout) for layout in layouts]  # (recorded in the PNGs as "layout")
         elif args.from_file:
+            if args.prompt is not None:  # (one would be silently ignored)
+                raise ValueError("give --prompt or --from-file, not both")
             prompts = read_prompt_file(args.from_file)
         elif args.prompt is not None:
             prompts = [args.prompt]
@@ -133,7 +167,9 @@ def main(argv=None) -> int:
         job.validate()  # fail on bad flags before the (slow) model load
         import ldm_jax
         from ldm_jax.compile_cache import configure_compilation_cache
-        from ldm_jax.sampling_job import run_sampling_job
+        from ldm_jax.sampling_job import check_model_flags, check_outdir, run_sampling_job
+
+        check_outdir(args.outdir)
 
         configure_compilation_cache(args.compilation_cache)
         load_kw = {"tokenizer": args.tokenizer} if args.tokenizer else {}
@@ -154,6 +190,7 @@ def main(argv=None) -> int:
         no_prompt = not args.from_file and args.prompt is None and args.class_label is None and layouts is None
         if no_prompt and pipe.text_encoder is not None:
             raise ValueError("this model is text- or class-conditioned: give --prompt, --from-file or --class_label")
+        check_model_flags(pipe, args)
         inputs = {}
         if args.cond_img:
             inputs["cond_image"] = args.cond_img
@@ -167,9 +204,13 @@ def main(argv=None) -> int:
         if inputs:
             pipe = _WithInputs(pipe, **inputs)
         run_sampling_job(pipe, job, args.outdir)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, OSError, CheckpointError) as e:  # (OSError: unreadable files, full disk, ...)
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the images written so far are complete: rerun the same command to finish the "
+              "job", file=sys.stderr)
+        return 130
     print(f"wrote {job.num_batches * job.n_samples} images to {os.path.join(args.outdir, 'samples')} "
           f"and the grid {os.path.join(args.outdir, 'grid.png')}")
     return 0

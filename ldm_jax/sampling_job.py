@@ -5,7 +5,9 @@ with seed ``seed + b``. Image n of the job is ``outdir/samples/NNNNN.png`` with
 the prompt, seed, sampler, steps and scale in its PNG text chunks. A batch whose
 files all exist is skipped, so rerunning a killed job completes it without
 changing what was already written; files are written to a temporary name and
-renamed, so a kill never leaves a half-written PNG. With several processes
+renamed, so a kill never leaves a half-written PNG. An existing file whose
+recorded settings differ from the job's (another job's output in the same
+folder) is an error, not silently kept. With several processes
 (multi-host), process p renders batches p, p + P, p + 2P, ...
 
 A layout-to-image model's job gives token ids per prompt (``context_ids``, one
@@ -25,7 +27,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm_jax.diffusion.timesteps import SAMPLER_NAMES
-from ldm_jax.image_io import make_grid, prepare_image, to_uint8
+from ldm_jax.image_io import make_grid, prepare_image, prepare_mask, to_uint8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +53,29 @@ class SamplingJob:
     context_ids: Optional[np.ndarray] = None
 
     def validate(self) -> None:
+        """Checks of the flags alone (before the slow model load); errors name the sample.py flag."""
         if self.sampler not in SAMPLER_NAMES:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+            raise ValueError(f"--sampler: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
         if not self.prompts:
             raise ValueError("no prompts: give --prompt or a non-empty --from-file")
         for name in ("n_samples", "n_iter", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("init_image", "mask"):
-            path = getattr(self, name)
+        for flag, size in (("--H", self.height), ("--W", self.width)):
+            if size is not None and size < 1:  # (the API would name height/width, mid-job)
+                raise ValueError(f"{flag} must be a positive number of pixels (or left out for the model's "
+                                 f"default), got {size}")
+        if not -2 ** 63 <= self.seed or self.seed + self.num_batches - 1 >= 2 ** 64:
+            # (batch b uses seed + b; the API refuses seeds outside 64 bits, mid-job)
+            raise ValueError(f"--seed {self.seed}: the job's seeds {self.seed} .. {self.seed + self.num_batches - 1} "
+                             "must fit in 64 bits")
+        if not np.isfinite(self.scale):  # (a NaN scale is a black image; the API refuses it mid-job)
+            raise ValueError(f"--scale must be a finite number, got {self.scale}")
+        if not (np.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"--eta must be a finite number >= 0, got {self.eta}")
+        for flag, path in (("--init-img", self.init_image), ("--mask", self.mask)):
             if path and not os.path.isfile(path):
-                raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {path}")
+                raise FileNotFoundError(f"{flag} file not found: {path}")
         if self.mask and not self.init_image:
             raise ValueError("--mask needs --init-img (the image to inpaint)")
         if not 0.0 <= self.strength <= 1.0:
@@ -80,23 +94,44 @@ class SamplingJob:
 
 
 def read_prompt_file(path: str) -> List[str]:
-    """One prompt per line; blank lines are skipped."""
+    """One prompt per line (UTF-8); blank lines are skipped, surrounding whitespace is stripped
+    (every other character, '#' included, is part of the prompt)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+        raise FileNotFoundError(f"--from-file: prompt file not found: {path}")
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt; kept,
+        # it would be tokenized and change that prompt's images.
+        with open(path, encoding="utf-8-sig") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--from-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts")
+        raise ValueError(f"--from-file: prompt file {path} has no prompts")
     return prompts
+
+
+def check_outdir(outdir: str) -> None:
+    """Fail early (before the model load, writing nothing) when ``outdir`` cannot become a folder of samples."""
+    path = os.path.abspath(outdir)
+    for sub in (os.path.join(path, "samples"), path):
+        if os.path.exists(sub) and not os.path.isdir(sub):
+            raise ValueError(f"--outdir {outdir}: {sub} exists and is not a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--outdir {outdir}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--outdir {outdir}: {parent} is not writable")
 
 
 def sample_path(outdir: str, index: int) -> str:
     return os.path.join(outdir, "samples", f"{index:05d}.png")
 
 
-def _metadata(job: SamplingJob, prompt: str, seed: int, k: int) -> PngInfo:
-    info = PngInfo()
+def _fields(job: SamplingJob, prompt: str, seed: int, k: int) -> dict:
     fields = dict(prompt=prompt, negative_prompt=job.negative_prompt or "", seed=seed, index_in_batch=k,
+                  batch_size=job.n_samples,  # (the noise of image k depends on the batch size)
                   sampler=job.sampler, steps=job.steps, scale=job.scale, eta=job.eta,
                   checkpoint=job.checkpoint, software="ldm_jax")
     if job.context_ids is not None:  # a layout: its description, not a prompt
@@ -107,38 +142,115 @@ def _metadata(job: SamplingJob, prompt: str, seed: int, k: int) -> PngInfo:
         fields["mask"] = job.mask
     if job.class_label is not None:
         fields["class_label"] = job.class_label
-    for key, value in fields.items():
-        info.add_text(key, str(value))
+    return {key: str(value) for key, value in fields.items()}
+
+
+def _metadata(job: SamplingJob, prompt: str, seed: int, k: int) -> PngInfo:
+    info = PngInfo()
+    for key, value in _fields(job, prompt, seed, k).items():
+        info.add_text(key, value)
     return info
+
+
+def _read_image(flag: str, path: str, read):
+    """``read(path)`` with the errors naming the flag and the file (not an image, wrong size, ...)."""
+    try:
+        return read(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: {e}") from None
 
 
 def _write_png(path: str, image_hwc: np.ndarray, info: Optional[PngInfo] = None) -> None:
     tmp = path + ".partial"
-    Image.fromarray(to_uint8(image_hwc)).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(to_uint8(image_hwc)).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:  # (disk full, interrupted): no half-written file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _same(recorded: str, expected: str) -> bool:
+    if recorded == expected:
+        return True
+    try:  # numbers written by another caller (7 vs 7.0)
+        return float(recorded) == float(expected)
+    except ValueError:
+        return False
+
+
+def _check_existing(path: str, job: SamplingJob, prompt: str, seed: int, k: int) -> None:
+    """An existing sample must be this job's: a rerun skips it, so another job's file (other prompt, seed,
+    sampler, ... in the same outdir) would silently stand in for this job's image."""
+    try:
+        with Image.open(path) as im:
+            recorded, size = dict(getattr(im, "text", {}) or {}), im.size[::-1]
+    except OSError as e:
+        raise ValueError(f"--outdir: {path} exists but is not a readable PNG ({e}); remove it or use another "
+                         "--outdir") from None
+    want = {key: info_value for key, info_value in _fields(job, prompt, seed, k).items()}
+    for key, value in want.items():
+        if key == "checkpoint":
+            same = os.path.realpath(recorded.get(key, "")) == os.path.realpath(value) or recorded.get(key) == value
+        elif key == "batch_size" and key not in recorded:  # (files written before it was recorded)
+            same = True
+        else:
+            same = key in recorded and _same(recorded[key], value)
+        if not same:
+            got = recorded.get(key, "<missing>")
+            raise ValueError(f"--outdir: {path} was written by another job ({key} {got[:60]!r}, this job "
+                             f"{value[:60]!r}); a rerun only completes the same job: use another --outdir")
+    for name, want_size, got_size in (("--H", job.height, size[0]), ("--W", job.width, size[1])):
+        if want_size is not None and want_size != got_size:
+            raise ValueError(f"--outdir: {path} was written by another job (image {size[0]}x{size[1]}, "
+                             f"this job {name} {want_size}); use another --outdir")
 
 
 def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True) -> List[str]:
-    """Render every batch of ``job`` not already on disk; returns all sample paths of the job."""
+    """Render every batch of ``job`` not already on disk; returns all sample paths of the job.
+
+    The images equal ``pipe([prompt] * n_samples, seed=seed + b, ...)`` of the same arguments (the
+    init image and mask are read as the API reads the paths). Bad inputs fail before anything is
+    written: no folder, no file, no progress bar."""
     from tqdm import tqdm
 
     job.validate()
+    check_outdir(outdir)
     factor = getattr(pipe, "vae_scale_factor", 1)
     for name, size in (("--H", job.height), ("--W", job.width)):
         if size is not None and size % factor:
             raise ValueError(f"{name}={size} is not a multiple of the autoencoder factor {factor}; "
                              f"height and width must be multiples of the autoencoder factor {factor}")
-    init = None
+    init = mask = None
     if job.init_image:
-        init = prepare_image(job.init_image, 1, job.height, job.width)
-    os.makedirs(os.path.join(outdir, "samples"), exist_ok=True)
+        init = _read_image("--init-img", job.init_image, lambda x: prepare_image(x, 1, job.height, job.width))
+        if init.shape[1] % factor or init.shape[2] % factor:  # (the API names neither the flag nor the file)
+            raise ValueError(f"--init-img {job.init_image} is {init.shape[1]}x{init.shape[2]} (height x width), not "
+                             f"multiples of the autoencoder factor {factor}; crop or resize it")
+    if job.mask:  # read here so that a bad file fails before the first batch, naming it
+        mask = _read_image("--mask", job.mask, lambda x: prepare_mask(x, 1, init.shape[1], init.shape[2]))
+    if job.init_image and int(job.steps * job.strength) < 1:
+        # diffusers' get_timesteps (and Pipeline) run int(steps * strength) of the steps: none here.
+        raise ValueError(f"--strength {job.strength} with --steps {job.steps} leaves no denoising steps "
+                         f"(int(steps * strength) = 0 are run); raise --strength or --steps")
     p, num_p = jax.process_index(), jax.process_count()
     mine = [b for b in range(job.num_batches) if b % num_p == p]
-    todo = [b for b in mine if not all(os.path.isfile(sample_path(outdir, b * job.n_samples + k))
-                                       for k in range(job.n_samples))]
-    bar = tqdm(total=len(todo) * job.n_samples, unit="img", disable=not progress or p != 0,
-               desc=f"sampling ({len(mine) - len(todo)} batches already done)")
-    t0, made = time.perf_counter(), 0
+    todo = []
+    for b in mine:
+        prompt, seed = job.prompts[b // job.n_iter], job.seed + b
+        done = True
+        for k in range(job.n_samples):
+            path = sample_path(outdir, b * job.n_samples + k)
+            if os.path.isfile(path):
+                _check_existing(path, job, prompt, seed, k)
+            else:
+                done = False
+        if not done:
+            todo.append(b)
+    # The bar starts after the first batch: an error in it (bad input refused by the pipeline) is then
+    # the only output, one line.
+    bar, t0, made = None, time.perf_counter(), 0
     try:
         for b in todo:
             prompt = job.prompts[b // job.n_iter]
@@ -152,17 +264,38 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
             images = pipe(
                 text, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
                 guidance_scale=job.scale, height=job.height, width=job.width, seed=seed, sampler=job.sampler,
-                eta=job.eta, init_image=init, strength=job.strength, mask=job.mask, **cond)
+                eta=job.eta, init_image=init, strength=job.strength, mask=mask, **cond)
+            try:
+                os.makedirs(os.path.join(outdir, "samples"), exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"--outdir {outdir}: cannot create {os.path.join(outdir, 'samples')}: "
+                                 f"{e.strerror or e}") from None
             for k, image in enumerate(images):
                 _write_png(sample_path(outdir, b * job.n_samples + k), image, _metadata(job, prompt, seed, k))
             made += len(images)
+            if bar is None:
+                bar = tqdm(total=len(todo) * job.n_samples, unit="img", disable=not progress or p != 0,
+                           desc=f"sampling ({len(mine) - len(todo)} batches already done)")
             bar.update(len(images))
             bar.set_postfix(img_per_s=f"{made / (time.perf_counter() - t0):.2f}")
     finally:  # an interrupted job still leaves a clean terminal line
-        bar.close()
+        if bar is not None:
+            bar.close()
     paths = [sample_path(outdir, n) for n in range(job.num_batches * job.n_samples)]
     if p == 0 and all(os.path.isfile(x) for x in paths):
         grid = make_grid(np.stack([np.asarray(Image.open(x).convert("RGB"), np.float32) / 255 for x in paths]),
                          cols=job.n_samples)
         _write_png(os.path.join(outdir, "grid.png"), grid)
     return paths
+
+
+def check_model_flags(pipe, args) -> None:
+    """sample.py flags (``args``) the loaded model cannot use, named as flags (the API would name its
+    own arguments)."""
+    if args.class_label is not None and getattr(pipe.unet, "config", None) is not None \
+            and pipe.unet.config.num_class_embeds is None and not hasattr(pipe.tokenizer, "unconditional_class"):
+        raise ValueError(f"--class_label: {args.checkpoint} is not a class-conditional model")
+    k, c = getattr(pipe, "concat_channels", 0), getattr(pipe, "latent_channels", 0)
+    if k and k == c + 1 and not (args.cond_img or args.segmentation) and not (args.init_img and args.mask):
+        # a 9-channel (diffusers) or LDM inpainting U-Net: the masked image is part of its input
+        raise ValueError(f"{args.checkpoint} is an inpainting model: give --init-img and --mask")
