@@ -2,6 +2,7 @@
 import json
 import os
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -131,10 +132,11 @@ def test_find_weights_preference_and_error(tmp_path, rng):
         assert name in msg
 
     # later candidates are found, and each earlier one takes over when it appears
-    order = ["model.bin.index.json", "model.safetensors.index.json", "model.bin",
-             "model.safetensors", "diffusion_pytorch_model.bin.index.json",
-             "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin",
-             "diffusion_pytorch_model.safetensors"]
+    # (diffusers: a sharded safetensors index before the single files; transformers: model.safetensors
+    # before its index; the tests below check both against the libraries themselves)
+    order = ["model.bin.index.json", "model.bin", "model.safetensors.index.json",
+             "model.safetensors", "diffusion_pytorch_model.bin.index.json", "diffusion_pytorch_model.bin",
+             "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"]
     for name in order:
         save_numpy(w, str(tmp_path / name))
         assert os.path.basename(find_weights(folder, stems)) == name
@@ -261,3 +263,77 @@ def test_place_params_keeps_every_leaf_in_place(rng):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree_util.tree_leaves(got)):
         assert isinstance(b, jax.Array), jax.tree_util.keystr(path)
         np.testing.assert_array_equal(np.asarray(b), a, err_msg=jax.tree_util.keystr(path))
+
+
+def _copies(model, folder, names, marker_key, index_prefix):
+    """Write one copy of ``model``'s weights per file name in ``names`` (a single safetensors
+    file, a sharded safetensors index or a pickled .bin), copy k with ``marker_key`` set to k + 1."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for k, name in enumerate(names):
+        marked = dict(state, **{marker_key: torch.full_like(state[marker_key], float(k + 1))})
+        if name.endswith(".index.json"):
+            keys = sorted(marked)
+            shards = {f"{index_prefix}-0000{i + 1}-of-00002.safetensors": keys[i::2] for i in range(2)}
+            for shard, shard_keys in shards.items():
+                save_torch({key: marked[key] for key in shard_keys}, os.path.join(folder, shard))
+            weight_map = {key: shard for shard, shard_keys in shards.items() for key in shard_keys}
+            with open(os.path.join(folder, name), "w") as f:
+                json.dump({"metadata": {}, "weight_map": weight_map}, f)
+        elif name.endswith(".safetensors"):
+            save_torch(marked, os.path.join(folder, name))
+        else:
+            torch.save(marked, os.path.join(folder, name))
+
+
+DIFFUSERS_COPIES = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                    "diffusion_pytorch_model.bin"]
+TRANSFORMERS_COPIES = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
+
+
+@pytest.mark.parametrize("present", [(0, 1, 2), (1, 2), (0, 2), (0, 1), (2,)])
+def test_folder_with_several_copies_loads_the_copy_diffusers_loads(tmp_path, present):
+    """diffusers reads a sharded safetensors index before the single files (ModelMixin.from_pretrained);
+    ldm_jax must load the same copy when a folder holds several (e.g. old .bin files beside new shards)."""
+    from diffusers import AutoencoderKL
+
+    from ldm_jax.convert.vae_diffusers import load_vae
+
+    torch.manual_seed(0)
+    ref = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), norm_num_groups=4, latent_channels=2)
+    ref.save_pretrained(str(tmp_path))
+    for name in DIFFUSERS_COPIES:
+        os.remove(tmp_path / name) if (tmp_path / name).exists() else None
+    _copies(ref, str(tmp_path), [DIFFUSERS_COPIES[i] for i in present], "decoder.conv_out.bias",
+            "diffusion_pytorch_model")
+    marker_of = {DIFFUSERS_COPIES[i]: float(k + 1) for k, i in enumerate(present)}
+    diffusers_marker = float(AutoencoderKL.from_pretrained(str(tmp_path)).state_dict()["decoder.conv_out.bias"][0])
+    _, params = load_vae(str(tmp_path))
+    ours = float(np.asarray(params["decoder"]["conv_out"]["bias"])[0])
+    assert ours == diffusers_marker
+    assert diffusers_marker == marker_of[DIFFUSERS_COPIES[min(present, key=[1, 0, 2].index)]]
+
+
+@pytest.mark.parametrize("present", [(0, 1, 2), (1, 2), (0, 2), (0, 1)])
+def test_folder_with_several_copies_loads_the_copy_transformers_loads(tmp_path, present):
+    """transformers reads model.safetensors, then its sharded index, then pytorch_model.bin."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_jax.convert.clip_transformers import load_text_encoder
+
+    torch.manual_seed(0)
+    ref = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=8,
+                                       bos_token_id=48, eos_token_id=49, pad_token_id=1))
+    ref.save_pretrained(str(tmp_path))
+    os.remove(tmp_path / "model.safetensors")
+    _copies(ref, str(tmp_path), [TRANSFORMERS_COPIES[i] for i in present],
+            "final_layer_norm.bias", "model")
+    marker_of = {TRANSFORMERS_COPIES[i]: float(k + 1) for k, i in enumerate(present)}
+    reference_marker = float(CLIPTextModel.from_pretrained(str(tmp_path)).state_dict()["final_layer_norm.bias"][0])
+    _, params = load_text_encoder(str(tmp_path))
+    ours = [float(np.asarray(leaf).ravel()[0]) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(params)[0] if "final_layer_norm" in jax.tree_util.keystr(path)
+            and "bias" in jax.tree_util.keystr(path)]
+    assert ours == [reference_marker]
+    assert reference_marker == marker_of[TRANSFORMERS_COPIES[min(present)]]

@@ -185,9 +185,10 @@ def _read_sharded(index_path: str) -> StateDict:
 def find_weights(folder: str, stems: Iterable[str], variant: Optional[str] = None) -> str:
     """The weight file of a diffusers/transformers component folder.
 
-    Looks for ``STEM[.variant].safetensors`` first, then ``.bin``, then sharded indexes
+    Looks for safetensors before ``.bin`` files, single files and sharded indexes
     (``STEM.safetensors.index[.variant].json``, the diffusers/transformers variant naming, then
-    the legacy ``STEM.safetensors.variant.index.json`` that diffusers still reads).
+    the legacy ``STEM.safetensors.variant.index.json`` that diffusers still reads) in the order of
+    the library that wrote the folder (``weight_file_names``).
     A folder that only holds other variants (``STEM.fp16.safetensors`` with no
     ``STEM.safetensors``) is an error that names them and the ``variant=`` to pass, as diffusers
     and transformers refuse to load it without that argument too.
@@ -215,15 +216,27 @@ def find_weights(folder: str, stems: Iterable[str], variant: Optional[str] = Non
                           + "".join(f"; {h}" for h in hints))
 
 
+# The stem diffusers' ModelMixin saves under; transformers uses "model" (safetensors) / "pytorch_model" (.bin).
+DIFFUSERS_WEIGHT_STEM = "diffusion_pytorch_model"
+
+
 def weight_file_names(stems: Iterable[str], variant: Optional[str] = None) -> list:
-    """Candidate weight file names, most preferred first (see ``find_weights``)."""
+    """Candidate weight file names, most preferred first (see ``find_weights``), in the order of the
+    library that reads each stem, so that a folder holding several copies loads the one the reference
+    loads: diffusers' ``ModelMixin.from_pretrained`` takes a sharded safetensors index before the single
+    files (``_fetch_index_file`` runs first), transformers' ``from_pretrained`` the single
+    ``model.safetensors`` before its index, both before pickled ``.bin`` files."""
     v = f".{variant}" if variant else ""
     names = []
     for stem in stems:
-        names += [f"{stem}{v}.safetensors", f"{stem}{v}.bin",
-                  f"{stem}.safetensors.index{v}.json", f"{stem}.bin.index{v}.json"]
+        single = [f"{stem}{v}.safetensors"]
+        index = [f"{stem}.safetensors.index{v}.json"]
+        bin_index = [f"{stem}.bin.index{v}.json"]
         if variant:  # diffusers' _fetch_index_file_legacy: the variant before ".index.json"
-            names += [f"{stem}.safetensors{v}.index.json", f"{stem}.bin{v}.index.json"]
+            index.append(f"{stem}.safetensors{v}.index.json")
+            bin_index.append(f"{stem}.bin{v}.index.json")
+        first = index + single if stem == DIFFUSERS_WEIGHT_STEM else single + index
+        names += first + [f"{stem}{v}.bin"] + bin_index
     return names
 
 
