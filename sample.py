@@ -84,8 +84,9 @@ def parse_args(argv=None):
                    help="img2img / inpainting source image (any format PIL reads; converted to RGB, alpha "
                         "dropped; not resized: its size must match --H/--W when given, multiples of the "
                         "autoencoder factor)")
-    p.add_argument("--strength", type=float, default=0.8,
-                   help="img2img / inpainting strength in [0, 1]: int(steps * strength) steps are run")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting strength in [0, 1] (default 0.8): int(steps * strength) steps are "
+                        "run; only with --init-img")
     p.add_argument("--mask", default=None,
                    help="inpainting mask image, the size of --init-img (converted to grayscale, white = repaint, "
                         "binarised at 0.5)")
@@ -158,11 +159,14 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"--cond-img file not found: {args.cond_img}")
         if args.segmentation and not os.path.isfile(args.segmentation):
             raise FileNotFoundError(f"--segmentation file not found: {args.segmentation}")
+        if args.strength is not None and not args.init_img:  # (it would be silently ignored)
+            raise ValueError("--strength is the img2img / inpainting strength: it needs --init-img")
         scale = args.scale if args.scale is not None else (1.0 if layouts is not None else 7.5)
         job = SamplingJob(
             prompts=prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.steps, scale=scale,
             sampler=args.sampler, eta=args.eta, seed=args.seed, height=args.H, width=args.W,
-            negative_prompt=args.negative_prompt, init_image=args.init_img, strength=args.strength,
+            negative_prompt=args.negative_prompt, init_image=args.init_img,
+            strength=0.8 if args.strength is None else args.strength,
             mask=args.mask, class_label=args.class_label, checkpoint=args.checkpoint)
         job.validate()  # fail on bad flags before the (slow) model load
         import ldm_jax
@@ -203,6 +207,10 @@ def main(argv=None) -> int:
             inputs["noise_level"] = args.noise_level
         if inputs:
             pipe = _WithInputs(pipe, **inputs)
+        from ldm_jax.sampling_job import sample_path
+
+        total = job.num_batches * job.n_samples
+        existing = sum(os.path.isfile(sample_path(args.outdir, n)) for n in range(total))
         run_sampling_job(pipe, job, args.outdir)
     except (ValueError, OSError, CheckpointError) as e:  # (OSError: unreadable files, full disk, ...)
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
@@ -211,7 +219,8 @@ def main(argv=None) -> int:
         print("error: interrupted; the images written so far are complete: rerun the same command to finish the "
               "job", file=sys.stderr)
         return 130
-    print(f"wrote {job.num_batches * job.n_samples} images to {os.path.join(args.outdir, 'samples')} "
+    earlier = f" ({existing} more from an earlier run of this job)" if existing else ""
+    print(f"wrote {total - existing} images{earlier} to {os.path.join(args.outdir, 'samples')} "
           f"and the grid {os.path.join(args.outdir, 'grid.png')}")
     return 0
 

@@ -140,8 +140,9 @@ def test_rerun_completes_the_same_job_and_refuses_another(cli, tmp_path, change,
     job = ["--prompt", "a cat", "--H", "16", "--W", "16", "--outdir", out] + _STEPS
     assert cli(job)[0] == 0
     first = _files(out)
-    code, _, err, _ = cli(job + ["--n_iter", "2"])  # the same job, one more batch: only that one is rendered
+    code, out_text, err, _ = cli(job + ["--n_iter", "2"])  # the same job, one more batch: only that one is rendered
     assert code == 0, err
+    assert "wrote 2 images (2 more from an earlier run of this job)" in out_text
     assert len(_files(out)) == 4 and all(_files(out)[f] == first[f] for f in first)
     # Another job in the same folder: its images would silently be the first job's.
     code, _, err, _ = cli(job + change)
@@ -216,6 +217,7 @@ def bad_files(tmp_path_factory):
     (["--init-img", "GOOD", "--mask", "SMALL"], "--mask SMALL"),
     (["--init-img", "/nonexistent.png"], "--init-img file not found"),     # was "--init-image"
     (["--init-img", "GOOD", "--strength", "0.4"], "--strength"),           # int(2 * 0.4) = 0 steps
+    (["--strength", "0.5"], "--strength is the img2img"),                  # was silently ignored
     (["NOPROMPT", "--from-file", "LATIN1"], "--from-file LATIN1"),
     (["--from-file", "PROMPTS"], "not both"),                              # --prompt was silently ignored
     (["--H", "-2"], "--H"),
