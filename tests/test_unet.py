@@ -384,9 +384,12 @@ def test_bad_inputs_raise_clear_errors():
     assert out.shape == (1, 9, 8, 4)
     with pytest.raises(ValueError, match=r"\(B, H, W, 4\)"):
         init(jnp.zeros((1, 8, 8, 3)), 1, ctx, y)
-    with pytest.raises(ValueError, match="not divisible into 3 heads"):
-        UNetConfig(block_out_channels=(16, 32), norm_num_groups=4, num_heads=3,
-                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    # (heads that do not divide the channels are built as diffusers does: test_unet_config_sweep)
+    blocks = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    with pytest.raises(ValueError, match="block 0 has 16 channels, fewer than 17 heads need"):
+        UNetConfig(block_out_channels=(16, 32), norm_num_groups=4, num_heads=17, **blocks)
+    with pytest.raises(ValueError, match="block 0 has 16 channels, fewer than head_dim 0 need"):
+        UNetConfig(block_out_channels=(16, 32), norm_num_groups=4, head_dim=0, **blocks)
     with pytest.raises(ValueError, match="unsupported down block type"):
         UNetConfig(block_out_channels=(16,), down_block_types=("Foo",), up_block_types=("UpBlock2D",))

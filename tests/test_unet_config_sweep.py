@@ -67,6 +67,19 @@ CASES = {
         block_out_channels=(16, 32, 32), norm_num_groups=8, down_block_types=(CA, D, CA),
         up_block_types=(CU, U, CU), attention_head_dim=2, cross_attention_dim=24, downsample_padding=0),
         (1, 9, 6), 24),
+    # Heads that do not divide the channels: diffusers runs the transformer heads * (c // heads) wide
+    # between proj_in and proj_out (3 heads of 5 on 16 channels, 5 of 6 on 32). Used to be refused.
+    "heads_not_dividing": ("UNet2DConditionModel", dict(
+        COND, block_out_channels=(16, 32), down_block_types=(CA, CA), up_block_types=(CU, CU),
+        attention_head_dim=[3, 5]), (2, 8, 8), 24),
+    "heads_not_dividing_linear_projection_depth2": ("UNet2DConditionModel", dict(
+        COND, attention_head_dim=3, use_linear_projection=True, transformer_layers_per_block=2), (1, 8, 8), 24),
+    # UNet2DModel: 24 channels with 16 per head -> one 16-wide head; 16 with 5 -> three 5-wide heads.
+    "model2d_head_dim_not_dividing": ("UNet2DModel", dict(
+        MODEL2D, block_out_channels=(16, 24), down_block_types=(AD, AD), up_block_types=(AU, AU),
+        attention_head_dim=5), (2, 8, 8), None),
+    "model2d_head_dim_not_dividing_mid": ("UNet2DModel", dict(
+        MODEL2D, block_out_channels=(16, 24), attention_head_dim=16), (1, 8, 8), None),
 }
 
 
@@ -125,12 +138,11 @@ def test_unused_cross_attention_dim_entries_collapse():
 # Configs refused with an error naming config.json, the key and what is supported
 # (where diffusers builds them they used to fail obscurely or name no config key).
 REFUSED = {
-    # diffusers builds 3 heads of 5 channels on 16 channels (15-wide transformer).
-    "heads_not_dividing": (dict(COND, attention_head_dim=3), "attention_head_dim=3.*divisor of the 16 channels"),
     "heads_null_on_attention_level": (dict(COND, attention_head_dim=[None, 2]), r"attention_head_dim=\[None, 2\]"),
-    # UNet2DModel: 24 channels, 16 per head -> diffusers builds one 16-wide head.
-    "model2d_head_dim_not_dividing": (dict(MODEL2D, _class_name="UNet2DModel", block_out_channels=(16, 24),
-                                           attention_head_dim=16), "attention_head_dim=16.*24 channels"),
+    # More heads than channels / a head wider than its level: zero-width attention in diffusers.
+    "more_heads_than_channels": (dict(COND, attention_head_dim=[17, 2]), r"attention_head_dim=\[17, 2\].*16 channels"),
+    "model2d_head_wider_than_level": (dict(MODEL2D, _class_name="UNet2DModel", block_out_channels=(16, 24),
+                                           attention_head_dim=32), "attention_head_dim=32.*24 channels"),
     # Two cross-attention blocks of different widths cannot share one encoder_hidden_states.
     "cross_dims_differ": (dict(COND, cross_attention_dim=[24, 32]), r"cross_attention_dim=\[24, 32\].*one width"),
     # diffusers refuses these too; they used to fail later (only_cross_attention in

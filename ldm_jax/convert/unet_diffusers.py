@@ -111,14 +111,16 @@ def unet_config_from_diffusers(config: dict, source: str = _SOURCE) -> UNetConfi
 
 
 def _check_heads(fields: dict, kind: str, value, source: str):
-    """Refuse, naming ``attention_head_dim``, head layouts UNetConfig cannot build.
+    """Refuse, naming ``attention_head_dim``, head layouts that build no attention.
 
     ``kind`` "cross" (UNet2DConditionModel): ``value`` is the number of heads
-    per level; diffusers builds heads of ``c // heads`` channels even when that
+    per level; diffusers builds heads of ``c // heads`` channels, also when that
     does not divide ``c`` (the transformer then runs ``heads * (c // heads)``
-    wide), which UNetConfig refuses. ``kind`` "self" (UNet2DModel): ``value``
-    is the channels per head (None: one head); ``c // value`` heads, the same
-    restriction. Only levels with such attention are checked, as only they use it.
+    wide between proj_in and proj_out; ``UNetConfig.dim_head`` does the same).
+    ``kind`` "self" (UNet2DModel): ``value`` is the channels per head (None:
+    one head); ``c // value`` heads of ``value`` channels. More heads than
+    channels (or a head wider than the level) would be zero-width attention.
+    Only levels with such attention are checked, as only they use it.
     """
     if value is None:
         return
@@ -129,9 +131,9 @@ def _check_heads(fields: dict, kind: str, value, source: str):
     what = "heads" if kind == "cross" else "channels per head"
     for i in attention_levels(fields, kind):
         c, v = fields["block_out_channels"][i], per_level[i]
-        if not isinstance(v, int) or v < 1 or c % v:
+        if not isinstance(v, int) or v < 1 or v > c:
             raise _unsupported(source, "attention_head_dim", _json(value), (
-                f"{what} (a positive divisor of the {c} channels of level {i}, which has attention)",))
+                f"{what} (a positive int, at most the {c} channels of level {i}, which has attention)",))
 
 
 def _context_width(config: UNetConfig, source: str) -> int:

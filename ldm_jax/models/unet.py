@@ -139,13 +139,14 @@ class UNetConfig:
                 self.mid_block_type == "UNetMidBlock2D" and self.mid_block_attention and self.mid_block_num_layers):
             attn_blocks.add(n - 1)
         for i in sorted(attn_blocks):
-            c = self.block_out_channels[i]
-            if self.head_dim is not None and c % self.per_block("head_dim")[i]:
-                raise ValueError(f"UNetConfig: block {i} has {c} channels, not a multiple of "
-                                 f"head_dim {self.per_block('head_dim')[i]}")
-            heads = self.heads(i)
-            if heads < 1 or c % heads:
-                raise ValueError(f"UNetConfig: block {i} has {c} channels, not divisible into {heads} heads")
+            # Heads need not divide the channels: the attention then runs heads * dim_head < c wide
+            # between its input and output projections, as diffusers' Transformer2DModel / Attention and
+            # CompVis' SpatialTransformer build it (inner_dim = heads * dim_head).
+            c, heads, dim_head = self.block_out_channels[i], self.heads(i), self.dim_head(i)
+            if heads < 1 or dim_head < 1:
+                what = (f"head_dim {self.per_block('head_dim')[i]}" if self.head_dim is not None
+                        else f"{self.per_block('num_heads')[i]} heads")
+                raise ValueError(f"UNetConfig: block {i} has {c} channels, fewer than {what} need")
         for name in ("layers_per_block", "only_cross_attention", "num_heads", "head_dim", "cross_attention_dim"):
             self.per_block(name)  # a per-block sequence of the wrong length fails here, not in __call__
         tl = self.transformer_layers_per_block
@@ -165,8 +166,17 @@ class UNetConfig:
     def heads(self, i: int) -> int:
         """Attention heads of down block ``i`` (the mid block uses the last block's)."""
         if self.head_dim is not None:
-            return self.block_out_channels[i] // self.per_block("head_dim")[i]
+            head_dim = self.per_block("head_dim")[i]
+            return self.block_out_channels[i] // head_dim if head_dim > 0 else 0
         return self.per_block("num_heads")[i]
+
+    def dim_head(self, i: int) -> int:
+        """Channels per head of down block ``i``: ``head_dim`` where set (CompVis num_head_channels: then
+        ``c // head_dim`` heads of ``head_dim``), else ``c // num_heads`` (diffusers, CompVis num_heads)."""
+        if self.head_dim is not None:
+            return self.per_block("head_dim")[i]
+        heads = self.per_block("num_heads")[i]
+        return self.block_out_channels[i] // heads if heads > 0 else 0
 
     @property
     def uses_cross_attention(self) -> bool:
@@ -268,7 +278,7 @@ class UNet(nn.Module):
         for i, btype in enumerate(cfg.down_block_types):
             h, res = DownStage(
                 cfg.block_out_channels[i], layers_per_block[i], attention=DOWN_BLOCKS[btype],
-                heads=cfg.heads(i), transformer_layers=cfg.down_transformer_layers(i),
+                heads=cfg.heads(i), dim_head=cfg.dim_head(i), transformer_layers=cfg.down_transformer_layers(i),
                 only_cross_attention=only_cross[i], add_downsample=i < n - 1,
                 downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **stage_kw,
             )(h, emb, ctx, deterministic)
@@ -279,6 +289,7 @@ class UNet(nn.Module):
                          "UNetMidBlock2D": "self" if cfg.mid_block_attention else None}[cfg.mid_block_type]
             h = MidStage(
                 cfg.block_out_channels[-1], cfg.mid_block_num_layers, attention=attention, heads=cfg.heads(n - 1),
+                dim_head=cfg.dim_head(n - 1),
                 transformer_layers=(cfg.mid_transformer_layers(),) * cfg.mid_block_num_layers,
                 output_scale_factor=cfg.mid_block_scale_factor, attn_groups=cfg.attn_norm_num_groups,
                 name="mid_block", **stage_kw,
@@ -293,6 +304,7 @@ class UNet(nn.Module):
             res, skips = skips[-num_layers:], skips[:-num_layers]
             h = UpStage(
                 cfg.block_out_channels[i], num_layers, attention=UP_BLOCKS[btype], heads=cfg.heads(i),
+                dim_head=cfg.dim_head(i),
                 transformer_layers=cfg.up_transformer_layers(j), only_cross_attention=only_cross[i],
                 add_upsample=j < n - 1, name=f"up_blocks_{j}", **stage_kw,
             )(h, tuple(res), emb, ctx, deterministic, upsample_hw=skips[-1].shape[1:3] if skips else None)

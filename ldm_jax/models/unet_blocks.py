@@ -187,6 +187,7 @@ class _StageBase(nn.Module):
     num_layers: int
     attention: Optional[str] = None
     heads: int = 1
+    dim_head: Optional[int] = None  # channels per head (UNetConfig.dim_head); None: out_channels // heads
     transformer_layers: Tuple[int, ...] = (1,)
     use_linear_projection: bool = False
     only_cross_attention: bool = False
@@ -209,7 +210,7 @@ class _StageBase(nn.Module):
     def _attention(self, j: int, groups: Optional[int] = None):
         """The j-th attention of the stage, as a function of (x_bhwc, ctx_bsd)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{j}")
-        dim_head = self.out_channels // self.heads
+        dim_head = self.dim_head or self.out_channels // self.heads
         if self.attention == "cross":
             cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
             return cls(
