@@ -4,8 +4,14 @@
     python train.py --config configs/emoji_ldm.py:runlocal --workdir /tmp/smoke
 
 Rerunning with the same workdir resumes from its latest checkpoint (e.g. with a larger
-``--config.train.num_steps``). SIGTERM saves a checkpoint at the next step boundary and
+``--config.train.num_steps``; a config that builds another model than the checkpoint holds
+is refused, naming what differs). SIGTERM saves a checkpoint at the next step boundary and
 exits with status 0.
+
+A user error (an unknown config key, a value of the wrong type or out of range, a missing
+config file or preset, a bad workdir, data or checkpoint) is one ``error: ...`` line naming
+the flag, key or file, exit status 2, before anything is written to the workdir
+(``ldm_jax.training.loop.prepare``).
 
 Multi-process (one process per host, or several on one machine):
 
@@ -18,6 +24,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from ldm_jax.training.config_access import config_arg, config_flag_error
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (optionally file.py:preset).",
                                 lock_config=True)
@@ -32,6 +40,44 @@ flags.DEFINE_string("compilation_cache", None, "JAX persistent compilation cache
                     "'off' (unset: on only if $LDM_JAX_COMPILATION_CACHE names a directory).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+class UserError(Exception):
+    """Printed as one ``error:`` line (exit status 2)."""
+
+
+def _error(message: str, max_lines: int = 4) -> int:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if len(lines) > max_lines:  # (e.g. TFDS lists every dataset it knows)
+        lines = lines[:max_lines] + ["..."]
+    print("error: " + "; ".join(lines), file=sys.stderr)
+    return 2
+
+
+def _loaded_config():
+    try:
+        return FLAGS["config"].value
+    except Exception:  # noqa: BLE001  (only a hint for the error message)
+        return None
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with every error one line (absl prints the whole usage, or a
+    traceback for an unknown config key or a broken config file)."""
+    try:
+        rest = FLAGS(argv)
+        config = FLAGS.config  # (ml_collections defers a config file's load error to the first access)
+        if not hasattr(config, "to_dict"):
+            raise UserError(f"{config_arg(argv)}: get_config() returned "
+                            f"{type(config).__name__}, not an ml_collections.ConfigDict")
+        config.get("train")
+    except UserError as e:
+        sys.exit(_error(str(e)))
+    except (flags.Error, KeyError, AttributeError, OSError, SyntaxError, TypeError, ValueError) as e:
+        sys.exit(_error(config_flag_error(argv, e, _loaded_config())))
+    if len(rest) > 1:
+        sys.exit(_error(f"unexpected arguments: {' '.join(rest[1:])} (flags are --name=value)"))
+    return rest
 
 
 def _explicit_distributed() -> bool:
@@ -52,7 +98,8 @@ def initialize_distributed() -> None:
     if _explicit_distributed():
         missing = [n for n in ("coordinator_address", "num_processes", "process_id") if getattr(FLAGS, n) is None]
         if missing:
-            raise app.UsageError(f"multi-process run: also pass --{', --'.join(missing)}")
+            raise UserError(f"multi-process run: also pass --{', --'.join(missing)} (or none of "
+                            "--coordinator_address, --num_processes, --process_id for one process)")
         ids = None if FLAGS.local_device_ids is None else [int(i) for i in FLAGS.local_device_ids]
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
@@ -62,9 +109,11 @@ def initialize_distributed() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    initialize_distributed()
+    del argv  # (parse_flags refused extra arguments)
+    try:
+        initialize_distributed()
+    except UserError as e:
+        return _error(str(e))
     import jax
 
     from ldm_jax.compile_cache import configure_compilation_cache
@@ -78,14 +127,14 @@ def main(argv):
                  jax.devices()[0].platform)
     if cache_dir:
         logging.info("persistent compilation cache: %s", cache_dir)
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:
-            f.write(FLAGS.config.to_json_best_effort(indent=2))
-    loop.train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+    try:  # checks, task, data, checked restore: nothing written to the workdir yet
+        run = loop.prepare(FLAGS.config, FLAGS.workdir)
+    except (ValueError, OSError, KeyError) as e:  # (the library's errors name the key, file or checkpoint)
+        return _error(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    run.train(progress=FLAGS.progress)
     logging.info("done")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=parse_flags))

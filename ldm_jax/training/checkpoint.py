@@ -14,10 +14,16 @@ unfinished temporary directory ignored by ``latest_step`` (and removed on the ne
 check this.
 
 Restoring goes straight into the target shardings: ``restore_latest(abstract_state)``
-takes ShapeDtypeStructs carrying ``sharding`` (``state.abstract_train_state``).
+takes ShapeDtypeStructs carrying ``sharding`` (``state.abstract_train_state``). Before
+restoring, ``describe(step)`` reads a step's JSON extra and the saved arrays' shapes and dtypes
+(metadata only) and ``check_resume`` compares them, and the configuration saved with the step,
+with what a config builds: a resume with another task, architecture or model-defining key
+(``MODEL_KEYS``) is refused naming what differs, instead of failing inside orbax or silently
+continuing the weights as another model.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -27,6 +33,8 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ldm_jax.training.config_access import config_get
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +59,10 @@ class CheckpointManager:
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, EXTRA))
+        # (handlers rather than item names: item_metadata then works before any save or restore)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), EXTRA: ocp.JsonCheckpointHandler()})
         # orbax removes unfinished temporary step directories in a background thread and waits
         # for it only in save(): wait now, so that they are gone when the constructor returns
         # (also for runs that only restore, and before close()).
@@ -93,6 +104,14 @@ class CheckpointManager:
                                                   EXTRA: ocp.args.JsonRestore()}))
         return restored[STATE], dict(restored[EXTRA] or {})
 
+    def describe(self, step: int) -> Tuple[Dict[str, Any], Dict[str, Tuple[Tuple[int, ...], str]]]:
+        """(JSON extra, {leaf path "a/b/c": (shape, dtype)} of the saved state) of ``step``,
+        without reading any array."""
+        step = int(step)
+        extra = self._manager.restore(step, args=ocp.args.Composite(**{EXTRA: ocp.args.JsonRestore()}))[EXTRA]
+        meta = self._manager.item_metadata(step)[STATE]
+        return dict(extra or {}), tree_signature(meta)
+
     def restore_latest(self, abstract_state) -> Optional[Tuple[Any, Dict[str, Any]]]:
         """(state, extra) of the newest finalised step, or None when there is none."""
         step = self.latest_step()
@@ -126,6 +145,124 @@ def _jsonable(value):
     if isinstance(value, (np.generic, np.ndarray, jax.Array)):
         return np.asarray(value).tolist()
     return value
+
+
+def tree_signature(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """{leaf path "a/b/0/c": (shape, dtype name)} of a tree of arrays, ShapeDtypeStructs or
+    orbax array metadata (dicts, lists, namedtuples and flax structs give the same paths)."""
+    from ldm_jax.training.sharding import path_str
+
+    def is_leaf(x):
+        return hasattr(x, "shape") and hasattr(x, "dtype")
+
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {path_str(p): (tuple(int(d) for d in x.shape), np.dtype(x.dtype).name) for p, x in flat if is_leaf(x)}
+
+
+def state_differences(saved: Dict[str, Tuple], expected: Dict[str, Tuple], limit: int = 4) -> list:
+    """Readable differences between two ``tree_signature``s (at most ``limit`` lines, then a
+    count): leaves only one side has (grouped by their first two path parts) and shape/dtype
+    mismatches. Empty when the trees agree."""
+    def group(keys):
+        groups: Dict[str, int] = {}
+        for k in sorted(keys):
+            g = "/".join(k.split("/")[:2])
+            groups[g] = groups.get(g, 0) + 1
+        return groups
+
+    lines = []
+    for k in sorted(set(saved) & set(expected)):
+        if saved[k] != expected[k]:
+            (s_shape, s_dtype), (e_shape, e_dtype) = saved[k], expected[k]
+            lines.append(f"{k}: checkpoint {s_dtype}{list(s_shape)}, config {e_dtype}{list(e_shape)}")
+    for g, n in group(set(saved) - set(expected)).items():
+        lines.append(f"{g}: in the checkpoint ({n} arrays), not in the state this config builds")
+    for g, n in group(set(expected) - set(saved)).items():
+        lines.append(f"{g}: built by this config ({n} arrays), not in the checkpoint")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... {len(lines) - limit} more"]
+    return lines
+
+
+# ------------------------------------------------------------------ resuming under a config
+# Config keys that define the trained model (prefixes): a resume that changes one is refused, as
+# the checkpoint's weights would silently continue as another model (frozen first stage / text
+# encoder, objective, schedule, conditioning). COMPUTE_ONLY_KEYS may change (precision, kernels,
+# rematerialisation, dropout); any other change (lr, batch size, data, ...) is allowed and logged.
+MODEL_KEYS = ("task", "model", "first_stage.autoencoder", "first_stage.random_init", "first_stage.seed",
+              "first_stage.scale_factor", "text_encoder.kind", "text_encoder.clip", "text_encoder.ldm_bert",
+              "text_encoder.seed", "text_encoder.trainable", "diffusion.conditioning", "diffusion.concat",
+              "diffusion.prediction_type", "diffusion.num_train_timesteps", "diffusion.beta_schedule",
+              "diffusion.beta_start", "diffusion.beta_end", "diffusion.rescale_betas_zero_snr",
+              "diffusion.num_classes")
+COMPUTE_ONLY_KEYS = ("model.dtype", "model.attention_impl", "model.remat", "model.unet.conv_impl",
+                     "model.unet.remat_blocks", "model.unet.dropout", "model.autoencoder.conv_impl",
+                     "model.sample_posterior", "model.codebook_init")
+
+
+ABSENT = "<absent>"  # config_changes' value for a key only one configuration has
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _flat_config(cfg) -> Dict[str, Any]:
+    """{dotted key: JSON value} of a (Config)dict (tuples as lists, as they come back from JSON)."""
+    def walk(value, prefix, out):
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k), out)
+        else:
+            out[prefix] = value
+        return out
+
+    plain = json.loads(json.dumps(_jsonable(cfg), default=str))
+    return walk(plain, "", {})
+
+
+def config_changes(old, new) -> Dict[str, tuple]:
+    """{dotted key: (old value, new value)} where two configurations differ ("<absent>" for a
+    key only one has)."""
+    a, b = _flat_config(old), _flat_config(new)
+    pairs = {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))}
+    return {k: v for k, v in pairs.items() if v[0] != v[1]}
+
+
+def format_changes(changes: Dict[str, tuple]) -> str:
+    return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+
+
+def check_resume(config, extra: Dict[str, Any], saved_signature: Dict[str, tuple], abstract_state,
+                 where: str) -> Dict[str, tuple]:
+    """Whether the checkpoint at ``where`` (its JSON ``extra`` and ``saved_signature``, see
+    ``CheckpointManager.describe``) can continue under ``config``: a ValueError naming what
+    differs when it holds another task or another model; else the config keys changed since
+    it was saved, {key: (old, new)}."""
+    old_config = extra.get("config")
+    kind = config_get(config, "task", "ldm")
+    old_kind = extra.get("task") or (old_config or {}).get("task") or "ldm"
+    hint = ("resume with the checkpoint's settings (its workdir's config.json), or give another --workdir"
+            + (" (--config.init.checkpoint=THIS_WORKDIR starts a new run from its weights)" if kind == "ldm" else ""))
+    if old_kind != kind:
+        raise ValueError(f"cannot resume from {where}: it holds a config.task={old_kind!r} run, this config trains "
+                         f"config.task={kind!r}; give another --workdir")
+    changes = config_changes(old_config, config) if old_config is not None else {}
+    # (a key only one side has, e.g. one a newer config file added, is logged, not refused)
+    model_changes = {k: v for k, v in changes.items()
+                     if _under(k, MODEL_KEYS) and not _under(k, COMPUTE_ONLY_KEYS) and ABSENT not in v}
+    differences = state_differences(saved_signature, tree_signature(abstract_state))
+    if differences or model_changes:
+        what = []
+        if model_changes:
+            what.append("model keys changed since the checkpoint: " + format_changes(model_changes))
+        elif changes:  # e.g. train.ema_decay=0 drops the EMA copy, train.grad_clip=0 the clipping state
+            what.append("config keys changed since the checkpoint: " + format_changes(
+                {k: v for k, v in changes.items() if k != "train.num_steps"}))
+        if differences:
+            what.append("saved arrays differ: " + "; ".join(differences))
+        raise ValueError(f"cannot resume from {where}: this config builds another model ({'; '.join(what)}); {hint}")
+    return changes
 
 
 # ------------------------------------------------------------------ preemption

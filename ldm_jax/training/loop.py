@@ -24,10 +24,32 @@ first-stage trainer provides another):
 
 Determinism: the state carries the rng (step keys are fold_in(rng, step)), the data
 iterator state is checkpointed per process, so stopping at step k and rerunning to N
-reproduces an uninterrupted run bit for bit.
+reproduces an uninterrupted run bit for bit (with ``train.lr_schedule="cosine"`` the decay
+horizon is ``train.num_steps``, so raising it changes the learning rate from there on; a
+warning says so).
+
+Two phases. ``prepare(config, workdir)`` checks everything a user can get wrong and writes
+nothing to the workdir: the loop's config keys (``config_access.check_train_config``: a
+ValueError naming the key and what is allowed), the workdir path (``check_workdir``), the mesh, the task and
+the data (their own errors name their keys and files), and on resume the checkpoint: a
+checkpoint of another task (``config.task``) or of another model (saved arrays of other
+shapes, or a changed model-defining key, ``checkpoint.MODEL_KEYS``) is refused naming what differs,
+and so is a ``train.num_steps`` below the checkpoint's step. ``TrainingRun.train()`` then
+writes the workdir and trains. ``train.py`` prints the errors of the first phase as one line.
+
+What the workdir records: ``config.json`` is the configuration of the latest run (what
+``sample.py`` rebuilds the model from; a resume cannot change the model, so it always
+describes the checkpoints), every checkpoint's JSON keeps the configuration it was saved
+with, and ``runs.jsonl`` gets one line per start (``start_step``, ``num_steps``, the time,
+and ``changed``: the keys that differ from the checkpoint's configuration, old and new
+value; they are also logged as a warning). Rerunning a finished run (``train.num_steps``
+equal to the checkpoint's step) only logs that there is nothing to do. On resume,
+``metrics.jsonl`` lines past the checkpoint's step (logged by a run killed between
+checkpoints) are dropped, as those steps are trained again.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -40,7 +62,8 @@ import numpy as np
 
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import sharding as shd
-from ldm_jax.training.config_access import config_get as _get
+from ldm_jax.training.checkpoint import check_resume, format_changes
+from ldm_jax.training.config_access import check_train_config, config_get as _get
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +246,51 @@ def _count_skipped(dataset) -> int:
     return sum(g["count"] for g in gathered)
 
 
+# ------------------------------------------------------------------ checks (nothing written yet)
+def check_workdir(workdir: str) -> None:
+    """A ValueError unless ``workdir`` is a writable directory or can be created as one
+    (checked without creating it)."""
+    if not workdir:
+        raise ValueError("--workdir is empty: give the directory for checkpoints and logs")
+    path = os.path.abspath(workdir)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"--workdir={workdir} is a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"--workdir={workdir} is not writable")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--workdir={workdir} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir={workdir} cannot be created: {parent} is not writable")
+
+
+def _drop_metrics_after(workdir: str, step: int) -> None:
+    """Keep ``metrics.jsonl`` one line per step: a run killed between checkpoints logged steps
+    past the one it resumes from, which are trained (and logged) again."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        kept.append(line)
+    if len(kept) != len(lines):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+        log.warning("metrics.jsonl: dropped %d lines past step %d (logged after the last checkpoint)",
+                    len(lines) - len(kept), step)
+
+
 # ------------------------------------------------------------------ the loop
 def make_task(config, mesh, workdir=None):
     """The task a config trains: ``config.task`` "ldm" (default) or "autoencoder"."""
@@ -238,108 +306,200 @@ def make_task(config, mesh, workdir=None):
     raise ValueError(f"config.task={kind!r}: expected 'ldm' or 'autoencoder'")
 
 
-def train(config, workdir: str, *, task: Optional[Task] = None, dataset=None, mesh=None, progress: bool = True):
-    """Train (or resume) until ``config.train.num_steps``; returns the final state."""
+def _checkpoint_manager(config, workdir: str) -> ckpt_lib.CheckpointManager:
+    tcfg = config.train
+    # train.keep_checkpoints=None keeps every checkpoint (config_get would read None as "unset": 3)
+    keep = tcfg["keep_checkpoints"] if "keep_checkpoints" in tcfg else 3
+    return ckpt_lib.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), save_every=int(_get(tcfg, "checkpoint_every", 1000)),
+        max_to_keep=None if keep is None else int(keep), async_save=bool(_get(tcfg, "async_checkpoint", True)))
+
+
+def prepare(config, workdir: str, *, task: Optional[Task] = None, dataset=None, mesh=None) -> "TrainingRun":
+    """Everything before the first write to ``workdir`` (see the module docstring): checks,
+    mesh, task, data and, when ``workdir/checkpoints`` has a checkpoint, the checked restore.
+    Errors a user can cause are ValueErrors / OSErrors naming the key, file or checkpoint."""
     t_setup = time.time()
-    is_main = jax.process_index() == 0
+    check_train_config(config)
+    check_workdir(workdir)
     tcfg = config.train
     if mesh is None:
         mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
-    shd.local_batch_size(int(tcfg.batch_size), mesh)  # validates divisibility
+    # (names train.batch_size / grad_accum_steps / the mesh, before the task is built)
+    shd.check_batch_size(int(tcfg.batch_size), mesh, int(_get(tcfg, "grad_accum_steps", 1)))
+    shd.local_batch_size(int(tcfg.batch_size), mesh)  # validates divisibility by the processes
     if task is None:
         task = make_task(config, mesh, workdir)
     seed = int(_get(config, "seed", 0))
-    if dataset is None:
-        dataset = make_dataset(config, seed, task=task, workdir=workdir)
     num_steps = int(tcfg.num_steps)
-    write_assets = getattr(task, "write_workdir_assets", None)  # e.g. an LDM run's BERT vocabulary
-    if is_main and write_assets is not None:
-        write_assets(workdir)
 
-    manager = ckpt_lib.CheckpointManager(
-        os.path.join(workdir, "checkpoints"), save_every=int(_get(tcfg, "checkpoint_every", 1000)),
-        max_to_keep=_get(tcfg, "keep_checkpoints", 3), async_save=bool(_get(tcfg, "async_checkpoint", True)))
-    watcher = ckpt_lib.PreemptionWatcher(sync_every=int(_get(tcfg, "preemption_check_every", 1))).install()
-
-    restored = manager.restore_latest(task.abstract_state())
-    if restored is not None:
-        state, extra = restored
-        step = int(jax.device_get(state.step))
-        data_states = extra.get("data_state") or []
-        if len(data_states) != jax.process_count():
-            raise ValueError(f"checkpoint step {step} holds data state for {len(data_states)} processes, "
-                             f"this run has {jax.process_count()}")
-        dataset.set_state(data_states[jax.process_index()])
-        task.load_metadata(extra)
-        if is_main:
-            log.info("resumed from %s at step %d", manager.directory, step)
-    else:
-        state = task.init_state(jax.random.PRNGKey(seed))
-        step = 0
-
-    def save(force: bool):
-        extra = {"data_state": _allgather_json(dataset.get_state()), "step": step,
-                 "config": config.to_dict() if hasattr(config, "to_dict") else dict(config), **task.metadata()}
-        manager.save(step, state, extra=extra, force=force)
-
-    logger = MetricLogger(workdir, step, num_steps, enabled=is_main, progress=progress)
-    log_every = int(_get(tcfg, "log_every", 50))
-    sample_every = int(_get(tcfg, "sample_every", 0))
-    pending = []
-    t_last, step_last = time.time(), step
-    if is_main:
-        log.info("setup took %.1fs; training steps %d -> %d on mesh %s", time.time() - t_setup, step, num_steps,
-                 dict(mesh.shape))
+    # The checkpoint, checked before anything is restored (or written): only an existing
+    # checkpoints/ folder is opened (the manager creates it otherwise).
+    manager, latest, changes = None, None, {}
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        manager = _checkpoint_manager(config, workdir)
+        latest = manager.latest_step()
     try:
-        fresh = step == 0
-        while step < num_steps:
-            try:
-                host_batch = next(dataset)
-            except StopIteration:
-                if is_main:
-                    log.warning("data exhausted at step %d (data.num_epochs?); stopping", step)
-                if step > 0:
-                    save(force=True)
-                break
-            batch = shd.shard_batch(task.prepare_batch(host_batch), mesh)
-            if fresh:
-                task.on_first_batch(state, batch)
-                fresh = False
-            state, metrics = task.train_step(state, batch)
-            step += 1
-            pending.append(metrics)
-            logger.step()
+        if latest is not None:
+            where = os.path.join(manager.directory, str(latest))
+            extra, signature = manager.describe(latest)
+            changes = check_resume(config, extra, signature, task.abstract_state(), where)
+            if num_steps < latest:
+                raise ValueError(f"config key train.num_steps={num_steps} is below the step of the checkpoint {where}: "
+                                 f"give train.num_steps >= {latest} to continue that run, or another --workdir")
+            data_states = extra.get("data_state") or []
+            if len(data_states) != jax.process_count():
+                raise ValueError(f"cannot resume from {where}: it holds the data position of {len(data_states)} "
+                                 f"processes, this run has {jax.process_count()}")
+        if dataset is None:
+            dataset = make_dataset(config, seed, task=task, workdir=workdir)
+        if latest is not None:
+            state, extra = manager.restore(latest, task.abstract_state())
+            step = int(jax.device_get(state.step))
+            dataset.set_state(extra["data_state"][jax.process_index()])
+            task.load_metadata(extra)
+        else:
+            state, step = None, 0
+    except BaseException:
+        if manager is not None:
+            manager.close()
+        raise
+    return TrainingRun(config=config, workdir=workdir, task=task, dataset=dataset, mesh=mesh, seed=seed,
+                       num_steps=num_steps, state=state, step=step, manager=manager, changes=changes,
+                       setup_seconds=time.time() - t_setup)
 
-            stop = watcher.requested(step)  # (a collective every sync_every steps with several processes)
-            if step % log_every == 0 or step == num_steps or stop:
-                values = jax.device_get(pending)
-                scalars = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
-                now = time.time()
-                rate = (step - step_last) / max(now - t_last, 1e-9)
-                # data_skipped: distinct unreadable examples this process met so far.
-                scalars.update(steps_per_sec=rate, images_per_sec=rate * task.global_batch_size,
-                               data_skipped=float(getattr(dataset, "num_skipped", 0)))
-                logger.write(step, scalars)
-                pending, t_last, step_last = [], now, step
-                if not all(math.isfinite(v) for v in scalars.values()) and is_main:
-                    log.warning("step %d: non-finite metrics %s", step, scalars)
 
-            if stop or step == num_steps or manager.should_save(step):
-                save(force=stop or step == num_steps)
-            if stop:
+class TrainingRun:
+    """A prepared run (``prepare``): ``train()`` writes the workdir and trains until
+    ``train.num_steps``; returns the final state."""
+
+    def __init__(self, *, config, workdir, task, dataset, mesh, seed, num_steps, state, step, manager, changes,
+                 setup_seconds):
+        self.config, self.workdir, self.task, self.dataset, self.mesh = config, workdir, task, dataset, mesh
+        self.seed, self.num_steps, self.state, self.step = seed, num_steps, state, step
+        self.manager, self.changes, self.setup_seconds = manager, changes, setup_seconds
+
+    @property
+    def resumed(self) -> bool:
+        return self.state is not None
+
+    def _record(self) -> None:
+        """config.json (the latest run's configuration) and a runs.jsonl line (process 0)."""
+        config, workdir = self.config, self.workdir
+        text = (config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+                else json.dumps(ckpt_lib._jsonable(config), indent=2, default=str))
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(text)
+        line = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "start_step": self.step, "num_steps": self.num_steps,
+                "changed": {k: list(v) for k, v in self.changes.items()}}
+        with open(os.path.join(workdir, "runs.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+    def train(self, progress: bool = True):
+        config, workdir, task, dataset, mesh = self.config, self.workdir, self.task, self.dataset, self.mesh
+        is_main = jax.process_index() == 0
+        tcfg = config.train
+        num_steps, step = self.num_steps, self.step
+        if self.resumed:
+            if is_main:
+                log.info("resumed from %s at step %d", self.manager.directory, step)
+            if step >= num_steps:
                 if is_main:
-                    log.warning("termination requested: checkpoint at step %d, stopping", step)
-                break
-            if sample_every and step % sample_every == 0:
-                images = task.sample(state, step)
-                if images is not None and is_main:
-                    save_image_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
-        skipped = _count_skipped(dataset)  # a collective: every process gets here
-        if skipped and is_main:
-            log.warning("data: %d unreadable examples skipped (replaced by the next readable ones; "
-                        "each is named in a warning when first met)", skipped)
-    finally:
-        manager.close()
-        logger.close()
-        watcher.uninstall()
-    return state
+                    log.info("the checkpoint is at train.num_steps=%d already: nothing to train (raise "
+                             "train.num_steps to continue)", num_steps)
+                self.manager.close()
+                return self.state
+            if self.changes and is_main:
+                log.warning("resuming with config keys changed since the checkpoint: %s",
+                            format_changes(self.changes))
+                if "train.num_steps" in self.changes and _get(tcfg, "lr_schedule", "constant") == "cosine":
+                    log.warning("train.lr_schedule='cosine' decays over train.num_steps: with %s -> %s the learning "
+                                "rate differs from step %d on from the run's schedule so far",
+                                *self.changes["train.num_steps"], step)
+        os.makedirs(workdir, exist_ok=True)
+        if is_main:
+            self._record()
+            if self.resumed:
+                _drop_metrics_after(workdir, step)
+            write_assets = getattr(task, "write_workdir_assets", None)  # e.g. an LDM run's BERT vocabulary
+            if write_assets is not None:
+                write_assets(workdir)
+        manager = self.manager or _checkpoint_manager(config, workdir)
+        watcher = ckpt_lib.PreemptionWatcher(sync_every=int(_get(tcfg, "preemption_check_every", 1))).install()
+        state = self.state if self.resumed else task.init_state(jax.random.PRNGKey(self.seed))
+
+        def save(force: bool):
+            extra = {"data_state": _allgather_json(dataset.get_state()), "step": step,
+                     "config": config.to_dict() if hasattr(config, "to_dict") else dict(config), **task.metadata()}
+            manager.save(step, state, extra=extra, force=force)
+
+        logger = None
+        try:
+            logger = MetricLogger(workdir, step, num_steps, enabled=is_main, progress=progress)
+            log_every = int(_get(tcfg, "log_every", 50))
+            sample_every = int(_get(tcfg, "sample_every", 0))
+            pending = []
+            t_last, step_last = time.time(), step
+            if is_main:
+                log.info("setup took %.1fs; training steps %d -> %d on mesh %s", self.setup_seconds, step, num_steps,
+                         dict(mesh.shape))
+            fresh = step == 0
+            while step < num_steps:
+                try:
+                    host_batch = next(dataset)
+                except StopIteration:
+                    if is_main:
+                        log.warning("data exhausted at step %d (data.num_epochs?); stopping", step)
+                    if step > 0:
+                        save(force=True)
+                    break
+                batch = shd.shard_batch(task.prepare_batch(host_batch), mesh)
+                if fresh:
+                    task.on_first_batch(state, batch)
+                    fresh = False
+                state, metrics = task.train_step(state, batch)
+                step += 1
+                pending.append(metrics)
+                logger.step()
+
+                stop = watcher.requested(step)  # (a collective every sync_every steps with several processes)
+                if step % log_every == 0 or step == num_steps or stop:
+                    values = jax.device_get(pending)
+                    scalars = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
+                    now = time.time()
+                    rate = (step - step_last) / max(now - t_last, 1e-9)
+                    # data_skipped: distinct unreadable examples this process met so far.
+                    scalars.update(steps_per_sec=rate, images_per_sec=rate * task.global_batch_size,
+                                   data_skipped=float(getattr(dataset, "num_skipped", 0)))
+                    logger.write(step, scalars)
+                    pending, t_last, step_last = [], now, step
+                    if not all(math.isfinite(v) for v in scalars.values()) and is_main:
+                        log.warning("step %d: non-finite metrics %s", step, scalars)
+
+                if stop or step == num_steps or manager.should_save(step):
+                    save(force=stop or step == num_steps)
+                if stop:
+                    if is_main:
+                        log.warning("termination requested: checkpoint at step %d, stopping", step)
+                    break
+                if sample_every and step % sample_every == 0:
+                    images = task.sample(state, step)
+                    if images is not None and is_main:
+                        save_image_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+            skipped = _count_skipped(dataset)  # a collective: every process gets here
+            if skipped and is_main:
+                log.warning("data: %d unreadable examples skipped (replaced by the next readable ones; "
+                            "each is named in a warning when first met)", skipped)
+        finally:
+            manager.close()
+            if logger is not None:
+                logger.close()
+            watcher.uninstall()
+        return state
+
+
+def train(config, workdir: str, *, task: Optional[Task] = None, dataset=None, mesh=None, progress: bool = True):
+    """Train (or resume) until ``config.train.num_steps``; returns the final state
+    (``prepare(...).train(progress)``)."""
+    return prepare(config, workdir, task=task, dataset=dataset, mesh=mesh).train(progress=progress)
