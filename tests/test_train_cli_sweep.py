@@ -299,10 +299,12 @@ def test_allowed_changes_are_recorded(trained, mesh1, tmp_path):
     assert [m["step"] for m in logged] == [1, 2, 3, 4] and logged[2]["loss"] != 9.0
 
 
-@pytest.mark.parametrize("path, fragment", [("missing", "does not exist"), ("empty", "no images")])
+@pytest.mark.parametrize("path, fragment", [("missing", "does not exist"), ("empty", "no images"),
+                                          ("afile", "is a file, not a folder"), (None, "needs data.path")])
 def test_bad_image_folder_fails_before_writing(mesh1, tmp_path, path, fragment):
     (tmp_path / "empty").mkdir()
-    cfg = _changed(_tiny_config(), data__name="folder", data__path=str(tmp_path / path))
+    (tmp_path / "afile").write_text("x")
+    cfg = _changed(_tiny_config(), data__name="folder", data__path=None if path is None else str(tmp_path / path))
     workdir = tmp_path / "run"
     with pytest.raises((ValueError, OSError), match=fragment):
         loop.prepare(cfg, str(workdir), task=TinyTask(cfg, mesh1), mesh=mesh1)
@@ -325,3 +327,12 @@ def test_cli_resume_refuses_another_architecture_and_keeps_config_json(tmp_path)
     _one_error_line(fewer, "train.num_steps=1", "below the step")
     assert (workdir / "config.json").read_text() == config_json
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+
+def test_model_dtype_is_named():
+    from ldm_jax.training.config_access import compute_dtype
+
+    assert compute_dtype({"dtype": "bfloat16"}).name == "bfloat16" and compute_dtype({}).name == "float32"
+    for bad in ("float8", "int8", "fp32"):  # (float8 was a numpy TypeError inside the task)
+        with pytest.raises(ValueError, match=f"model.dtype='{bad}': expected one of"):
+            compute_dtype({"dtype": bad})

@@ -82,7 +82,11 @@ class FolderSource:
     """Random-access source over an image folder (see the module docstring)."""
 
     def __init__(self, root: str, *, with_labels: bool = False):
-        if not root or not os.path.isdir(root):
+        if not root:
+            raise FileNotFoundError("image folder: no path given (a folder dataset needs data.path)")
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise NotADirectoryError(f"image folder {root!r} is a file, not a folder (data.path)")
+        if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist")
         self.root = os.path.abspath(root)
         rels = []

@@ -49,7 +49,7 @@ from ldm_jax.training import autoencoder_losses as losses
 from ldm_jax.training import optim
 from ldm_jax.training import sharding as shd
 from ldm_jax.training import state as state_lib
-from ldm_jax.training.config_access import config_as_dict as _as_dict, config_get as _get
+from ldm_jax.training.config_access import compute_dtype, config_as_dict as _as_dict, config_get as _get
 from ldm_jax.training.image_range import images_to_float
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class AutoencoderTask:
         self.mesh = mesh
         self.workdir = workdir
         model = config.model
-        self.dtype = jnp.dtype(_get(model, "dtype", "float32"))
+        self.dtype = compute_dtype(model)
         attention_impl = _get(model, "attention_impl", "xla")
         kind = _get(model, "kind", "kl")
         self.min_fsdp_size = int(_get(config.mesh, "min_fsdp_size", 2 ** 18))

@@ -177,3 +177,17 @@ def config_flag_error(argv, exc: BaseException, config=None) -> str:
     if text.startswith("flag "):
         return text[len("flag "):]
     return text
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(model_cfg):
+    """``model.dtype`` (the modules' compute dtype; parameters stay float32) as a jnp dtype,
+    or a ValueError naming the key and the allowed names."""
+    import jax.numpy as jnp
+
+    name = config_get(model_cfg, "dtype", "float32")
+    if str(name) not in COMPUTE_DTYPES:
+        raise ValueError(f"config key model.dtype={name!r}: expected one of {COMPUTE_DTYPES}")
+    return jnp.dtype(str(name))

@@ -84,7 +84,7 @@ from ldm_jax.training.objective_config import (
 from ldm_jax.training import scene_conditioning as scene_lib
 from ldm_jax.training import sharding as shd
 from ldm_jax.training import state as state_lib
-from ldm_jax.training.config_access import config_as_dict as _as_dict, config_get as _get
+from ldm_jax.training.config_access import compute_dtype, config_as_dict as _as_dict, config_get as _get
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class LDMTask:
         self.config = config
         self.mesh = mesh
         model = config.model
-        self.dtype = jnp.dtype(_get(model, "dtype", "float32"))
+        self.dtype = compute_dtype(model)
         attention_impl = _get(model, "attention_impl", "xla")
         self.min_fsdp_size = int(_get(config.mesh, "min_fsdp_size", 2 ** 18))
         self.rules = [tuple(r) for r in (_get(config.mesh, "rules", ()) or ())]
