@@ -18,10 +18,19 @@ outputs, and that ``ldm_jax.load_pipeline`` reads back to the same parameters:
   ``StableDiffusionUpscalePipeline`` (as SD, plus low_res_scheduler/ and
   ``max_noise_level`` in model_index.json).
 
-Class-conditional LDMs (a ``ClassEmbedder`` or a U-Net label table) and other
-concat conditioning have no diffusers pipeline and are refused with a
+Class-conditional LDMs (a ``ClassEmbedder``, or any U-Net class embedding
+outside the x4 upscaler: no other diffusers pipeline passes class labels) and
+other concat conditioning have no diffusers pipeline and are refused with a
 ValueError before anything is written (``save_unet`` / ``save_vae`` still
-write the components).
+write the components). So are scheduler options that diffusers'
+``StableDiffusionPipeline`` / ``StableDiffusionInpaintPipeline`` overwrite when
+they load a folder (steps_offset other than 1 with "leading" spacing,
+clip_sample), and U-Net layouts neither ``UNet2DConditionModel`` nor
+``UNet2DModel`` builds (the ValueError names the field).
+
+The folder is written next to its destination first and moved into place,
+model_index.json last; see ``save_diffusers`` for which destinations are
+accepted.
 
 Parameter names are the inverse of ``mapping.convert_state_dict``: a Flax
 module name ``name_N`` is the PyTorch ``name.N`` (a list index folded into
@@ -36,10 +45,13 @@ Weights are written by a small safetensors writer (no torch needed), with the
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import struct
+import uuid
 from typing import Any, Dict, FrozenSet, Mapping, Optional
 
 import jax
@@ -49,7 +61,7 @@ from flax import traverse_util
 
 from ldm_jax.convert.mapping import convert_state_dict
 from ldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from ldm_jax.models.unet import UNetConfig
+from ldm_jax.models.unet import UNetConfig, attention_levels
 
 # Flax module names that are real diffusers/transformers names ending in "_<digits>"
 # (every other "name_N" is the PyTorch list entry name.N).
@@ -142,10 +154,18 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Op
     return path
 
 
+def _json_value(value):
+    """numpy / jax scalars and arrays (e.g. a schedule's trained_betas) as JSON numbers and lists;
+    anything else is a TypeError naming the value, raised before the file is opened."""
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(value).tolist()
+    raise TypeError(f"{type(value).__name__} {value!r} cannot be written as JSON")
+
+
 def _write_json(path: str, obj) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False, default=_json_value)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, ensure_ascii=False)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def _collapse(values):
@@ -158,11 +178,22 @@ def _collapse(values):
 
 def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> Dict[str, Any]:
     """``UNetConfig`` -> diffusers ``UNet2DConditionModel`` or ``UNet2DModel`` config.json dict
-    (the inverse of ``unet_config_from_diffusers``)."""
+    (the inverse of ``unet_config_from_diffusers``), or a ValueError naming the field that
+    neither class can express."""
     n = len(cfg.block_out_channels)
-    self_attention = any(t.startswith("Attn") for t in cfg.down_block_types + cfg.up_block_types)
-    model_2d = self_attention or cfg.head_dim is not None or (
-        cfg.mid_block_type in ("UNetMidBlock2D", None) and cfg.mid_block_num_layers == 1)
+    self_levels, cross_levels = attention_levels(cfg, "self"), attention_levels(cfg, "cross")
+    self_blocks = any(t.startswith("Attn") for t in cfg.down_block_types + cfg.up_block_types)
+    if cfg.uses_cross_attention and self_blocks:
+        # UNet2DConditionModel's attention_head_dim is heads per block, UNet2DModel has no context:
+        # unet_config_from_diffusers refuses Attn*Block2D in a UNet2DConditionModel too.
+        raise ValueError("save_diffusers: the U-Net mixes cross-attention and self-attention (Attn*Block2D) blocks; "
+                         "diffusers' UNet2DConditionModel takes Cross* blocks only and UNet2DModel has no context")
+    # Cross-attention decides first: head_dim (CompVis num_head_channels) with a context is a
+    # UNet2DConditionModel (its attention_head_dim = heads per block), not a UNet2DModel, which has
+    # no cross-attention blocks. Without a context, self-attention blocks, head_dim or a one-layer
+    # UNetMidBlock2D (UNet2DConditionModel builds its UNetMidBlock2D with num_layers=0) mean UNet2DModel.
+    model_2d = not cfg.uses_cross_attention and (self_blocks or cfg.head_dim is not None or (
+        cfg.mid_block_type in ("UNetMidBlock2D", None) and cfg.mid_block_num_layers == 1))
     common = {
         "_diffusers_version": DIFFUSERS_VERSION,
         "sample_size": int(sample_size), "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
@@ -179,22 +210,57 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> Dict[str, Any
         "time_embedding_type": "positional",
     }
     if model_2d:
-        if cfg.mid_block_num_layers != 1 or cfg.time_embedding_act_fn is not None or cfg.class_embeddings_concat:
-            raise ValueError("save_diffusers: this UNet2DModel-style configuration has no diffusers equivalent")
-        dims = [c // cfg.heads(i) for i, c in enumerate(cfg.block_out_channels)]
-        head_dim = _collapse(dims)
-        if isinstance(head_dim, list):
-            raise ValueError(f"save_diffusers: channels per head differ between blocks ({dims}); diffusers' "
-                             "UNet2DModel takes one attention_head_dim")
-        if all(cfg.heads(i) == 1 for i in range(n)) and cfg.head_dim is None:
-            head_dim = None  # one head of full width
+        # UNet2DModel has no per-block layer counts, conv kernel sizes, time-embedding activation,
+        # class-embedding concatenation or mid-block depth: refuse rather than drop them.
+        unsupported = {"mid_block_num_layers": (cfg.mid_block_num_layers, 1),
+                       "time_embedding_act_fn": (cfg.time_embedding_act_fn, None),
+                       "class_embeddings_concat": (cfg.class_embeddings_concat, False),
+                       "conv_in_kernel": (cfg.conv_in_kernel, 3), "conv_out_kernel": (cfg.conv_out_kernel, 3)}
+        for key, (value, allowed) in unsupported.items():
+            if value != allowed and not (key == "mid_block_num_layers" and cfg.mid_block_type is None):
+                raise ValueError(f"save_diffusers: {key}={value!r} in a U-Net without cross-attention; diffusers' "
+                                 f"UNet2DModel only has {key}={allowed!r}")
+        if isinstance(common["layers_per_block"], list):
+            raise ValueError(f"save_diffusers: layers_per_block={common['layers_per_block']} in a U-Net without "
+                             "cross-attention; diffusers' UNet2DModel takes one int")
+        # Only the levels with self-attention use a head size (UNet2DModel: attention_head_dim is
+        # the channels per head of every Attn block and of the mid block's attention).
+        dims = {i: _dim_head(cfg, i) for i in self_levels}
+        if all(cfg.heads(i) == 1 and dims[i] == cfg.block_out_channels[i] for i in self_levels):
+            # one head of full width at every level, whatever the widths: diffusers' attention_head_dim
+            # None (checked first: these levels' channels per head differ whenever their widths do)
+            head_dim = None
+        elif not dims:  # no self-attention: unused, kept so that the config reads back the same
+            head_dim = _collapse(cfg.per_block("head_dim")) if cfg.head_dim is not None else None
+            head_dim = head_dim if isinstance(head_dim, int) else None
+        else:
+            head_dim = _collapse(dims.values())
+            if isinstance(head_dim, list):
+                raise ValueError(f"save_diffusers: channels per head differ between the self-attention levels "
+                                 f"({dims}); diffusers' UNet2DModel takes one attention_head_dim")
+            for i in self_levels:  # diffusers' Attention: channels // attention_head_dim heads of that width
+                c = cfg.block_out_channels[i]
+                if c // head_dim != cfg.heads(i):
+                    raise ValueError(f"save_diffusers: level {i} has {cfg.heads(i)} heads of {head_dim} channels; "
+                                     f"diffusers' UNet2DModel would build {c // head_dim} heads of {head_dim} from "
+                                     f"its {c}")
         return {"_class_name": "UNet2DModel", **common, "attention_head_dim": head_dim,
                 "add_attention": bool(cfg.mid_block_attention), "attn_norm_num_groups": cfg.attn_norm_num_groups,
                 "downsample_type": "conv", "upsample_type": "conv"}
+    if self_levels:  # a UNetMidBlock2D with attention: UNet2DConditionModel builds it without (add_attention=False)
+        raise ValueError(f"save_diffusers: mid_block_type={cfg.mid_block_type!r} with mid_block_attention in a U-Net "
+                         "with cross-attention has no diffusers UNet2DConditionModel equivalent")
     expected_mid = 1 if cfg.mid_block_type == "UNetMidBlock2DCrossAttn" else 0
-    if cfg.mid_block_num_layers != expected_mid:
+    if cfg.mid_block_num_layers != expected_mid and cfg.mid_block_type is not None:
         raise ValueError(f"save_diffusers: mid_block_num_layers={cfg.mid_block_num_layers} with "
-                         f"{cfg.mid_block_type} has no diffusers UNet2DConditionModel equivalent")
+                         f"{cfg.mid_block_type} has no diffusers UNet2DConditionModel equivalent "
+                         f"(it builds {expected_mid})")
+    for i in cross_levels:  # diffusers' Transformer2DModel: heads of channels // heads each
+        c, heads = cfg.block_out_channels[i], cfg.heads(i)
+        if _dim_head(cfg, i) != c // heads:
+            raise ValueError(f"save_diffusers: level {i} has {heads} heads of {_dim_head(cfg, i)} channels (head_dim "
+                             f"{cfg.per_block('head_dim')[i]} does not divide its {c}); diffusers' "
+                             f"UNet2DConditionModel takes heads only and would build heads of {c // heads}")
     tl = cfg.transformer_layers_per_block
     out = {"_class_name": "UNet2DConditionModel", **common,
            "attention_head_dim": _collapse([cfg.heads(i) for i in range(n)]),  # heads (diffusers' misnomer)
@@ -206,10 +272,19 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> Dict[str, Any
            "time_embedding_act_fn": cfg.time_embedding_act_fn,
            "class_embeddings_concat": cfg.class_embeddings_concat,
            "conv_in_kernel": cfg.conv_in_kernel, "conv_out_kernel": cfg.conv_out_kernel}
-    if cfg.cross_attention_dim is not None:
-        cad = cfg.cross_attention_dim
-        out["cross_attention_dim"] = list(cad) if isinstance(cad, tuple) else cad
+    if cross_levels:
+        # The one width all cross-attention blocks read (UNetConfig.context_width): per-block entries
+        # of blocks without cross-attention are unused in diffusers too, and load_unet collapses them.
+        out["cross_attention_dim"] = cfg.context_width
     return out
+
+
+def _dim_head(cfg: UNetConfig, i: int) -> int:
+    """Channels per head of level ``i``: ``head_dim`` where set (CompVis num_head_channels: then
+    ``c // head_dim`` heads of ``head_dim``), else ``c // num_heads``."""
+    if cfg.head_dim is not None:
+        return cfg.per_block("head_dim")[i]
+    return cfg.block_out_channels[i] // cfg.heads(i)
 
 
 def vae_config_to_diffusers(cfg, sample_size: int) -> Dict[str, Any]:
@@ -240,6 +315,11 @@ def clip_config_to_transformers(cfg: CLIPTextConfig, pad_token_id: int) -> Dict[
     """``CLIPTextConfig`` -> transformers ``CLIPTextConfig`` dict. A "penultimate" encoder is
     written as diffusers does for SD 2.x: without its last block, read at the last layer."""
     layers = cfg.context_layer
+    if cfg.eos_token_id == 2:
+        # transformers' CLIPTextTransformer pools at argmax(ids) when eos_token_id is 2 (the legacy
+        # configs of SD 1.x/2.x), never at the first id 2, so no config.json gives this pooled output
+        raise ValueError("save_text_encoder: CLIPTextConfig.eos_token_id=2 (pooling at the first id 2) cannot be "
+                         "written: transformers reads eos_token_id 2 as the legacy argmax(ids) pooling")
     return {
         "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -323,8 +403,9 @@ def diffusers_pipeline_class(pipe) -> str:
 
     what = pipe.source or "this pipeline"
     extra = int(pipe.unet.config.in_channels) - int(pipe.vae.config.embed_dim)
-    if isinstance(pipe.text_encoder, ClassEmbedder) or (
-            pipe.text_encoder is None and pipe.unet.config.num_class_embeds is not None):
+    unet_cfg = pipe.unet.config
+    class_embedding = unet_cfg.num_class_embeds is not None or unet_cfg.class_embed_type is not None
+    if isinstance(pipe.text_encoder, ClassEmbedder) or (pipe.text_encoder is None and class_embedding):
         raise ValueError(f"save_diffusers: {what} is a class-conditional LDM; diffusers has no pipeline for "
                          "class-conditional latent diffusion (LDMPipeline is unconditional, DiTPipeline is another "
                          "architecture), so no loadable folder can be written. The U-Net and autoencoder alone can "
@@ -334,9 +415,10 @@ def diffusers_pipeline_class(pipe) -> str:
 
         if isinstance(pipe.text_encoder, LDMBertModel):
             # LDMTextToImagePipeline takes latents only, sizes them height // 8 and tokenizes to 77.
-            if extra != 0 or getattr(pipe, "is_upscaler", False):
+            if extra != 0 or getattr(pipe, "is_upscaler", False) or class_embedding:
                 raise ValueError(f"save_diffusers: {what} has an LDMBert text encoder and {extra} concatenated "
-                                 "channels; diffusers' LDMTextToImagePipeline takes the latents only")
+                                 f"channels{' and a U-Net class embedding' if class_embedding else ''}; diffusers' "
+                                 "LDMTextToImagePipeline takes the latents and the text context only")
             if pipe.vae_scale_factor != 8 or pipe.text_encoder.config.max_position_embeddings != 77:
                 raise ValueError(f"save_diffusers: {what} has autoencoder factor {pipe.vae_scale_factor} and "
                                  f"{pipe.text_encoder.config.max_position_embeddings} text positions; diffusers' "
@@ -351,6 +433,13 @@ def diffusers_pipeline_class(pipe) -> str:
                                  f"and scale_factor {pipe.vae.config.scaling_factor}; diffusers' "
                                  "StableDiffusionUpscalePipeline takes 3 (RGB) and 0.08333 only")
             return "StableDiffusionUpscalePipeline"
+        if class_embedding:
+            # StableDiffusion(Inpaint)Pipeline call the U-Net without class_labels (diffusers then fails
+            # "class_labels should be provided when doing class conditioning")
+            raise ValueError(f"save_diffusers: {what} has a U-Net class embedding (num_class_embeds="
+                             f"{unet_cfg.num_class_embeds}, class_embed_type={unet_cfg.class_embed_type!r}) next to "
+                             "the text context; diffusers' StableDiffusionPipeline passes no class labels (only "
+                             "the x4 upscaler's noise level, StableDiffusionUpscalePipeline)")
         if extra == 0:
             return "StableDiffusionPipeline"
         if extra == pipe.vae.config.embed_dim + 1:
@@ -371,19 +460,143 @@ def diffusers_pipeline_class(pipe) -> str:
     return "LDMSuperResolutionPipeline"
 
 
+# diffusers' StableDiffusionPipeline / StableDiffusionInpaintPipeline.__init__ rewrite the scheduler config
+# they are given ("outdated" configs): steps_offset -> 1 (both) and clip_sample -> False
+# (StableDiffusionPipeline; it checks getattr(scheduler.config, "clip_sample", False), i.e. only scheduler
+# classes with that argument). skip_prk_steps -> True (inpainting) changes nothing: "plms" forces it here.
+_PIPELINE_SCHEDULER_PATCHES = {"StableDiffusionPipeline": ("steps_offset", "clip_sample"),
+                               "StableDiffusionInpaintPipeline": ("steps_offset",)}
+
+
+def _check_scheduler_kept(pipeline_class: str, scheduler: Mapping[str, Any], what: str) -> None:
+    """A ValueError where ``pipeline_class`` would run ``scheduler`` with other options than this
+    project does (see _PIPELINE_SCHEDULER_PATCHES): the exported folder would sample differently."""
+    from ldm_jax.diffusion.scheduler_config import SAMPLER_DEFAULTS
+
+    patched = _PIPELINE_SCHEDULER_PATCHES.get(pipeline_class, ())
+    defaults = next((d for cls, d in SAMPLER_DEFAULTS.values() if cls == scheduler.get("_class_name")), None)
+    if defaults is None:
+        return  # a scheduler class this project has no sampler for: nothing of ours to compare with
+    spacing = scheduler.get("timestep_spacing", defaults.get("timestep_spacing", "leading"))
+    # steps_offset only moves "leading" timesteps (set_timesteps of DDIM / PNDM / DDPM / Euler / DPM-Solver)
+    if "steps_offset" in patched and spacing == "leading" and scheduler.get("steps_offset", 0) != 1:
+        raise ValueError(f"save_diffusers: {what} samples with steps_offset={scheduler.get('steps_offset', 0)} and "
+                         f"'leading' timestep spacing, but diffusers' {pipeline_class} resets steps_offset to 1 when "
+                         "it loads the scheduler, so the exported folder would sample other timesteps; set "
+                         "scheduler_config['steps_offset'] = 1 (or another timestep_spacing) first")
+    if "clip_sample" in patched and "clip_sample" in defaults and scheduler.get("clip_sample", defaults["clip_sample"]):
+        raise ValueError(f"save_diffusers: {what} clips the predicted sample ({scheduler['_class_name']} clip_sample "
+                         f"{'true' if 'clip_sample' in scheduler else 'default true'}), but diffusers' "
+                         f"{pipeline_class} resets clip_sample to False when it loads the scheduler; set "
+                         "scheduler_config['clip_sample'] = False first")
+
+
 def save_diffusers(pipe, folder: str) -> str:
     """Write ``pipe`` as a diffusers folder (see the module docstring); returns ``folder``.
 
     Raises ValueError, before writing anything, for a pipeline diffusers has no class for
-    (class-conditional LDMs, concat conditioning other than super-resolution)."""
+    (class-conditional LDMs, concat conditioning other than super-resolution).
+
+    ``folder`` may be new, empty, or a diffusers folder (it has a model_index.json, e.g. an earlier
+    export or the folder ``pipe`` was loaded from), whose components are then replaced; anything else
+    (a file, a folder with other contents, an unwritable place) is an OSError naming it. Everything
+    is first written into a staging folder next to ``folder`` and moved in at the end, model_index.json
+    last: an export that fails leaves ``folder`` as it was, or (while replacing an earlier export)
+    without a model_index.json, so neither diffusers nor ``load_pipeline`` takes a half-written
+    folder for a complete one (both load any folder with a model_index.json)."""
     pipeline_class = diffusers_pipeline_class(pipe)
+    _check_scheduler_kept(pipeline_class, _scheduler_json(pipe.scheduler_config, "DDIMScheduler"),
+                          pipe.source or "this pipeline")
+    old_index = _check_target(folder)
+    stage = _make_stage(folder)
+    try:
+        written = _write_pipeline(pipe, stage, pipeline_class)
+        _install(stage, folder, written, old_index)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return folder
+
+
+def _check_target(folder: str) -> Optional[Dict[str, Any]]:
+    """None for a new or empty ``folder``; the model_index.json of a diffusers folder to replace;
+    else an OSError (FileExistsError) saying what is in the way."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise FileExistsError(errno.EEXIST, f"save_diffusers: {folder!r} exists and is not a folder", folder)
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return None
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise FileExistsError(errno.EEXIST, f"save_diffusers: {folder!r} is not empty and is not a diffusers "
+                              "folder (no model_index.json); export into a new or empty folder, or over an earlier "
+                              "export, so that no unrelated file is replaced", folder)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        index = None
+    return index if isinstance(index, dict) else {}
+
+
+def _make_stage(folder: str) -> str:
+    """A new empty folder next to ``folder`` (same file system, so moving out of it is a rename)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    stage = os.path.join(parent, f".{os.path.basename(os.path.abspath(folder))}.export-{uuid.uuid4().hex[:12]}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(stage)  # umask-default permissions, as os.makedirs(folder) would give
+    except OSError as e:
+        # OSError(errno, ...) is the matching subclass (PermissionError, NotADirectoryError, ...)
+        raise OSError(e.errno, f"save_diffusers: cannot write {folder!r} ({e.strerror or e})",
+                      e.filename) from e
+    return stage
+
+
+def _install(stage: str, folder: str, written, old_index: Optional[Dict[str, Any]]) -> None:
+    """Move the staged export into ``folder``, model_index.json last."""
+    if not os.path.lexists(folder):
+        os.rename(stage, folder)  # all at once
+        return
+    index_path = os.path.join(folder, "model_index.json")
+    if old_index is not None:
+        # Replacing a diffusers folder: its model_index.json goes first, so that until the new one is
+        # in place the folder is not loadable at all (rather than new weights under an old index).
+        os.remove(index_path)
+    stale = [name for name, entry in (old_index or {}).items()
+             if isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and name not in written
+             and _is_component_dir(folder, name)]
+    for name in written:
+        if name == "model_index.json":
+            continue
+        target = os.path.join(folder, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            os.remove(target)
+        os.rename(os.path.join(stage, name), target)
+    for name in stale:  # components of the old pipeline that this one does not have (e.g. vae/ -> vqvae/)
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    os.rename(os.path.join(stage, "model_index.json"), index_path)
+
+
+def _is_component_dir(folder: str, name: str) -> bool:
+    """``name`` (a model_index.json key) is a plain sub-folder of ``folder``, not a path elsewhere."""
+    path = os.path.join(folder, name)
+    return (name == os.path.basename(name) and name not in ("", ".", "..") and os.path.isdir(path)
+            and not os.path.islink(path))
+
+
+def _scheduler_json(config: Mapping[str, Any], default_class: str) -> Dict[str, Any]:
+    """scheduler_config.json contents: ``config`` with its class (``default_class`` where it names none)."""
+    return {"_class_name": default_class, **dict(config), "_diffusers_version": DIFFUSERS_VERSION}
+
+
+def _write_pipeline(pipe, folder: str, pipeline_class: str):
+    """Write every file into the (new, empty) ``folder``; returns the names written at its top level."""
     # diffusers' LDM pipelines call the autoencoder "vqvae" (whatever its class)
     vae_name = "vae" if pipeline_class.startswith("StableDiffusion") else "vqvae"
-    os.makedirs(folder, exist_ok=True)
     save_unet(pipe.unet, pipe.params["unet"], os.path.join(folder, "unet"), pipe.sample_size)
     save_vae(pipe.vae, pipe.params["vae"], os.path.join(folder, vae_name), pipe.default_size)
-    scheduler = {"_class_name": "DDIMScheduler", **dict(pipe.scheduler_config),
-                 "_diffusers_version": DIFFUSERS_VERSION}
+    scheduler = _scheduler_json(pipe.scheduler_config, "DDIMScheduler")
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
     vae_class = "AutoencoderKL" if pipe.vae.config.kind == "kl" else "VQModel"
@@ -404,16 +617,15 @@ def save_diffusers(pipe, folder: str) -> str:
         index.update({"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                       "safety_checker": [None, None], "feature_extractor": [None, None]})
         if pipeline_class == "StableDiffusionUpscalePipeline":
-            low_res = {"_class_name": "DDPMScheduler", **dict(pipe.low_res_scheduler_config),
-                       "_diffusers_version": DIFFUSERS_VERSION}
+            low_res = _scheduler_json(pipe.low_res_scheduler_config, "DDPMScheduler")
             os.makedirs(os.path.join(folder, "low_res_scheduler"), exist_ok=True)
             _write_json(os.path.join(folder, "low_res_scheduler", "scheduler_config.json"), low_res)
-            index.update({"low_res_scheduler": ["diffusers", "DDPMScheduler"], "watermarker": [None, None],
+            index.update({"low_res_scheduler": ["diffusers", low_res["_class_name"]], "watermarker": [None, None],
                           "max_noise_level": int(pipe.max_noise_level)})
         else:
             index.update({"image_encoder": [None, None], "requires_safety_checker": False})
     _write_json(os.path.join(folder, "model_index.json"), index)
-    return folder
+    return sorted(os.listdir(folder))
 
 
 __all__ = ["save_diffusers", "diffusers_pipeline_class", "save_unet", "save_vae", "save_text_encoder", "save_tokenizer",
