@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
+import ml_dtypes
 import numpy as np
 
 from ldm_jax.convert.errors import CheckpointError
@@ -163,7 +164,8 @@ def infer_unet_params(unet: Mapping[str, np.ndarray], source: str) -> Dict[str, 
         params["num_classes"] = int(unet["label_emb.weight"].shape[0])
     elif any(key.startswith("label_emb.") for key in unet):
         raise CheckpointError(f"{source}: U-Net label_emb {sorted(k for k in unet if k.startswith('label_emb.'))[:3]} "
-                              "(a projection of continuous labels) is not supported")
+                              "(a projection of continuous labels: unet_config num_classes 'continuous' / "
+                              "'sequential' with adm_in_channels, as the unCLIP models) is not supported")
     return params
 
 
@@ -211,11 +213,35 @@ def infer_first_stage_config(vae: Mapping[str, np.ndarray], source: str) -> Dict
     return {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {"embed_dim": embed_dim, "ddconfig": ddconfig}}
 
 
-def infer_cond_stage_config(state_dict: Mapping[str, np.ndarray], source: str):
-    """``cond_stage_config`` from the ``cond_stage_model.*`` keys."""
-    if any(k.startswith(p + "embeddings.token_embedding.weight") for p in CLIP_PREFIXES for k in state_dict):
+def _text_width(state_dict: Mapping[str, np.ndarray], open_clip: bool) -> Optional[int]:
+    """The width of the SD 1.x (transformers CLIP) or SD 2.x (open_clip) text tower in the file, or None."""
+    keys = [OPEN_CLIP_PREFIX + "token_embedding.weight"] if open_clip else [
+        p + "embeddings.token_embedding.weight" for p in CLIP_PREFIXES]
+    found = [state_dict[k] for k in keys if k in state_dict and np.ndim(state_dict[k]) == 2]
+    return int(np.shape(found[0])[1]) if found else None
+
+
+def infer_cond_stage_config(state_dict: Mapping[str, np.ndarray], source: str, context_dim: Optional[int] = None):
+    """``cond_stage_config`` from the ``cond_stage_model.*`` keys (``context_dim``: the U-Net's, which picks
+    the text tower of a file holding both an SD 1.x and an SD 2.x one)."""
+    clip, open_clip = _text_width(state_dict, False), _text_width(state_dict, True)
+    if clip is not None and open_clip is not None:
+        # A mix of SD 1.x and SD 2.x weights (bad merges): the original YAML names one cond stage and
+        # load_state_dict(strict=False) ignores the other's keys; without a YAML only the U-Net's context
+        # width can tell which one, when exactly one fits it.
+        fits = [name for name, width in (("clip", clip), ("open_clip", open_clip)) if width == context_dim]
+        if len(fits) != 1:
+            raise CheckpointError(
+                f"{source}: holds both an SD 1.x text encoder ({CLIP_PREFIXES[0]}*, width {clip}) and an SD 2.x one "
+                f"({OPEN_CLIP_PREFIX}*, width {open_clip}) and the U-Net's context width {context_dim} does not tell "
+                "which one it uses; pass the original YAML")
+        if fits[0] == "clip":
+            open_clip = None
+        else:
+            clip = None
+    if clip is not None:
         return {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
-    if OPEN_CLIP_PREFIX + "token_embedding.weight" in state_dict:
+    if open_clip is not None:
         # Every released SD 2.x model uses the penultimate layer.
         return {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
                 "params": {"layer": "penultimate"}}
@@ -253,17 +279,117 @@ def infer_cond_stage_config(state_dict: Mapping[str, np.ndarray], source: str):
     return "__is_unconditional__"
 
 
-def _schedule_from_betas(betas: np.ndarray) -> Dict[str, Any]:
-    """linear_start / linear_end / timesteps / beta_schedule from the ``betas`` buffer."""
-    stored = np.asarray(betas)
-    betas = stored.astype(np.float64)
-    T, start, end = len(betas), float(betas[0]), float(betas[-1])
-    if stored.dtype == np.float32:  # the YAML's decimal (0.00085), not its float32 rounding
-        start, end = float(str(stored[0])), float(str(stored[-1]))
+def _stored_schedule(state_dict: Mapping[str, np.ndarray]):
+    """(kind, values as stored, float64 values) of the schedule buffer ``register_schedule`` saved: "betas", else
+    "alphas_cumprod" (files that kept only some buffers), or None."""
+    for kind in ("betas", "alphas_cumprod"):
+        stored = state_dict.get(kind)
+        if stored is not None and np.ndim(stored) == 1 and np.size(stored) > 1:
+            stored = np.asarray(stored)
+            if np.issubdtype(stored.dtype, np.floating) or stored.dtype == ml_dtypes.bfloat16:
+                return kind, stored, stored.astype(np.float64)
+    return None
+
+
+def _as_stored(kind: str, betas: np.ndarray) -> np.ndarray:
+    return betas if kind == "betas" else np.cumprod(1.0 - betas)
+
+
+def _matches_stored(stored: np.ndarray, values: np.ndarray) -> bool:
+    """Whether float64 ``values`` round to ``stored`` in its dtype: register_schedule computes the schedule in
+    float64 and stores it as float32, and "fp16" / "bf16" releases cast the buffers too, so a file holds the
+    schedule only to its dtype's precision (one ulp: eps relative, the smallest normal absolute)."""
+    info = ml_dtypes.finfo(stored.dtype)
+    return values.shape == stored.shape and bool(np.all(
+        np.abs(values - stored.astype(np.float64)) <= float(info.eps) * np.abs(values) + float(info.smallest_normal)))
+
+
+def _schedule_from_buffers(state_dict: Mapping[str, np.ndarray]) -> Optional[Dict[str, Any]]:
+    """linear_start / linear_end / timesteps / beta_schedule (or ``given_betas``) from the schedule buffers,
+    or None without them. The YAML's decimals (0.00085) are recovered as the shortest ones whose CompVis
+    schedule rounds to the stored values, in float32 and in the float16 / bfloat16 of pruned releases."""
+    found = _stored_schedule(state_dict)
+    if found is None:
+        return None
+    kind, stored, values = found
+    T = len(values)
+    if kind == "betas":
+        first, last = values[0], values[-1]
+    else:
+        first, last = 1.0 - values[0], 1.0 - values[-1] / values[-2]
+    candidates = lambda x: dict.fromkeys(float(f"{x:.{d}g}") for d in range(1, 8))  # noqa: E731
     for schedule in ("linear", "sqrt_linear"):
-        if np.allclose(ldm_betas(schedule, T, start, end), betas, rtol=1e-5, atol=1e-9):
-            return {"timesteps": T, "linear_start": start, "linear_end": end, "beta_schedule": schedule}
-    return {"timesteps": T, "linear_start": start, "linear_end": end, "given_betas": betas.tolist()}
+        for start in candidates(first):
+            for end in candidates(last):
+                if _matches_stored(stored, _as_stored(kind, ldm_betas(schedule, T, start, end))):
+                    return {"timesteps": T, "linear_start": start, "linear_end": end, "beta_schedule": schedule}
+    if kind == "betas":
+        betas = values
+    else:  # beta_t = 1 - alphas_cumprod_t / alphas_cumprod_{t-1}
+        betas = 1.0 - values / np.concatenate([[1.0], values[:-1]])
+    return {"timesteps": T, "linear_start": float(betas[0]), "linear_end": float(betas[-1]),
+            "given_betas": betas.tolist()}
+
+
+def reconcile_schedule(cfg: Mapping[str, Any], state_dict: Mapping[str, np.ndarray], source: str) -> Dict[str, Any]:
+    """The YAML config with the file's noise schedule where the two differ.
+
+    The original loads a checkpoint with ``LatentDiffusion.load_state_dict(sd, strict=False)``
+    (scripts/txt2img.py), which overwrites the ``betas`` / ``alphas_cumprod`` / ... buffers that
+    ``register_schedule`` made from the YAML, and its samplers read ``model.alphas_cumprod``: the file's
+    schedule wins. Agreement is checked to the stored dtype's precision (float16 / bfloat16 releases)."""
+    from ldm_jax.convert.original_config import schedule_betas
+
+    found = _stored_schedule(state_dict)
+    if found is None:
+        return dict(cfg)
+    kind, stored, _ = found
+    params = cfg["model"]["params"]
+    if _matches_stored(stored, _as_stored(kind, schedule_betas(params, source))):
+        return dict(cfg)
+    from_file = _schedule_from_buffers(state_dict)
+    warnings.warn(f"{source}: the checkpoint's {kind!r} buffer differs from the YAML's schedule (timesteps "
+                  f"{params.get('timesteps', 1000)}, {params.get('beta_schedule', 'linear')} "
+                  f"{params.get('linear_start')}..{params.get('linear_end')}); using the checkpoint's, as the "
+                  "original does (load_state_dict overwrites the schedule buffers)")
+    new_params = {k: v for k, v in params.items()
+                  if k not in ("timesteps", "linear_start", "linear_end", "beta_schedule", "given_betas")}
+    new_params.update(from_file)
+    return {**cfg, "model": {**cfg["model"], "params": new_params}}
+
+
+def check_model_family(state_dict: Mapping[str, np.ndarray], source: str) -> None:
+    """Refuse, by name, the files of LatentDiffusion subclasses ldm_jax does not implement, and a standalone
+    first-stage file given as a whole model."""
+    unclip = sorted(k for k in state_dict if k.startswith(("embedder.", "noise_augmentor.")))
+    if unclip:
+        # SD 2.1 unCLIP (ImageEmbeddingConditionedLatentDiffusion): a CLIP image encoder (embedder.*) whose
+        # noise-augmented embedding (noise_augmentor.*) enters the U-Net through a label_emb projection
+        raise CheckpointError(f"{source}: an unCLIP checkpoint (ImageEmbeddingConditionedLatentDiffusion: "
+                              f"{unclip[0]!r}, ...), which is not supported")
+    model_keys = (k for k in state_dict if k not in ("model_ema.decay", "model_ema.num_updates"))
+    if not any(k.startswith((UNET_PREFIX, "model_ema.")) for k in model_keys) and (
+            "encoder.conv_in.weight" in state_dict or "decoder.conv_out.weight" in state_dict):
+        raise CheckpointError(f"{source}: a standalone autoencoder (first-stage) file (encoder.*, decoder.*), not "
+                              "a whole latent-diffusion checkpoint: load the model's file and give this one as "
+                              "vae=...")
+
+
+def _check_context_optional(unet_params: Mapping[str, Any], source: str) -> None:
+    """A cross-attention U-Net without cond-stage weights: the original runs it without a context only where
+    every attention block's context width equals its channels (attn2 then attends to the block's own features);
+    else the file is a pruned one whose text encoder the original downloads (FrozenCLIPEmbedder /
+    FrozenOpenCLIPEmbedder load their pretrained weights in __init__) and ldm_jax cannot."""
+    mc, mult = unet_params["model_channels"], unet_params["channel_mult"]
+    channels = {mc * mult[i] for i in range(len(mult)) if 2 ** i in unet_params["attention_resolutions"]}
+    channels.add(mc * mult[-1])  # the middle block
+    context_dim = unet_params["context_dim"]
+    if channels != {context_dim}:
+        family = {768: " (SD 1.x: FrozenCLIPEmbedder, openai/clip-vit-large-patch14)",
+                  1024: " (SD 2.x: FrozenOpenCLIPEmbedder, ViT-H-14)"}.get(context_dim, "")
+        raise CheckpointError(f"{source}: the U-Net cross-attends to a {context_dim}-wide context{family} but the "
+                              f"file has no text encoder weights ({COND_PREFIX}*): a pruned file whose text encoder "
+                              "the original downloads; ldm_jax downloads nothing: use a file that includes it")
 
 
 def infer_original_config(state_dict: Mapping[str, np.ndarray], source: str) -> Dict[str, Any]:
@@ -272,10 +398,13 @@ def infer_original_config(state_dict: Mapping[str, np.ndarray], source: str) -> 
     See the module docstring for what cannot be inferred and the defaults used.
     """
     unet = _sub(state_dict, UNET_PREFIX)
+    check_model_family(state_dict, source)
     if not unet:
-        if any(k.startswith("model_ema.") for k in state_dict):
-            raise CheckpointError(f"{source}: only EMA weights (model_ema.*) and no {UNET_PREFIX}* keys; their "
-                                  "names cannot be recovered without the non-EMA keys")
+        if any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")
+               for k in state_dict):
+            raise CheckpointError(f"{source}: only EMA weights (model_ema.*) and no {UNET_PREFIX}* keys; LitEma "
+                                  "removes the dots from their names, so the U-Net cannot be inferred from them: "
+                                  "pass the original YAML (config=...) with use_ema=True")
         raise CheckpointError(f"{source}: not an original latent-diffusion checkpoint (no {UNET_PREFIX}* keys)")
     if any(k.startswith("low_scale_model.") for k in state_dict):
         raise CheckpointError(f"{source}: a LatentUpscaleDiffusion checkpoint (the SD 2 x4 upscaler: "
@@ -286,8 +415,10 @@ def infer_original_config(state_dict: Mapping[str, np.ndarray], source: str) -> 
         raise CheckpointError(f"{source}: no first-stage autoencoder weights ({VAE_PREFIX}*)")
     unet_params = infer_unet_params(unet, source)
     first_stage = infer_first_stage_config(vae, source)
-    cond = infer_cond_stage_config(state_dict, source)
+    cond = infer_cond_stage_config(state_dict, source, unet_params.get("context_dim"))
     cond_name = cond if isinstance(cond, str) else cond["target"].rsplit(".", 1)[-1]
+    if cond_name in ("__is_unconditional__", "__is_first_stage__") and "context_dim" in unet_params:
+        _check_context_optional(unet_params, source)
     latent_ch = first_stage["params"]["embed_dim"]
     if cond_name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "ClassEmbedder", "BERTEmbedder"):
         key = "hybrid" if unet_params["in_channels"] != latent_ch else "crossattn"
@@ -318,8 +449,9 @@ def infer_original_config(state_dict: Mapping[str, np.ndarray], source: str) -> 
         "first_stage_config": first_stage, "cond_stage_config": cond,
         "scale_factor": _SD_SCALE_FACTOR if first_stage["target"].endswith("AutoencoderKL") else 1.0,
     }
-    if "betas" in state_dict:
-        params.update(_schedule_from_betas(state_dict["betas"]))
+    from_file = _schedule_from_buffers(state_dict)
+    if from_file is not None:
+        params.update(from_file)
     elif cond_name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"):
         params.update(linear_start=0.00085, linear_end=0.012, timesteps=1000)  # Stable Diffusion
     else:

@@ -30,7 +30,7 @@ tensor gets a ``#q``/``#k``/``#v`` suffix) plus a ``rename`` for
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from ldm_jax.convert.errors import CheckpointError
 from ldm_jax.convert.original_config import UNET_PREFIX, VAE_PREFIX
 
 EMA_PREFIX = "model_ema."
+_EMA_BUFFERS = ("model_ema.decay", "model_ema.num_updates")  # LitEma's own buffers, not weights
 _TAG = "#"
 
 Rename = Callable[[str], Optional[str]]
@@ -56,21 +57,45 @@ def ema_key(key: str) -> str:
     return EMA_PREFIX + key[len("model."):].replace(".", "")
 
 
-def select_unet_weights(state_dict: Mapping[str, np.ndarray], use_ema: bool, source: str) -> Dict[str, np.ndarray]:
+def select_unet_weights(state_dict: Mapping[str, np.ndarray], use_ema: bool, source: str,
+                        expected: Optional[Iterable[str]] = None) -> Dict[str, np.ndarray]:
     """The U-Net weights keyed ``model.diffusion_model.*``: the trained ones, or with
-    ``use_ema`` their EMA copies (an error when the file has none)."""
+    ``use_ema`` their EMA copies (an error when the file has none).
+
+    ``expected``: the ``model.diffusion_model.*`` names the configured U-Net has. A file with only
+    ``model_ema.*`` U-Net weights (the trained copy dropped) loads with ``use_ema`` by them, as the
+    original does: LatentDiffusion(use_ema=True) loads it with strict=False and its ``ema_scope``
+    copies ``model_ema`` into the model for sampling."""
     unet = {k: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
+    has_ema = any(k.startswith(EMA_PREFIX) and k not in _EMA_BUFFERS for k in state_dict)
     if not use_ema:
+        if not unet and has_ema:
+            raise CheckpointError(f"{source}: no {UNET_PREFIX}* weights, only their EMA copies ({EMA_PREFIX}*): "
+                                  "load it with use_ema=True (and its YAML)")
         return unet
-    if not any(k.startswith(EMA_PREFIX) for k in state_dict):
+    if not has_ema:
         raise CheckpointError(f"{source}: use_ema=True but the checkpoint holds no EMA weights ({EMA_PREFIX}*); "
                               "it may be an EMA-only export whose model.diffusion_model.* already are the EMA "
                               "weights: load it with use_ema=False")
-    missing = [k for k in unet if ema_key(k) not in state_dict]
+    names = sorted(unet)
+    if not names and expected is not None:
+        names = sorted(set(expected))
+        by_ema: Dict[str, str] = {}
+        for name in names:  # LitEma's dot removal could merge two names (input_blocks.1.1 / input_blocks.11)
+            other = by_ema.setdefault(ema_key(name), name)
+            if other != name:
+                raise CheckpointError(f"{source}: {other!r} and {name!r} have the same EMA name {ema_key(name)!r}; "
+                                      "the EMA-only file cannot be read")
+        unused = sorted(k for k in state_dict if k.startswith(EMA_PREFIX) and k not in _EMA_BUFFERS
+                        and k not in by_ema)
+        if unused:  # EMA weights of another architecture: the configuration does not fit the file
+            raise CheckpointError(f"{source}: {len(unused)} EMA weights are not weights of the configured U-Net, "
+                                  f"e.g. {unused[:3]} (the configuration does not fit this checkpoint)")
+    missing = [k for k in names if ema_key(k) not in state_dict]
     if missing:
         raise CheckpointError(f"{source}: use_ema=True but {len(missing)} U-Net weights have no EMA copy, "
                               f"e.g. {ema_key(missing[0])!r} for {missing[0]!r}")
-    return {k: state_dict[ema_key(k)] for k in unet}
+    return {k: state_dict[ema_key(k)] for k in names}
 
 
 # ----------------------------------------------------------------------------- U-Net

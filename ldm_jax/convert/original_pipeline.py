@@ -3,6 +3,12 @@
     pipe = load_original_pipeline("v1-5-pruned-emaonly.safetensors")              # inferred config
     pipe = load_original_pipeline("768-v-ema.ckpt", config="v2-inference-v.yaml")  # its YAML
     pipe = load_original_pipeline("sd.ckpt", use_ema=True)                        # model_ema.* weights
+    pipe = load_original_pipeline("sd.ckpt", vae="vae-ft-mse-840000-ema-pruned.ckpt")  # another first stage
+
+The file is read by content (safetensors or a torch.save pickle, whatever its suffix), from a Lightning
+``{"state_dict": ...}`` wrapper, a bare state dict or a ``{"model"|"module": ...}`` wrapper, with a
+DataParallel ``module.`` prefix removed. Its ``betas`` / ``alphas_cumprod`` buffers win over the YAML's
+schedule, as ``load_state_dict`` makes them win in the original (``original_infer.reconcile_schedule``).
 
 Families (``cond_stage_config``):
 
@@ -62,10 +68,10 @@ from ldm_jax.convert.errors import CheckpointError
 from ldm_jax.convert.export import UNET_LITERAL_NAMES, torch_name
 from ldm_jax.convert.mapping import convert_state_dict
 from ldm_jax.convert.original_config import (
-    CLIP_PREFIXES, COND_PREFIX, OPEN_CLIP_PREFIX, VAE_PREFIX, OriginalSpec, read_original_yaml,
+    CLIP_PREFIXES, COND_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, OriginalSpec, read_original_yaml,
     spec_from_original_config,
 )
-from ldm_jax.convert.original_infer import infer_original_config
+from ldm_jax.convert.original_infer import check_model_family, infer_original_config, reconcile_schedule
 from ldm_jax.convert.original_keys import (
     prepare_unet, prepare_vae, select_unet_weights, unet_original_name, vae_original_name,
 )
@@ -86,17 +92,68 @@ SD2_PAD_TOKEN = 0  # open_clip.tokenize pads with 0
 _CLIP_HEAD_DIM = 64
 
 
+def _is_safetensors(path: str) -> bool:
+    """Whether the file's content is safetensors (8-byte little-endian header length, then a JSON object),
+    whatever its name says: renamed files (``model.ckpt`` holding safetensors, ``.SAFETENSORS``, no suffix)
+    are common and the suffix alone would send them to the pickle reader."""
+    if path.lower().endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 27)
+
+
+# Containers other trainers wrap a state dict in, tried when the top level holds no tensors and no
+# "state_dict" (Lightning): {"model": sd} (plain torch trainers), {"module": sd} (DeepSpeed), {"model_state_dict": sd}.
+_WRAPPER_KEYS = ("model", "module", "model_state_dict")
+# Prefixes a wrapper module puts before every LatentDiffusion name: torch.nn.DataParallel /
+# DistributedDataParallel ("module."), or a training wrapper holding the model as .model ("model.", recognised by
+# model.model.diffusion_model.* with no model.diffusion_model.* key).
+_WRAPPER_PREFIXES = ("module.", "model.")
+
+
+def _unwrap_container(obj):
+    if not isinstance(obj, dict) or "state_dict" in obj or any(isinstance(v, np.ndarray) for v in obj.values()):
+        return obj
+    for key in _WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, dict) and any(isinstance(v, np.ndarray) for v in inner.values()):
+            return inner
+    return obj
+
+
+def _strip_wrapper_prefix(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The original names of a state dict saved from a wrapped LatentDiffusion (every key under ``module.``
+    or ``model.``), which LatentDiffusion.load_state_dict(strict=False) would silently ignore, leaving the
+    model at its initialisation."""
+    for _ in range(len(_WRAPPER_PREFIXES)):  # e.g. module.model.<name>
+        for prefix in _WRAPPER_PREFIXES:
+            if not state or not all(k.startswith(prefix) for k in state):
+                continue
+            stripped = {k[len(prefix):]: v for k, v in state.items()}
+            if prefix == "model." and not any(k.startswith(UNET_PREFIX) for k in stripped):
+                continue  # model.diffusion_model.* are the original names themselves
+            state = stripped
+    return state
+
+
 def read_original_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[int]]:
-    """(tensors, global_step or None) of a .ckpt / .safetensors file, read without running code."""
+    """(tensors, global_step or None) of a .ckpt / .safetensors file, read without running code.
+
+    The format is taken from the content (safetensors or a torch.save pickle; any suffix, any case);
+    the state dict from a Lightning ``{"state_dict": ...}`` wrapper, a plain state dict, or
+    ``{"model" | "module" | "model_state_dict": ...}``; a wrapper's ``module.`` / ``model.`` prefix on every
+    key is removed."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
-    if path.endswith(".safetensors"):
-        return read_safetensors(path), None
+    if _is_safetensors(path):
+        return _strip_wrapper_prefix(read_safetensors(path)), None
     from ldm_jax.convert.torch_pickle import load_torch_pickle
 
     obj = load_torch_pickle(path)
     step = obj.get("global_step") if isinstance(obj, dict) else None
-    return unwrap_state_dict(obj, path), step if isinstance(step, int) else None
+    state = unwrap_state_dict(_unwrap_container(obj), path)
+    return _strip_wrapper_prefix(state), step if isinstance(step, int) else None
 
 
 def _convert(weights, target, *, rename, source: str, config_source: str, ignore=(), original_name=None,
@@ -264,9 +321,90 @@ def released_layout_builder(bert_config):
                               use_additional_parameters=False)
 
 
+def read_standalone_vae(path: str) -> Dict[str, np.ndarray]:
+    """A standalone first-stage file (``vae-ft-mse-840000-ema-pruned.ckpt``, the CompVis ``kl-f8`` models) as
+    ``first_stage_model.*`` weights. Its keys are AutoencoderKL's (``encoder.*``, ``decoder.*``, ``quant_conv.*``,
+    ``post_quant_conv.*``), or already under ``first_stage_model.``; the training-only ``loss.*`` (LPIPS,
+    discriminator) and LitEma's ``model_ema.*`` are dropped, as the webui's VAE loader does."""
+    state, _ = read_original_checkpoint(path)
+    if any(k.startswith(VAE_PREFIX) for k in state):
+        state = {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(("loss.", "model_ema."))}
+    diffusers = sorted(k for k in state if k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")))
+    if diffusers:
+        raise CheckpointError(f"{path}: a diffusers-format autoencoder ({diffusers[0]!r}); vae= takes a CompVis "
+                              "first-stage file (encoder.down.*, decoder.up.*)")
+    if "encoder.conv_in.weight" not in state or "decoder.conv_out.weight" not in state:
+        raise CheckpointError(f"{path}: not a CompVis autoencoder file (no encoder.conv_in.weight / "
+                              f"decoder.conv_out.weight, found e.g. {sorted(state)[:3]})")
+    return {VAE_PREFIX + k: v for k, v in state.items()}
+
+
+_LORA_KEY = re.compile(r"(^|\.)lora_")  # kohya lora_unet_* / lora_te_*, peft .lora_A. / .lora_down.
+_MODEL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, COND_PREFIX, "model_ema.")
+
+
+def _check_lora(state: Mapping[str, np.ndarray], path: str) -> None:
+    """LoRA weights stored beside the model (kohya ``lora_unet_*`` / ``lora_te_*``) are not merged: the original
+    ignores them too (load_state_dict(strict=False)), but silently; say so. Inside the model prefixes (a LoRA-
+    patched module saved with its adapters) the original would drop them as well and run the base weights, which
+    is not what such a file means: refused, naming the key."""
+    inside = sorted(k for k in state if k.startswith(_MODEL_PREFIXES) and _LORA_KEY.search(k))
+    if inside:
+        raise CheckpointError(f"{path}: {len(inside)} LoRA adapter weights inside the model (e.g. {inside[0]!r}) are "
+                              "not supported: merge them into the base weights first")
+    lora = sorted(k for k in state if not k.startswith(_MODEL_PREFIXES) and _LORA_KEY.search(k))
+    if lora:
+        warnings.warn(f"{path}: {len(lora)} LoRA weights beside the model (e.g. {lora[0]!r}) are not applied; "
+                      "merge them into the weights first")
+
+
+def _explain_image_conditioning(spec: OriginalSpec, cfg: Mapping, state: Mapping[str, np.ndarray],
+                                path: str, inferred: bool) -> None:
+    """Hybrid text + image models whose image channels ldm_jax does not compute itself: the U-Net is
+    the original's and takes them as ``image_conditioning=``; say what they are (an instruct-pix2pix layout
+    only when inferred or named by its YAML target: other hybrid YAMLs say what their channels are)."""
+    if spec.conditioning_key != "hybrid":
+        return
+    latent = int(spec.vae.get("vq_embed_dim") or spec.vae["latent_channels"])
+    extra = int(spec.unet["in_channels"]) - latent
+    target = str(cfg.get("model", {}).get("target", ""))
+    if target.endswith("LatentDepth2ImageDiffusion") or any(k.startswith("depth_model.") for k in state):
+        # LatentDepth2ImageDiffusion.get_input: MiDaS depth (depth_model.*), bicubic-resized to the latent
+        # size, min-max normalised per sample to [-1, 1], concatenated as c_concat
+        warnings.warn(f"{path}: a depth-to-image model (LatentDepth2ImageDiffusion, {extra} depth channel): its MiDaS "
+                      "depth estimator (depth_model.*) is not loaded; pass the depth map as image_conditioning= "
+                      f"(B, h, w, {extra}) at the latent size, min-max normalised to [-1, 1] per sample")
+    elif extra == latent and spec.cond_stage in ("clip", "open_clip") and ("ddpm_edit" in target or inferred):
+        # instruct-pix2pix (ddpm_edit.LatentDiffusion): c_concat = encode_first_stage(image).mode(), unscaled
+        warnings.warn(f"{path}: {2 * latent} U-Net input channels (latents + {latent} image channels, as "
+                      "instruct-pix2pix): pass the input image's first-stage latents (the posterior mode, not "
+                      f"multiplied by scale_factor) as image_conditioning= (B, h, w, {latent}); guidance applies "
+                      "to the text only (instruct-pix2pix's image guidance scale 1)")
+
+
+def _check_context_width(text_encoder, unet: UNet, path: str, config_source: str) -> None:
+    """The conditioning model's output width must be the U-Net's cross-attention context width; the original
+    only fails at the first forward (a matmul shape error), e.g. for a file mixing SD 1.x and SD 2.x weights."""
+    context_dim = getattr(unet.config, "cross_attention_dim", None)
+    if text_encoder is None or context_dim is None:
+        return
+    if isinstance(text_encoder, CLIPTextModel):
+        width = text_encoder.config.hidden_size
+    elif isinstance(text_encoder, ClassEmbedder):
+        width = text_encoder.embed_dim
+    else:
+        return
+    if int(width) != int(context_dim):
+        raise CheckpointError(f"{path}: the conditioning model ({COND_PREFIX}*) gives {width}-wide contexts but the "
+                              f"U-Net's cross-attention ({UNET_PREFIX}*.attn2.to_k.weight) takes {context_dim} "
+                              f"({config_source}); the file mixes models (e.g. SD 1.x and SD 2.x weights) or the "
+                              "configuration does not fit it")
+
+
 def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32", use_ema: bool = False,
                            prediction_type: Optional[str] = None, attention_impl: str = "xla",
-                           tokenizer: Optional[str] = None):
+                           tokenizer: Optional[str] = None, vae: Optional[str] = None):
     """A ``Pipeline`` from an original single-file checkpoint (.ckpt / .safetensors).
 
     Args:
@@ -280,6 +418,8 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
       tokenizer: a BERTEmbedder model's (LDM txt2img) vocabulary, which its checkpoint lacks: a
         tokenizer folder or bert-base-uncased's vocab.txt (required there, unused otherwise; not
         for ``use_tokenizer: false``, the layout model, which samples from ``context_ids=``).
+      vae: a standalone first-stage file (e.g. ``vae-ft-mse-840000-ema-pruned.ckpt``) whose weights replace the
+        checkpoint's ``first_stage_model.*`` (the webui's ``--vae``); it must fit the configured autoencoder.
     Raises:
       CheckpointError: unreadable / truncated file, unsupported configuration, or
         weights that do not fit it (naming the key and both shapes).
@@ -289,13 +429,20 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
     if str(dtype) not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     state, global_step = read_original_checkpoint(path)
+    check_model_family(state, path)
+    if vae is not None:
+        state = {**{k: v for k, v in state.items() if not k.startswith(VAE_PREFIX)}, **read_standalone_vae(vae)}
+    _check_lora(state, path)
     scale_buffer = state.get("scale_factor")
-    scale_factor = None if scale_buffer is None or np.size(scale_buffer) != 1 else float(np.asarray(scale_buffer))
+    # a 0-d buffer (register_buffer('scale_factor', torch.tensor(x))), or (1,) after some re-saving tools
+    scale_factor = (None if scale_buffer is None or np.size(scale_buffer) != 1
+                    else float(np.asarray(scale_buffer, np.float64).reshape(())))
     if config is None:
         cfg = infer_original_config(state, path)
         config_source = f"inferred from the keys of {os.path.basename(path)}"
     else:
-        cfg = read_original_yaml(config)
+        # the file's schedule buffers win over the YAML's, as in the original (see reconcile_schedule)
+        cfg = reconcile_schedule(read_original_yaml(config), state, path)
         config_source = config
     spec = spec_from_original_config(cfg, config_source, prediction_type=prediction_type, scale_factor=scale_factor)
     if spec.cond_stage == "bert" and tokenizer is None:  # fail before converting the U-Net
@@ -303,6 +450,7 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
 
         if bert_uses_tokenizer(spec.cond_stage_params, config_source):  # use_tokenizer: false takes token ids
             raise missing_tokenizer_error(path)
+    _explain_image_conditioning(spec, cfg, state, path, inferred=config is None)
     if config is None and spec.cond_stage == "open_clip" and prediction_type is None:
         step = "" if global_step is None else f" (global_step {global_step})"
         warnings.warn(f"{path}{step}: SD 2.x checkpoint loaded without its YAML: assuming eps-prediction (the "
@@ -311,12 +459,18 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
 
     kw = dict(dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
     unet = UNet(unet_config_from_diffusers(spec.unet, source=config_source), attention_impl=attention_impl, **kw)
-    weights, rename = prepare_unet(select_unet_weights(state, use_ema, path), spec.unet,
+    unet_target = unet_abstract_params(unet)
+    expected = None
+    if use_ema and not any(k.startswith(UNET_PREFIX) for k in state):  # an EMA-only file: names from the config
+        original = unet_original_name(spec.unet)
+        expected = {original(torch_name(p, UNET_LITERAL_NAMES))
+                    for p in traverse_util.flatten_dict(_unfreeze(unet_target))}
+    weights, rename = prepare_unet(select_unet_weights(state, use_ema, path, expected), spec.unet,
                                    qkv_new_order=spec.qkv_new_order, source=path)
     if not weights:
         raise CheckpointError(f"{path}: no U-Net weights (model.diffusion_model.*)")
     params: Dict[str, Any] = {"unet": _convert(
-        weights, unet_abstract_params(unet), rename=rename, source=path, config_source=config_source,
+        weights, unet_target, rename=rename, source=path, config_source=config_source,
         original_name=unet_original_name(spec.unet), literal_names=UNET_LITERAL_NAMES)}
 
     vae = build_autoencoder(vae_config_from_diffusers(spec.vae, source=config_source),
@@ -329,6 +483,7 @@ def load_original_pipeline(path: str, config: Optional[str] = None, dtype: str =
                              original_name=vae_original_name(len(vae.config.block_out_channels)))
 
     text_encoder, text_params, tokenizer = _load_cond_stage(spec, state, path, kw, tokenizer)
+    _check_context_width(text_encoder, unet, path, config_source)
     if text_encoder is not None:
         params["text_encoder"] = text_params
     layout_builder = None
