@@ -42,7 +42,8 @@ What cannot be inferred from the weights (pass the YAML, or the override):
 * cross- instead of self-attention in a transformer's first attention (``disable_self_attentions``,
   ``disable_middle_self_attn``) where ``context_dim`` equals that block's channels: the weights have
   the same shapes; inferred as self-attention (a differing width is detected);
-* the noise schedule, when the checkpoint lacks the ``betas`` buffer;
+* the noise schedule, when the checkpoint lacks the ``betas`` / ``alphas_cumprod`` buffers (where it has
+  them they win over a YAML as well, as in the original, whose ``load_state_dict`` overwrites them);
 * ``scale_factor`` without a ``scale_factor`` buffer: 0.18215 (SD) for KL,
   1.0 (LatentDiffusion's default) for VQ first stages.
 * a ``SpatialRescaler``'s resizing (found by its ``cond_stage_model.channel_mapper``
@@ -163,6 +164,17 @@ def ldm_betas(schedule: str, timesteps: int, linear_start: float, linear_end: fl
                           "sqrt, cosine)")
 
 
+def schedule_betas(params: Mapping, source: str) -> np.ndarray:
+    """The float64 betas ``register_schedule`` makes from ``model.params`` (``given_betas``, else
+    ``make_beta_schedule`` with DDPM's defaults)."""
+    if params.get("given_betas") is not None:
+        return np.asarray(params["given_betas"], np.float64)
+    get = lambda k: params.get(k, _LDM_DEFAULTS[k])  # noqa: E731
+    return ldm_betas(str(get("beta_schedule")), int(get("timesteps")),
+                     _num(get("linear_start"), "linear_start", source), _num(get("linear_end"), "linear_end", source),
+                     _num(get("cosine_s"), "cosine_s", source))
+
+
 def scheduler_config_from_ldm(params: Mapping, source: str, prediction_type: Optional[str] = None) -> Dict:
     """diffusers scheduler config from ``model.params`` (linear_start, linear_end,
     timesteps, beta_schedule, parameterization).
@@ -261,7 +273,7 @@ def unet_config_from_ldm(unet_params: Mapping, sample_size: int, source: str) ->
                 # dim_head = ch // num_heads (not num_head_channels), so the heads still cover all ch channels
                 # (e.g. 96 channels, num_head_channels 64 -> 1 head of 96).
                 n_heads = ch // head_channels
-                if spatial and legacy and n_heads and ch % n_heads == 0:
+                if spatial and legacy and n_heads:  # (n_heads * (ch // n_heads) <= ch wide: UNetConfig.dim_head)
                     return n_heads
                 inner = n_heads * (ch // n_heads if spatial and legacy and n_heads else head_channels)
                 raise CheckpointError(f"{source}: unet_config: {ch} channels are not divisible by "
@@ -271,11 +283,13 @@ def unet_config_from_ldm(unet_params: Mapping, sample_size: int, source: str) ->
                                       f"{source}: unet_config: {ch} channels are fewer than "
                                       f"num_head_channels={head_channels} (the original fails: no head)")
             return ch // head_channels
-        if ch % num_heads:
-            # SpatialTransformer(ch, num_heads, ch // num_heads): inner_dim = num_heads * (ch // num_heads) < ch
-            # (AttentionBlock asserts divisibility). ldm_jax's attention keeps all ch channels.
-            raise bad("num_heads", num_heads, f"{ch} channels are not divisible by {num_heads} heads; only heads "
-                                              "covering all channels are implemented")
+        if ch % num_heads and not spatial:  # (QKVAttention's reshape asserts it in AttentionBlock)
+            raise bad("num_heads", num_heads, f"{ch} channels are not divisible by {num_heads} heads (the original "
+                                              "AttentionBlock fails on it)")
+        if num_heads > ch:
+            raise bad("num_heads", num_heads, f"more heads than the {ch} channels (zero-width heads)")
+        # SpatialTransformer(ch, num_heads, ch // num_heads): inner_dim = num_heads * (ch // num_heads), which may
+        # be < ch, as diffusers builds attention_head_dim=num_heads (UNetConfig.dim_head)
         return num_heads
 
     def level_values(value_of) -> List[int]:
@@ -558,6 +572,10 @@ def spec_from_original_config(cfg: Mapping, source: str, prediction_type: Option
     models), which wins over the YAML value.
     """
     p = cfg["model"]["params"]
+    model_target = str(cfg["model"].get("target", ""))
+    if model_target.endswith("ImageEmbeddingConditionedLatentDiffusion"):  # SD 2.1 unCLIP
+        raise CheckpointError(f"{source}: model target {model_target!r} (unCLIP: a CLIP image embedding, "
+                              "noise-augmented, through the U-Net's label_emb) is not supported")
     sample_size = int(p.get("image_size", 64))
     unet_cfg = p["unet_config"]
     unet_target = _target_name(unet_cfg, "unet_config", source)
