@@ -1,6 +1,8 @@
 """End to end: a tiny random-weight diffusers StableDiffusionPipeline, saved with
 save_pretrained, run by diffusers and by ``ldm_jax.load_pipeline`` from the same
 initial latents (and, for stochastic steps, the same per-step noise)."""
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -183,3 +185,56 @@ def test_bad_inputs_are_clear_errors(ours):
         ours("x", height=H, width=W, latents=np.zeros((1, 4, 4, 4), np.float32))
     with pytest.raises(ValueError, match="mask needs init_image"):
         ours("x", height=H, width=W, mask=np.ones((H, W)))
+
+
+@pytest.mark.parametrize("cls_name", ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"])
+def test_outdated_scheduler_config_runs_as_the_pipeline_class_runs_it(sd_folder, tmp_path, monkeypatch, cls_name):
+    """StableDiffusion*Pipeline.__init__ rewrites steps_offset 0 -> 1 and clip_sample True -> False (a
+    deprecation warning, then the rewritten config is what samples): load_pipeline reads the folder the same way."""
+    import json
+    import shutil
+
+    folder = str(tmp_path / "outdated")
+    shutil.copytree(sd_folder, folder)
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    saved = json.load(open(path))
+    saved.update(_class_name="DDIMScheduler", steps_offset=0, clip_sample=True)
+    saved.pop("skip_prk_steps", None)
+    json.dump(saved, open(path, "w"))
+    index_path = os.path.join(folder, "model_index.json")
+    index = json.load(open(index_path))
+    index["_class_name"] = cls_name
+    index["scheduler"] = ["diffusers", "DDIMScheduler"]  # (diffusers builds the class model_index.json names)
+    json.dump(index, open(index_path, "w"))
+    import diffusers
+
+    ref_pipe = getattr(diffusers, cls_name).from_pretrained(folder, safety_checker=None,
+                                                            requires_safety_checker=False)
+    assert type(ref_pipe.scheduler).__name__ == "DDIMScheduler"
+    assert ref_pipe.scheduler.config.steps_offset == 1 and ref_pipe.scheduler.config.clip_sample is False
+    ref_pipe.set_progress_bar_config(disable=True)
+    seed, shape = 2, (1, H // 2, W // 2, 4)
+    noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    kwargs = {}
+    if cls_name == "StableDiffusionImg2ImgPipeline":
+        image = np.random.default_rng(1).uniform(size=(1, H, W, 3)).astype(np.float32)
+        # diffusers draws the img2img noise with randn_tensor; the posterior sample too: queue both
+        post = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 2), shape))
+        _patch_randn(monkeypatch, NoiseQueue([post, noise]))
+        kwargs = dict(image=torch.from_numpy(image * 2 - 1).permute(0, 3, 1, 2), strength=0.75)
+    else:
+        kwargs = dict(latents=nchw(noise), height=H, width=W)
+    with torch.no_grad():
+        ref = ref_pipe(PROMPTS[:1], num_inference_steps=STEPS, guidance_scale=5.0, output_type="np",
+                       **kwargs).images
+    ours_pipe = ldm_jax.load_pipeline(folder)
+    assert ours_pipe.scheduler_config["steps_offset"] == 1 and ours_pipe.scheduler_config["clip_sample"] is False
+    if cls_name == "StableDiffusionImg2ImgPipeline":
+        got = ours_pipe(PROMPTS[:1], num_inference_steps=STEPS, guidance_scale=5.0, seed=seed, sampler="ddim",
+                        init_image=image, strength=0.75, latents=noise)
+    else:
+        got = ours_pipe(PROMPTS[:1], num_inference_steps=STEPS, guidance_scale=5.0, height=H, width=W, seed=seed,
+                        sampler="ddim", latents=noise)
+    err = np.abs(got - ref).max()
+    print(f"{cls_name}, outdated DDIM config: max abs image error {err:.2e}")
+    assert err < TOL

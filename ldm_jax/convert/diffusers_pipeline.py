@@ -45,6 +45,35 @@ _TRANSFORMERS_STEMS = ("model", "pytorch_model")
 _SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 
 
+# diffusers' StableDiffusion*Pipeline.__init__ rewrite an "outdated" scheduler config before
+# sampling (with a deprecation warning): steps_offset != 1 becomes 1 (a config without the key
+# has its class default, 0), clip_sample True becomes False (txt2img / img2img), skip_prk_steps
+# False becomes True (inpainting). A folder is run as its model_index.json class runs it.
+_PIPELINE_SCHEDULER_FIXES = {
+    "StableDiffusionPipeline": ("steps_offset", "clip_sample"),
+    "StableDiffusionImg2ImgPipeline": ("steps_offset", "clip_sample"),
+    "StableDiffusionInpaintPipeline": ("steps_offset", "skip_prk_steps"),
+}
+_CLIP_SAMPLE_BY_DEFAULT = ("DDIMScheduler", "DDPMScheduler")  # their clip_sample defaults to True
+
+
+def as_the_pipeline_class_reads_it(pipeline_class, scheduler_config: dict) -> dict:
+    """The saved scheduler config as the diffusers pipeline class ``pipeline_class`` (model_index.json's
+    ``_class_name``) leaves it after its __init__ (see _PIPELINE_SCHEDULER_FIXES)."""
+    fixes = _PIPELINE_SCHEDULER_FIXES.get(pipeline_class, ())
+    if not isinstance(scheduler_config, dict):
+        return scheduler_config
+    out = dict(scheduler_config)
+    if "steps_offset" in fixes:
+        out["steps_offset"] = 1
+    default_clip = out.get("_class_name") in _CLIP_SAMPLE_BY_DEFAULT
+    if "clip_sample" in fixes and out.get("clip_sample", default_clip) is True:
+        out["clip_sample"] = False
+    if "skip_prk_steps" in fixes and out.get("_class_name") == "PNDMScheduler" and not out.get("skip_prk_steps"):
+        out["skip_prk_steps"] = True
+    return out
+
+
 def load_diffusers_pipeline(folder: str, dtype: str = "float32", attention_impl: str = "xla",
                             variant: Optional[str] = None):
     from ldm_jax.pipeline import Pipeline
@@ -101,7 +130,8 @@ def load_diffusers_pipeline(folder: str, dtype: str = "float32", attention_impl:
         raise CheckpointError(f"{index_path}: the U-Net has cross-attention (cross_attention_dim="
                               f"{unet.config.cross_attention_dim}) but there is no text_encoder (or bert) component "
                               "to condition it")
-    scheduler_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    scheduler_config = as_the_pipeline_class_reads_it(
+        index.get("_class_name"), read_json(os.path.join(folder, "scheduler", "scheduler_config.json")))
     unet_json = read_json(os.path.join(folder, "unet", "config.json"))
     sample_size = unet_json.get("sample_size") or 64
     if isinstance(sample_size, (list, tuple)):
