@@ -188,7 +188,11 @@ class Pipeline:
         noise (txt2img: scaled
         by the sampler's init_noise_sigma; img2img: the noise added to the encoded
         image). ``init_image``: (B, H, W, 3) / (H, W, 3) in [0, 1], PIL image(s) or
-        paths. ``mask``: same size, 1 = repaint, 0 = keep.
+        paths. ``mask``: same size, 1 = repaint, 0 = keep. ``strength``: as diffusers'
+        img2img / inpaint pipelines, the last int(num_inference_steps * strength) steps run, from
+        the encoded image noised to the first of them (inpaint at strength 1: the noise alone,
+        scaled by init_noise_sigma); a strength leaving no step is a ValueError (plms img2img runs
+        PNDM's one extra step, as diffusers does).
 
         Concat-conditioned models (original ``conditioning_key`` "concat"/"hybrid", U-Net
         input = latents + k more channels, CompVis ``DiffusionWrapper``): ``cond_image``
@@ -300,18 +304,24 @@ class Pipeline:
 
         # Sampler plan from the saved scheduler config (diffusers' from_config semantics).
         options = resolve_scheduler_options(sampler, self.scheduler_config)
-        plan = samplers.make_plan_from_options(
-            sampler, NoiseSchedule.from_diffusers_config(options), num_inference_steps, options, eta=eta)
         mode = "txt2img" if init_bhwc is None else ("inpaint" if mask is not None else "img2img")
         start_index = 0
         if mode != "txt2img":
-            start_index = samplers.start_index_for_strength(plan.num_inference_steps, strength, plan.order)
-            if start_index >= plan.num_steps:
-                # diffusers' get_timesteps runs int(num_inference_steps * strength) steps; its inpaint
-                # pipeline raises here too (img2img fails on an empty timestep tensor).
-                raise ValueError(f"strength={strength} leaves no denoising steps; use a larger strength (with "
-                                 f"num_inference_steps={num_inference_steps}, int(num_inference_steps * strength) "
-                                 "steps are run)")
+            # Every scheduler here has diffusers `order` 1 (SamplerPlan.order).
+            start_index = samplers.start_index_for_strength(num_inference_steps, strength, 1)
+        # first_step: the zero-terminal-SNR checks only refuse a timestep the run visits (img2img with
+        # trailing spacing and strength < 1 never steps from t = T - 1; diffusers is finite there).
+        plan = samplers.make_plan_from_options(
+            sampler, NoiseSchedule.from_diffusers_config(options), num_inference_steps, options, eta=eta,
+            first_step=start_index)
+        # diffusers' get_timesteps runs the timesteps from t_start = N - int(N * strength) on. With no
+        # step left its inpaint pipeline raises ("the number of pipeline steps is 0"), and img2img fails
+        # on the empty timestep tensor, except with PNDM (plms), whose N + 1 timesteps leave one: its
+        # img2img then runs that single step, and so does this pipeline.
+        if start_index >= (plan.num_inference_steps if mode == "inpaint" else plan.num_steps):
+            raise ValueError(f"strength={strength} leaves no denoising steps; use a larger strength (with "
+                             f"num_inference_steps={num_inference_steps}, int(num_inference_steps * strength) "
+                             "steps are run)")
 
         key = jax.random.PRNGKey(seed)
         if latents is None:
@@ -660,8 +670,9 @@ def load_pipeline(path: str, config: Optional[str] = None, dtype: str = "float32
     """A ``Pipeline`` from a diffusers-format folder (model_index.json, unet/, vae/,
     text_encoder/, tokenizer/, scheduler/), a ``train.py`` LDM workdir, or a single original CompVis/Stability
     .ckpt/.safetensors file (``config``: its original YAML, else inferred from the keys;
-    ``use_ema=``, ``prediction_type=`` and ``tokenizer=`` (the vocab.txt / tokenizer folder an LDM
-    txt2img BERTEmbedder checkpoint lacks) pass through to ``load_original_pipeline``; ``variant=``
+    ``use_ema=``, ``prediction_type=``, ``tokenizer=`` (the vocab.txt / tokenizer folder an LDM
+    txt2img BERTEmbedder checkpoint lacks) and ``vae=`` (a standalone CompVis first-stage file replacing
+    the checkpoint's) pass through to ``load_original_pipeline``; ``variant=``
     ("fp16", ...) to ``load_diffusers_pipeline``, as diffusers' ``from_pretrained(variant=)``).
     ``dtype``: compute dtype ("float32" or "bfloat16"); parameters stay float32."""
     import os

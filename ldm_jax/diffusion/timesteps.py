@@ -416,6 +416,7 @@ def make_plan(
     interpolation_type: str = "linear",
     sigma_min: Optional[float] = None,
     sigma_max: Optional[float] = None,
+    first_step: int = 0,
 ) -> SamplerPlan:
     """Host-side plan of sampler ``name`` (see ``SAMPLER_NAMES``), reproducing the matching
     diffusers scheduler's ``set_timesteps`` for these options.
@@ -432,6 +433,8 @@ def make_plan(
     final_sigmas_type ("zero" | "sigma_min"): dpmpp_2m and euler. lower_order_final,
       euler_at_final, lambda_min_clipped: dpmpp_2m. interpolation_type ("linear" | "log_linear"):
       euler. sigma_min / sigma_max: the Karras sigma range (dpmpp_2m, euler; None = the schedule's).
+    first_step: the first step that will run (img2img / inpaint: ``start_index_for_strength``); the
+      zero-terminal-SNR checks only look at the steps from there on.
     """
     if name not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLER_NAMES}")
@@ -446,6 +449,8 @@ def make_plan(
         raise ValueError(f"clip_sample is only supported by ddpm and ddim, not {name!r}")
     if prediction_type == "sample" and name in ("plms", "euler_a"):
         raise ValueError(f"prediction_type 'sample' is not supported by {name!r} (nor by diffusers)")
+    if isinstance(first_step, bool) or not isinstance(first_step, (int, np.integer)) or first_step < 0:
+        raise ValueError(f"first_step must be an int >= 0, got {first_step!r}")
     if not 0.0 <= float(eta):
         raise ValueError(f"eta must be >= 0, got {eta}")
     if thresholding and name not in ("ddpm", "ddim", "dpmpp_2m"):
@@ -465,7 +470,10 @@ def make_plan(
         out = _plan_ddim(schedule, n, spacing, steps_offset, float(eta), set_alpha_to_one)
     elif name == "plms":
         out = _plan_plms(schedule, n, spacing, steps_offset, set_alpha_to_one)
-        alpha_used = np.concatenate([out[1]["alpha"], out[1]["alpha2"][1:]])
+        # Only the steps that run: an img2img run from first_step > 0 never visits t = T - 1 with
+        # trailing spacing (diffusers' PNDM then gives finite results), and the restart step
+        # (alpha2) is the one after the first step run.
+        alpha_used = np.concatenate([out[1]["alpha"][first_step:], out[1]["alpha2"][first_step + 1:first_step + 2]])
         if np.any(alpha_used == 0):
             raise ValueError("plms cannot step from a timestep with abar_t = 0 (zero terminal SNR); "
                              "use 'leading' spacing or another sampler")
@@ -479,7 +487,9 @@ def make_plan(
     else:
         out = _plan_euler_a(schedule, n, spacing, steps_offset)
     ts, coefs, (noise_a, noise_s), init = out
-    if prediction_type == "epsilon" and name in ("ddpm", "ddim") and np.any(coefs["alpha"] == 0):
+    # Only the steps that run (first_step on): img2img with strength < 1 and trailing spacing starts
+    # below T - 1, where diffusers' DDPM / DDIM are finite.
+    if prediction_type == "epsilon" and name in ("ddpm", "ddim") and np.any(coefs["alpha"][first_step:] == 0):
         raise ValueError(f"{name} with prediction_type 'epsilon' cannot denoise from a timestep with "
                          "abar_t = 0 (zero terminal SNR): x0 = (x - eps) / 0; use v_prediction "
                          "(Lin et al. 2024) or 'leading' spacing")
@@ -529,7 +539,7 @@ _PASSED_OPTIONS = {
 
 
 def make_plan_from_options(name: str, schedule: NoiseSchedule, num_inference_steps: int,
-                           options: Mapping[str, Any], *, eta: float = 0.0) -> SamplerPlan:
+                           options: Mapping[str, Any], *, eta: float = 0.0, first_step: int = 0) -> SamplerPlan:
     """``make_plan`` from a diffusers-style option dict (e.g. the output of
     ``scheduler_config.resolve_scheduler_options``). Options this module does not implement
     raise ValueError naming the scheduler_config.json key and the supported values."""
@@ -563,7 +573,7 @@ def make_plan_from_options(name: str, schedule: NoiseSchedule, num_inference_ste
             kw[key] = options[key]
     if "lambda_min_clipped" in kw:
         kw["lambda_min_clipped"] = float(kw["lambda_min_clipped"])
-    return make_plan(name, schedule, num_inference_steps, **kw)
+    return make_plan(name, schedule, num_inference_steps, first_step=first_step, **kw)
 
 
 def start_index_for_strength(num_inference_steps: int, strength: float, order: int = 1) -> int:
