@@ -31,6 +31,7 @@ import ldm_jax
 from ldm_jax.diffusion import samplers as S
 from ldm_jax.diffusion.schedule import NoiseSchedule
 from ldm_jax.diffusion.scheduler_config import resolve_scheduler_options
+from test_pipeline import _RANDN_MODULES  # where diffusers draws noise (replaced by the shared noise)
 from test_samplers import fake_model_jax, fake_model_torch
 from tiny_sd import SD_SCHEDULER, NoiseQueue, nchw, tiny_sd_pipeline
 
@@ -176,12 +177,6 @@ def test_plan_zero_snr_check_looks_at_the_steps_run_only():
 # ---------------------------------------------------------------------------------------
 H = W = 16  # latents 8 x 8 with the tiny factor-2 VAE
 PIPE_TOL = 1e-3  # on latents (return_latents), |z| ~ 1-3
-_RANDN_MODULES = [
-    "diffusers.schedulers.scheduling_ddpm", "diffusers.schedulers.scheduling_ddim",
-    "diffusers.schedulers.scheduling_euler_ancestral_discrete", "diffusers.models.autoencoders.vae",
-    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
-    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
-]
 
 
 @pytest.fixture(scope="module")
