@@ -470,12 +470,22 @@ def _latest(path: str) -> Tuple[str, int, Dict[str, Any]]:
     if not steps:
         raise FileNotFoundError(f"{directory}: no finished checkpoint")
     step = steps[-1]
-    with ocp.CheckpointManager(directory, item_names=("state", EXTRA)) as manager:
+    with ocp.CheckpointManager(directory, item_handlers=_read_handlers()) as manager:
         extra = manager.restore(step, args=ocp.args.Composite(**{EXTRA: ocp.args.JsonRestore()}))[EXTRA]
     extra = dict(extra or {})
     if extra.get("task") != "autoencoder" or "autoencoder_config" not in extra:
         raise ValueError(f"{directory}: step {step} is not an autoencoder checkpoint")
     return directory, step, extra
+
+
+def _read_handlers():
+    """Handlers for both items of a training checkpoint (``training.checkpoint``): with item names only,
+    orbax warns about every item a restore leaves out ("found in the checkpoint, but could not be restored")."""
+    import orbax.checkpoint as ocp
+
+    from ldm_jax.training.checkpoint import EXTRA, STATE
+
+    return {STATE: ocp.StandardCheckpointHandler(), EXTRA: ocp.JsonCheckpointHandler()}
 
 
 def load_autoencoder_from_workdir(workdir: str, *, dtype=jnp.float32, attention_impl: str = "xla",
@@ -499,7 +509,7 @@ def load_autoencoder_from_workdir(workdir: str, *, dtype=jnp.float32, attention_
     ae_config = AutoencoderConfig(**fields)
     module = build_autoencoder(ae_config, attention_impl=attention_impl, dtype=dtype)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.CheckpointManager(directory, item_names=(STATE, "extra")) as manager:
+    with ocp.CheckpointManager(directory, item_handlers=_read_handlers()) as manager:
         meta = manager.item_metadata(step)[STATE]
         target = jax.tree_util.tree_map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
