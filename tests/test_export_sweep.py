@@ -418,7 +418,12 @@ def test_pipeline_built_from_configs_matches_diffusers(tmp_path):
     assert err < 1e-3 and want.std() > 1e-3
     back = ldm_jax.load_pipeline(folder)
     assert_same_tree(back.params["unet"], pipe.params["unet"])
-    assert {k: v for k, v in back.scheduler_config.items() if not k.startswith("_")} == pipe.scheduler_config
+    # (read as StableDiffusionPipeline reads it: steps_offset 0 -> 1, which trailing spacing does not use)
+    from ldm_jax.convert.diffusers_pipeline import as_the_pipeline_class_reads_it
+
+    assert {k: v for k, v in back.scheduler_config.items() if not k.startswith("_")} == \
+        as_the_pipeline_class_reads_it("StableDiffusionPipeline", pipe.scheduler_config)
+    assert back.scheduler_config["steps_offset"] == 1
 
 
 @pytest.mark.parametrize("kind,unet_kwargs,text,pipeline_class,unet_class", [
