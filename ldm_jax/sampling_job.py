@@ -28,6 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm_jax.diffusion.timesteps import SAMPLER_NAMES
 from ldm_jax.image_io import make_grid, prepare_image, prepare_mask, to_uint8
+from ldm_jax.writable_dir import directory_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +117,9 @@ def check_outdir(outdir: str) -> None:
     for sub in (os.path.join(path, "samples"), path):
         if os.path.exists(sub) and not os.path.isdir(sub):
             raise ValueError(f"--outdir {outdir}: {sub} exists and is not a directory")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--outdir {outdir}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--outdir {outdir}: {parent} is not writable")
+    problem = directory_problem(path)
+    if problem:
+        raise ValueError(f"--outdir {outdir}: {problem}")
 
 
 def sample_path(outdir: str, index: int) -> str:

@@ -64,6 +64,7 @@ from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import sharding as shd
 from ldm_jax.training.checkpoint import check_resume, format_changes
 from ldm_jax.training.config_access import check_train_config, config_get as _get
+from ldm_jax.writable_dir import directory_problem
 
 log = logging.getLogger(__name__)
 
@@ -252,20 +253,9 @@ def check_workdir(workdir: str) -> None:
     (checked without creating it)."""
     if not workdir:
         raise ValueError("--workdir is empty: give the directory for checkpoints and logs")
-    path = os.path.abspath(workdir)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ValueError(f"--workdir={workdir} is a file, not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"--workdir={workdir} is not writable")
-        return
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--workdir={workdir} cannot be created: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--workdir={workdir} cannot be created: {parent} is not writable")
+    problem = directory_problem(workdir)
+    if problem:
+        raise ValueError(f"--workdir={workdir}: {problem}")
 
 
 def _drop_metrics_after(workdir: str, step: int) -> None:
@@ -343,7 +333,8 @@ def prepare(config, workdir: str, *, task: Optional[Task] = None, dataset=None, 
         if latest is not None:
             where = os.path.join(manager.directory, str(latest))
             extra, signature = manager.describe(latest)
-            changes = check_resume(config, extra, signature, task.abstract_state(), where)
+            abstract_state = task.abstract_state()  # (traces the model: once, for the check and the restore)
+            changes = check_resume(config, extra, signature, abstract_state, where)
             if num_steps < latest:
                 raise ValueError(f"config key train.num_steps={num_steps} is below the step of the checkpoint {where}: "
                                  f"give train.num_steps >= {latest} to continue that run, or another --workdir")
@@ -354,7 +345,7 @@ def prepare(config, workdir: str, *, task: Optional[Task] = None, dataset=None, 
         if dataset is None:
             dataset = make_dataset(config, seed, task=task, workdir=workdir)
         if latest is not None:
-            state, extra = manager.restore(latest, task.abstract_state())
+            state, extra = manager.restore(latest, abstract_state)
             step = int(jax.device_get(state.step))
             dataset.set_state(extra["data_state"][jax.process_index()])
             task.load_metadata(extra)
