@@ -225,7 +225,7 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> Dict[str, Any
                              "cross-attention; diffusers' UNet2DModel takes one int")
         # Only the levels with self-attention use a head size (UNet2DModel: attention_head_dim is
         # the channels per head of every Attn block and of the mid block's attention).
-        dims = {i: _dim_head(cfg, i) for i in self_levels}
+        dims = {i: cfg.dim_head(i) for i in self_levels}
         if all(cfg.heads(i) == 1 and dims[i] == cfg.block_out_channels[i] for i in self_levels):
             # one head of full width at every level, whatever the widths: diffusers' attention_head_dim
             # None (checked first: these levels' channels per head differ whenever their widths do)
@@ -257,8 +257,8 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> Dict[str, Any
                          f"(it builds {expected_mid})")
     for i in cross_levels:  # diffusers' Transformer2DModel: heads of channels // heads each
         c, heads = cfg.block_out_channels[i], cfg.heads(i)
-        if _dim_head(cfg, i) != c // heads:
-            raise ValueError(f"save_diffusers: level {i} has {heads} heads of {_dim_head(cfg, i)} channels (head_dim "
+        if cfg.dim_head(i) != c // heads:
+            raise ValueError(f"save_diffusers: level {i} has {heads} heads of {cfg.dim_head(i)} channels (head_dim "
                              f"{cfg.per_block('head_dim')[i]} does not divide its {c}); diffusers' "
                              f"UNet2DConditionModel takes heads only and would build heads of {c // heads}")
     tl = cfg.transformer_layers_per_block
@@ -277,14 +277,6 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> Dict[str, Any
         # of blocks without cross-attention are unused in diffusers too, and load_unet collapses them.
         out["cross_attention_dim"] = cfg.context_width
     return out
-
-
-def _dim_head(cfg: UNetConfig, i: int) -> int:
-    """Channels per head of level ``i``: ``head_dim`` where set (CompVis num_head_channels: then
-    ``c // head_dim`` heads of ``head_dim``), else ``c // num_heads``."""
-    if cfg.head_dim is not None:
-        return cfg.per_block("head_dim")[i]
-    return cfg.block_out_channels[i] // cfg.heads(i)
 
 
 def vae_config_to_diffusers(cfg, sample_size: int) -> Dict[str, Any]:
