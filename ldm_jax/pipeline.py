@@ -185,9 +185,12 @@ class Pipeline:
         guidance), so guidance_scale > 1 and ``negative_prompt`` are refused there; for a model with
         a tokenizer the unconditional branch is the tokenized ``negative_prompt`` as usual.
         ``latents``: standard-normal noise (B, h, w, C) NHWC used instead of the seed's initial
-        noise (txt2img: scaled
-        by the sampler's init_noise_sigma; img2img: the noise added to the encoded
-        image). ``init_image``: (B, H, W, 3) / (H, W, 3) in [0, 1], PIL image(s) or
+        noise, as diffusers' pipelines use their ``latents=`` argument: txt2img and inpaint start
+        from it scaled by the sampler's init_noise_sigma, at every strength (inpaint below strength 1
+        too, as StableDiffusionInpaintPipeline; the 4-channel blend noises the kept region with it);
+        img2img (whose diffusers pipeline takes no ``latents=``) adds it to the encoded image. Without
+        ``latents`` an inpaint run below strength 1 starts from the image noised to its first step,
+        as diffusers does when it draws the noise. ``init_image``: (B, H, W, 3) / (H, W, 3) in [0, 1], PIL image(s) or
         paths. ``mask``: same size, 1 = repaint, 0 = keep. ``strength``: as diffusers'
         img2img / inpaint pipelines, the last int(num_inference_steps * strength) steps run, from
         the encoded image noised to the first of them (inpaint at strength 1: the noise alone,
@@ -351,14 +354,19 @@ class Pipeline:
             cond_noise=cond_noise if concat_kind == "noise_augmented" else None,
             noise_level=jnp.full((batch,), noise_level, jnp.int32) if concat_kind == "noise_augmented" else None,
         )
-        fn = self._generate_fn(mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind)
+        # diffusers' inpaint pipeline starts from its `latents=` argument times init_noise_sigma at every
+        # strength (prepare_latents), and from the image noised to the first step only when it draws the
+        # noise itself; img2img has no `latents=` there, so it is always the noise added to the image.
+        start_from_noise = mode == "txt2img" or (mode == "inpaint" and (start_index == 0 or latents is not None))
+        fn = self._generate_fn(mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind,
+                               start_from_noise)
         inputs = self._shard(inputs)
         out = fn(self.params, inputs, plan, key, jnp.float32(guidance_scale))
         return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a), dtype=np.float32), out)
 
     # ------------------------------------------------------------------ the jitted chain
     def _generate_fn(self, mode: str, use_cfg: bool, start_index: int, return_latents: bool,
-                     return_intermediates: bool, concat_kind: Optional[str] = None):
+                     return_intermediates: bool, concat_kind: Optional[str] = None, start_from_noise: bool = True):
         def generate(params, inputs, plan, key, guidance_scale):
             ctx = uncond_ctx = None
             if self.text_encoder is not None:
@@ -395,7 +403,7 @@ class Pipeline:
             if mode != "txt2img":
                 image_latents = _tile_batch(
                     self._encode_image(params, inputs["init"], jax.random.fold_in(key, _POSTERIOR)), batch)
-                if mode == "img2img" or start_index > 0:
+                if not start_from_noise:
                     x = samplers.noise_to_start(plan, image_latents, noise, start_index)
                 if mode == "inpaint":
                     f = self.vae_scale_factor
@@ -434,8 +442,8 @@ class Pipeline:
                 out = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
             return (out, steps) if return_intermediates else out
 
-        return self._jit(("generate", mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind),
-                         generate)
+        return self._jit(("generate", mode, use_cfg, start_index, return_latents, return_intermediates, concat_kind,
+                          start_from_noise), generate)
 
     def _static_description(self) -> str:
         """Everything the jitted chain closes over except the parameters (which are arguments):

@@ -195,21 +195,30 @@ def _posterior(seed, stream, n):
 
 
 def _run_both(folders, monkeypatch, ch, mode, sampler, extra, n, strength, prompts, negative=None, gs=7.5,
-              eta=0.0, seed=5):
-    """(ours, diffusers) latents from the same noise, or the exception each raised."""
+              eta=0.0, seed=5, give_latents=True):
+    """(ours, diffusers) latents from the same noise, or the exception each raised. ``give_latents``:
+    the noise goes to ours as ``latents=`` and, for inpainting, to diffusers' ``latents=`` as well (its
+    img2img pipeline has none: there it is diffusers' own draw); else ours draws it from the seed and
+    diffusers is handed that draw."""
     folder, pipe, refs = folders[ch]
     batch, shape = len(prompts), (len(prompts), H // 2, W // 2, 4)
     image = np.random.default_rng(seed + 1).uniform(size=(1, H, W, 3)).astype(np.float32)
     mask = np.zeros((1, H, W, 1), np.float32)
     mask[:, 4:12, 2:10] = 1.0
-    noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    if give_latents:
+        noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    else:  # the pipeline's initial-noise stream
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 0), shape))
+    ref_latents = give_latents and mode == "inpaint"
     init_timestep = min(int(n * strength), n)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # the pipeline's per-step stream
     steps = [np.asarray(S.step_noise(rng, i, shape)) for i in range(n - init_timestep, n + 1)]
-    # diffusers' draws: the image posterior (not for a 9-channel U-Net at strength 1), the noise, the
-    # masked image's posterior (inpaint), then the stochastic steps.
-    draws = [] if (mode == "inpaint" and ch == 9 and strength == 1.0) else [_posterior(seed, 2, 1)]
-    draws += [noise] + ([_posterior(seed, 3, 1)] if mode == "inpaint" else []) + steps
+    # diffusers' draws: the image posterior (inpaint: only for a 4-channel U-Net or to noise the image
+    # below strength 1), the noise (unless given as latents=), the masked image's posterior (inpaint),
+    # then the stochastic steps.
+    image_encoded = mode == "img2img" or ch == 4 or (not ref_latents and strength < 1.0)
+    draws = [_posterior(seed, 2, 1)] if image_encoded else []
+    draws += ([] if ref_latents else [noise]) + ([_posterior(seed, 3, 1)] if mode == "inpaint" else []) + steps
     queue = NoiseQueue(draws)
     for name in _RANDN_MODULES:
         monkeypatch.setattr(importlib.import_module(name), "randn_tensor", queue)
@@ -224,6 +233,8 @@ def _run_both(folders, monkeypatch, ch, mode, sampler, extra, n, strength, promp
     kw = dict(eta=eta) if sampler == "ddim" else {}
     if mode == "inpaint":
         kw.update(mask_image=nchw(mask), height=H, width=W)
+    if ref_latents:
+        kw.update(latents=nchw(noise))
     results = []
     try:
         with torch.no_grad():
@@ -236,8 +247,8 @@ def _run_both(folders, monkeypatch, ch, mode, sampler, extra, n, strength, promp
     try:
         results.insert(0, pipe(prompts, negative_prompt=negative, init_image=image[0],
                                mask=None if mode == "img2img" else mask[0], strength=strength, num_inference_steps=n,
-                               guidance_scale=gs, seed=seed, sampler=sampler, eta=eta, latents=noise,
-                               return_latents=True))
+                               guidance_scale=gs, seed=seed, sampler=sampler, eta=eta,
+                               latents=noise if give_latents else None, return_latents=True))
     except ValueError as e:
         results.insert(0, e)
     finally:
@@ -307,4 +318,16 @@ def test_pipeline_matches_diffusers(folders, monkeypatch, case):
     ch, mode, sampler, extra, n, strength, batch, gs, negative, eta = case
     prompts = ["a red apple", "a blue car"][:batch]
     got, ref = _run_both(folders, monkeypatch, ch, mode, sampler, extra, n, strength, prompts, negative, gs, eta)
+    _assert_close(got, ref)
+
+
+@pytest.mark.parametrize("ch", [4, 9])
+@pytest.mark.parametrize("give_latents", [True, False], ids=["latents", "seed"])
+def test_inpaint_below_strength_one_starts_as_diffusers(folders, monkeypatch, ch, give_latents):
+    """Below strength 1 StableDiffusionInpaintPipeline starts from its ``latents=`` argument times
+    init_noise_sigma (the image is not noised into the start), and from the image noised to the first
+    step only when it draws the noise itself. The pipeline used to add ``latents=`` to the image (off by
+    ~1 here). Euler: init_noise_sigma sqrt(sigma_max^2 + 1), not 1."""
+    got, ref = _run_both(folders, monkeypatch, ch, "inpaint", "euler", {}, 4, 0.5, ["a cat"], gs=6.0,
+                         give_latents=give_latents)
     _assert_close(got, ref)

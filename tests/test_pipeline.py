@@ -131,9 +131,10 @@ def test_inpaint_matches_diffusers(tmp_path, unet_channels, monkeypatch):
     noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     image_posterior = np.asarray(jax.random.normal(jax.random.fold_in(key, 2), shape))
     masked_posterior = np.asarray(jax.random.normal(jax.random.fold_in(key, 3), shape))
-    # diffusers' draw order with strength < 1: image latents, the noise, masked-image latents
-    # (the last are encoded for 4-channel U-Nets too, and then unused).
-    _patch_randn(monkeypatch, NoiseQueue([image_posterior, noise, masked_posterior]))
+    # The noise goes in as diffusers' latents= (the start is noise * init_noise_sigma at every
+    # strength); diffusers' draws: image latents (for the 4-channel blend only), masked-image latents
+    # (encoded for 4-channel U-Nets too, and then unused).
+    _patch_randn(monkeypatch, NoiseQueue(([image_posterior] if unet_channels == 4 else []) + [masked_posterior]))
     import diffusers
 
     ref_pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None,
@@ -142,7 +143,8 @@ def test_inpaint_matches_diffusers(tmp_path, unet_channels, monkeypatch):
     ref_pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         ref = ref_pipe(PROMPTS[:1], image=nchw(image) * 2 - 1, mask_image=nchw(mask), strength=0.75,
-                       num_inference_steps=4, guidance_scale=7.5, height=H, width=W, output_type="np").images
+                       num_inference_steps=4, guidance_scale=7.5, height=H, width=W, latents=nchw(noise),
+                       output_type="np").images
     got = pipe(PROMPTS[:1], init_image=image, mask=mask, strength=0.75, num_inference_steps=4,
                guidance_scale=7.5, seed=seed, sampler="ddim", latents=noise)
     assert np.abs(got - ref).max() < TOL
