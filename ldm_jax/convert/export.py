@@ -42,6 +42,12 @@ this inverse got wrong is an error here, not a silently different model.
 
 Weights are written by a small safetensors writer (no torch needed), with the
 ``{"format": "pt"}`` metadata transformers checks for.
+
+``save_unet`` / ``save_vae`` / ``save_text_encoder`` write one component folder (config.json and one
+safetensors file). Into a folder of an earlier save they replace it: every weight file a loader could
+pick instead (other variants, shards and indexes, .bin; see ``_write_component``) is removed, other
+files stay. A VQ quantizer that diffusers' VQModel cannot hold (beta other than 0.25, legacy=False) is
+written with a warning: encode / decode are identical, only the training loss differs.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ import re
 import shutil
 import struct
 import uuid
+import warnings
 from typing import Any, Dict, FrozenSet, Mapping, Optional
 
 import jax
@@ -60,6 +67,7 @@ import numpy as np
 from flax import traverse_util
 
 from ldm_jax.convert.mapping import convert_state_dict
+from ldm_jax.convert.weights_io import DIFFUSERS_WEIGHT_STEM, weight_files
 from ldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from ldm_jax.models.unet import UNetConfig, attention_levels
 
@@ -164,8 +172,16 @@ def _json_value(value):
 
 def _write_json(path: str, obj) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False, default=_json_value)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    # Renamed over the target as write_safetensors does: a config.json that is a link (a Hugging Face
+    # cache snapshot links every file to a shared blob) is replaced, not written through into the blob.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _collapse(values):
@@ -332,25 +348,90 @@ def clip_config_to_transformers(cfg: CLIPTextConfig, pad_token_id: int) -> Dict[
 # ----------------------------------------------------------------------------- components
 
 
-def save_unet(unet, params, folder: str, sample_size: int) -> str:
+# The weight-file stems each kind of component folder is read under (by diffusers / transformers and by
+# ldm_jax's loaders: unet_diffusers / vae_diffusers / clip_transformers.load_*).
+DIFFUSERS_STEMS = (DIFFUSERS_WEIGHT_STEM,)
+TRANSFORMERS_STEMS = ("model", "pytorch_model")
+
+
+def _write_component(folder: str, config: Mapping[str, Any], weights_name: str, state_dict, stems) -> str:
+    """config.json and the one weight file of a component folder, replacing an earlier save there.
+
+    Every other weight file of ``stems`` goes first (``weights_io.weight_files``: other variants, shards
+    and their indexes, .bin). diffusers' / transformers' save_pretrained remove only the shards of the
+    name they write and leave an index, other variants and .bin files behind; diffusers then loads a
+    stale sharded index before the new single file (and a loader given variant= or use_safetensors=False
+    the stale copy), although the new config.json describes only the new weights. Other files (README,
+    other stems, sub-folders) are left alone.
+
+    As save_diffusers does with model_index.json, the old config.json goes first and the new one comes
+    last: a save that fails half way leaves a folder that no loader takes (both need config.json),
+    never a new config.json over old weights or the reverse."""
     os.makedirs(folder, exist_ok=True)
+    config_path = os.path.join(folder, "config.json")
+    if os.path.lexists(config_path) and not os.path.isdir(config_path):
+        os.remove(config_path)
+    for name in weight_files(folder, stems):
+        if name != weights_name:  # replaced (atomically) by write_safetensors below
+            os.remove(os.path.join(folder, name))
+    path = write_safetensors(os.path.join(folder, weights_name), state_dict)
+    _write_json(config_path, config)
+    return path
+
+
+def save_unet(unet, params, folder: str, sample_size: int) -> str:
+    """diffusers ``UNet2DConditionModel`` / ``UNet2DModel`` folder (config.json and
+    diffusion_pytorch_model.safetensors, replacing any earlier weight files: ``_write_component``)."""
+    name = DIFFUSERS_WEIGHT_STEM + ".safetensors"
     sd = flax_to_torch_state_dict(params, UNET_LITERAL_NAMES)
-    _check_inverse(sd, params, source=os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    _write_json(os.path.join(folder, "config.json"), unet_config_to_diffusers(unet.config, sample_size))
-    return write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
+    _check_inverse(sd, params, source=os.path.join(folder, name))
+    config = unet_config_to_diffusers(unet.config, sample_size)  # refusals before anything is written
+    return _write_component(folder, config, name, sd, DIFFUSERS_STEMS)
+
+
+# diffusers' VQModel builds VectorQuantizer(..., beta=0.25, remap=None, sane_index_shape=False) with its
+# default legacy=True (models/autoencoders/vq_model.py): neither is a config field, so a VQ model with other
+# values is written with the same weights, encoder and decoder, and only its codebook loss changes.
+DIFFUSERS_VQ_QUANTIZER = {"beta": 0.25, "legacy": True}
+
+
+def _warn_vq_quantizer(cfg) -> None:
+    """A warning for each VQ quantizer field diffusers' VQModel cannot hold (``DIFFUSERS_VQ_QUANTIZER``).
+
+    A warning, not a refusal: encode / decode (what LDMPipeline and load_pipeline run) are identical;
+    only training differs, through the loss diffusers returns as ``commit_loss`` (ldm_jax:
+    ``VQEncoding.loss``), which the folder reads back with beta 0.25 and legacy=True in both libraries."""
+    if cfg.kind != "vq":
+        return
+    ref_beta = DIFFUSERS_VQ_QUANTIZER["beta"]
+    if float(cfg.beta) != ref_beta:
+        # both loss forms are beta * mse + mse in value: (1 + beta) * mean((z_q - z)^2)
+        warnings.warn(f"save_vae: AutoencoderConfig.beta={cfg.beta} is not written: diffusers' VQModel fixes the "
+                      f"quantizer's beta at {ref_beta}, so the exported folder encodes and decodes identically but "
+                      f"its commitment loss (VQModel commit_loss, ldm_jax VQEncoding.loss after loading) is "
+                      f"(1 + {ref_beta}) * mse instead of (1 + {cfg.beta}) * mse, with other gradients",
+                      UserWarning, stacklevel=3)
+    if bool(cfg.legacy) != DIFFUSERS_VQ_QUANTIZER["legacy"]:
+        warnings.warn(f"save_vae: AutoencoderConfig.legacy={cfg.legacy} is not written: diffusers' VQModel always "
+                      "uses the legacy quantizer loss (beta on the codebook term), so the exported folder encodes "
+                      "and decodes identically and its commitment loss has the same value, but its gradients weight "
+                      "the codebook and commitment terms the other way", UserWarning, stacklevel=3)
 
 
 def save_vae(vae, params, folder: str, sample_size: int) -> str:
-    os.makedirs(folder, exist_ok=True)
+    """diffusers ``AutoencoderKL`` / ``VQModel`` folder (as ``save_unet``). A VQ quantizer beta / legacy
+    diffusers cannot hold is a warning (``_warn_vq_quantizer``)."""
+    name = DIFFUSERS_WEIGHT_STEM + ".safetensors"
     sd = flax_to_torch_state_dict(params, VAE_LITERAL_NAMES)
-    _check_inverse(sd, params, source=os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    _write_json(os.path.join(folder, "config.json"), vae_config_to_diffusers(vae.config, sample_size))
-    return write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
+    _check_inverse(sd, params, source=os.path.join(folder, name))
+    config = vae_config_to_diffusers(vae.config, sample_size)
+    _warn_vq_quantizer(vae.config)
+    return _write_component(folder, config, name, sd, DIFFUSERS_STEMS)
 
 
 def save_text_encoder(text_encoder: CLIPTextModel, params, folder: str, pad_token_id: int) -> str:
-    """transformers ``CLIPTextModel`` folder; a penultimate-layer encoder loses its unused last block."""
-    os.makedirs(folder, exist_ok=True)
+    """transformers ``CLIPTextModel`` folder (config.json and model.safetensors, replacing any earlier
+    weight files: ``_write_component``); a penultimate-layer encoder loses its unused last block."""
     cfg = text_encoder.config
     params = _unfreeze(params)
     if cfg.context_layer != cfg.num_layers:
@@ -360,8 +441,8 @@ def save_text_encoder(text_encoder: CLIPTextModel, params, folder: str, pad_toke
         cfg = CLIPTextConfig(**{**cfg.__dict__, "num_layers": cfg.context_layer, "output_layer": "last"})
     sd = flax_to_torch_state_dict(params, CLIP_LITERAL_NAMES, prefix="text_model.")
     _check_inverse(sd, params, source=os.path.join(folder, "model.safetensors"), prefix="text_model.")
-    _write_json(os.path.join(folder, "config.json"), clip_config_to_transformers(cfg, pad_token_id))
-    return write_safetensors(os.path.join(folder, "model.safetensors"), sd)
+    config = clip_config_to_transformers(cfg, pad_token_id)
+    return _write_component(folder, config, "model.safetensors", sd, TRANSFORMERS_STEMS)
 
 
 def save_tokenizer(tokenizer, folder: str) -> str:

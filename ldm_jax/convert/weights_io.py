@@ -1,11 +1,15 @@
 """Reading PyTorch weight files into numpy, without torch and without running code.
 
-* ``.safetensors``: parsed directly (8-byte header length, JSON header, raw
+* safetensors: parsed directly (8-byte header length, JSON header, raw
   little-endian buffers), so bfloat16 works (via ml_dtypes) and a truncated
   file is reported precisely.
-* ``.bin`` / ``.ckpt`` / ``.pt``: PyTorch zip pickles, read by the restricted
+* ``torch.save`` files (zip archives and legacy pickles): read by the restricted
   unpickler in ``torch_pickle`` that only rebuilds tensors.
 * sharded checkpoints: ``*.index.json`` with a ``weight_map``.
+
+Which of the first two a file is comes from its content (``weight_format``), not its name:
+renamed files (a safetensors file called ``.bin`` / ``.SAFETENSORS`` / no suffix, a torch
+archive called ``.safetensors``) are common, and torch.load / safetensors read them by content too.
 """
 from __future__ import annotations
 
@@ -139,13 +143,39 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
     return out
 
 
+# safetensors: u64 little-endian header size, then the JSON header, which starts with "{" (the format's
+# rule). Header sizes above this are refused by the safetensors library too (100 MB, MAX_HEADER_SIZE).
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def weight_format(path: str) -> str:
+    """The format of a weight file from its first bytes, whatever its name: "safetensors", or "torch"
+    (a ``torch.save`` zip archive or legacy pickle); a CheckpointError naming the file when it is
+    neither. Nothing in the file is run (a pickle is only recognised by its first byte here)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    # Safetensors first: its 8-byte size may itself start with 0x80 (a pickle's PROTO opcode), while a
+    # zip (compression method) or a torch legacy pickle (its magic number) never has "{" at offset 8.
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= _SAFETENSORS_MAX_HEADER:
+        return "safetensors"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") or head[:1] == b"\x80" or head[257:262] == b"ustar":
+        return "torch"  # torch_pickle reports the unsupported ones (tar archives, plain pickles) itself
+    raise CheckpointError(f"{path}: not a weight file: neither safetensors (8-byte header size, then a JSON "
+                          f"header) nor a torch.save archive or pickle ({os.path.getsize(path)} bytes, starting "
+                          f"{head[:12]!r})")
+
+
 def read_state_dict(path: str) -> StateDict:
-    """Tensors of one weight file (.safetensors, .bin, .ckpt, .pt, .pth or *.index.json)."""
+    """Tensors of one weight file: safetensors or a torch.save file (whatever its name: see
+    ``weight_format``), or a sharded ``*.index.json``."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     if re.search(r"\.index(\.[^./]+)?\.json$", path):  # also the variant form ".index.fp16.json"
         return _read_sharded(path)
-    if path.endswith(".safetensors"):
+    if weight_format(path) == "safetensors":
         return read_safetensors(path)
     from ldm_jax.convert.torch_pickle import load_torch_pickle
 
@@ -264,6 +294,42 @@ def available_variants(folder: str, stems: Iterable[str]) -> Dict[Optional[str],
         variant = m.group("v2") or m.group("v1")
         out.setdefault(variant, []).append(name)
     return out
+
+
+def weight_files(folder: str, stems: Iterable[str]) -> list:
+    """Every weight file of ``stems`` in ``folder``, in any layout a loader may pick (see
+    ``find_weights``): single files and shards of every variant (``STEM[.VARIANT][-00001-of-00002]
+    [.VARIANT].safetensors`` / ``.bin``), sharded indexes (``STEM.safetensors.index[.VARIANT].json``,
+    legacy ``STEM.safetensors.VARIANT.index.json``), and the files those indexes name in ``folder``
+    whatever their names. Sorted names; sub-folders and other files are not listed."""
+    stems = set(stems)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+
+    def plain(name):  # a file or a link, not a folder
+        path = os.path.join(folder, name)
+        return os.path.islink(path) or not os.path.isdir(path)
+
+    found = set()
+    for name in filter(plain, names):
+        index = _VARIANT_INDEX.match(name)
+        m = index or _VARIANT_FILE.match(name)
+        if m is None or m.group("stem") not in stems:
+            continue
+        found.add(name)
+        if index is None:
+            continue
+        try:  # the shards this index names (an unreadable index names none)
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        shards = weight_map.values() if isinstance(weight_map, dict) else ()
+        found.update(shard for shard in shards if isinstance(shard, str) and shard in names and plain(shard)
+                     and shard.endswith((".safetensors", ".bin")))
+    return sorted(found)
 
 
 def read_json(path: str) -> dict:
