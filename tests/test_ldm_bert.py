@@ -219,6 +219,30 @@ def test_encoder_matches_diffusers_ldm_bert(act, tmp_path):
     assert err < ENCODER_TOL
 
 
+def test_save_replaces_an_earlier_save(tmp_path):
+    """save_ldm_bert into a bert/ folder that holds another model's weights as a sharded checkpoint and an
+    fp16 variant: diffusers' LDMBertModel (default: the sharded index first; variant="fp16") and ours read
+    the new weights or nothing (the stale files used to stay and be read)."""
+    from ldm_jax.convert.ldm_bert_weights import save_ldm_bert
+
+    folder = str(tmp_path / "bert")
+    old = ldm_bert_torch(1, encoder_layers=1)
+    old.save_pretrained(folder, max_shard_size="20KB")
+    old.save_pretrained(folder, variant="fp16")
+    assert any("-00001-of-" in n for n in os.listdir(folder))
+    new = ldm_bert_torch(2, encoder_layers=1)
+    new.save_pretrained(str(tmp_path / "new"))
+    module, params = load_ldm_bert(str(tmp_path / "new"))
+    save_ldm_bert(module, params, folder)
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    _, got = load_ldm_bert(folder)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, params)
+    ref = type(new).from_pretrained(folder).state_dict()
+    for key, value in new.state_dict().items():
+        if not key.startswith("to_logits"):  # (the LM head is not exported: diffusers initialises it)
+            np.testing.assert_array_equal(ref[key].numpy(), value.numpy(), err_msg=key)
+
+
 def test_tokenizer_matches_the_reference_call(model, tmp_path):
     """Our tokenizer (from vocab.txt, or from the saved tokenizer/ folder) gives the ids of the
     reference's ``tokenizer(texts, padding="max_length", max_length=77, truncation=True)``."""

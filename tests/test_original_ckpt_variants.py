@@ -101,7 +101,7 @@ def _write(kind, sd, folder):
                     "callbacks": {"ModelCheckpoint{'monitor': None}": {"best_model_score": None}},
                     "hyper_parameters": {"lr": 1e-4}}, path)
         return path
-    if kind in ("bare.pt", "bare.pth", "bare.bin", "bare.CKPT", "bare-no-suffix"):
+    if kind in ("bare.pt", "bare.pth", "bare.bin", "bare.CKPT", "bare-no-suffix", "bare-as.safetensors"):
         path = str(folder / kind)
         torch.save(_tensors(sd), path)
         return path
@@ -127,12 +127,13 @@ def _write(kind, sd, folder):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["lightning", "bare.pt", "bare.bin", "bare.CKPT", "bare-no-suffix", "st.safetensors",
+@pytest.mark.parametrize("kind", ["lightning", "bare.pt", "bare.bin", "bare.CKPT", "bare-no-suffix",
+                                  "bare-as.safetensors", "st.safetensors",
                                   "st.SAFETENSORS", "st-as.ckpt", "st-no-suffix", "data-parallel", "model-prefix",
                                   "model", "module"])
 def test_containers_give_the_same_model(sd1, kind):
     """The format is read from the content (a safetensors file renamed .ckpt / upper case / without suffix was
-    sent to the pickle reader and refused); {"model": sd} / {"module": sd} wrappers and a DataParallel
+    sent to the pickle reader and refused, a torch file named .safetensors to the safetensors reader); {"model": sd} / {"module": sd} wrappers and a DataParallel
     ``module.`` / wrapper ``model.`` prefix (every key) give the original names (were "holds no tensors" /
     "no U-Net weights")."""
     path = _write(kind, sd1["sd"], sd1["folder"])

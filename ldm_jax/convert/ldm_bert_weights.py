@@ -242,11 +242,10 @@ def save_ldm_bert(model: LDMBertModel, params, folder: str) -> str:
 
     The LM head ``to_logits`` is not written (this project does not keep it; text-to-image never
     calls it): diffusers' LDMBertModel initialises it and reports it as missing."""
-    from ldm_jax.convert.export import _check_inverse, _write_json, flax_to_torch_state_dict, write_safetensors
+    from ldm_jax.convert.export import TRANSFORMERS_STEMS, _check_inverse, _write_component, flax_to_torch_state_dict
 
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "model.safetensors")
     sd = flax_to_torch_state_dict(params, prefix="model.")
-    _check_inverse(sd, params, source=path, prefix="model.")
-    _write_json(os.path.join(folder, "config.json"), ldm_bert_config_to_diffusers(model.config))
-    return write_safetensors(path, sd)
+    _check_inverse(sd, params, source=os.path.join(folder, "model.safetensors"), prefix="model.")
+    # (replacing the weight files of an earlier save there, as save_text_encoder)
+    return _write_component(folder, ldm_bert_config_to_diffusers(model.config), "model.safetensors", sd,
+                            TRANSFORMERS_STEMS)

@@ -77,7 +77,7 @@ from ldm_jax.convert.original_keys import (
 )
 from ldm_jax.convert.unet_diffusers import unet_abstract_params, unet_config_from_diffusers
 from ldm_jax.convert.vae_diffusers import vae_config_from_diffusers
-from ldm_jax.convert.weights_io import place_params, read_safetensors, unwrap_state_dict
+from ldm_jax.convert.weights_io import place_params, read_safetensors, unwrap_state_dict, weight_format
 from ldm_jax.models.autoencoder import abstract_params as vae_abstract_params
 from ldm_jax.models.autoencoder import build_autoencoder
 from ldm_jax.models.class_embedder import ClassEmbedder, ClassLabelTokenizer
@@ -92,15 +92,6 @@ SD2_PAD_TOKEN = 0  # open_clip.tokenize pads with 0
 _CLIP_HEAD_DIM = 64
 
 
-def _is_safetensors(path: str) -> bool:
-    """Whether the file's content is safetensors (8-byte little-endian header length, then a JSON object),
-    whatever its name says: renamed files (``model.ckpt`` holding safetensors, ``.SAFETENSORS``, no suffix)
-    are common and the suffix alone would send them to the pickle reader."""
-    if path.lower().endswith(".safetensors"):
-        return True
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 27)
 
 
 # Containers other trainers wrap a state dict in, tried when the top level holds no tensors and no
@@ -146,7 +137,7 @@ def read_original_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional
     key is removed."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
-    if _is_safetensors(path):
+    if weight_format(path) == "safetensors":  # by content: renamed files are common
         return _strip_wrapper_prefix(read_safetensors(path)), None
     from ldm_jax.convert.torch_pickle import load_torch_pickle
 
