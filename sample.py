@@ -66,7 +66,16 @@ def parse_args(argv=None):
     p.add_argument("--steps", "--ddim_steps", type=int, default=50, help="sampler steps")
     p.add_argument("--scale", type=float, default=None,
                    help="classifier-free guidance scale (default 7.5; 1, i.e. none, with --layout)")
-    p.add_argument("--sampler", default="ddim", help="ddpm, ddim, plms, dpmpp_2m, euler or euler_a")
+    p.add_argument("--sampler", default=None, help="ddpm, ddim (default), plms, dpmpp_2m, euler or euler_a")
+    p.add_argument("--plms", action="store_true", help="the CompVis scripts' flag: --sampler plms")
+    p.add_argument("--fixed_code", "--fixed-code", action="store_true",
+                   help="the CompVis txt2img flag: every batch starts from the same initial noise (the first "
+                        "batch's, seed --seed); text-to-image only")
+    p.add_argument("--skip_grid", "--skip-grid", action="store_true", help="do not write grid.png")
+    p.add_argument("--skip_save", "--skip-save", action="store_true",
+                   help="write only grid.png, not the single images (a rerun then renders everything again)")
+    p.add_argument("--n_rows", "--n-rows", type=int, default=0,
+                   help="images per row of grid.png (default 0: --n_samples, one batch per row)")
     p.add_argument("--eta", "--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the first batch; batch b uses seed + b, so its images equal the Python API's "
@@ -115,6 +124,9 @@ def parse_args(argv=None):
     if args.dtype and by_precision and args.dtype != by_precision:
         p.error(f"--precision {args.precision} and --dtype {args.dtype} disagree; give one")
     args.dtype = args.dtype or by_precision or "float32"
+    if args.plms and args.sampler not in (None, "plms"):
+        p.error(f"--plms and --sampler {args.sampler} disagree; give one")
+    args.sampler = "plms" if args.plms else (args.sampler or "ddim")
     return args
 
 
@@ -161,13 +173,17 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"--segmentation file not found: {args.segmentation}")
         if args.strength is not None and not args.init_img:  # (it would be silently ignored)
             raise ValueError("--strength is the img2img / inpainting strength: it needs --init-img")
+        if args.fixed_code and (args.cond_img or args.segmentation):  # (their size comes from that input)
+            raise ValueError("--fixed_code is for text-to-image, class-conditional and unconditional sampling; "
+                             "not with --cond-img / --segmentation")
         scale = args.scale if args.scale is not None else (1.0 if layouts is not None else 7.5)
         job = SamplingJob(
             prompts=prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.steps, scale=scale,
             sampler=args.sampler, eta=args.eta, seed=args.seed, height=args.H, width=args.W,
             negative_prompt=args.negative_prompt, init_image=args.init_img,
             strength=0.8 if args.strength is None else args.strength,
-            mask=args.mask, class_label=args.class_label, checkpoint=args.checkpoint)
+            mask=args.mask, class_label=args.class_label, checkpoint=args.checkpoint, fixed_code=args.fixed_code,
+            skip_save=args.skip_save, skip_grid=args.skip_grid, n_rows=args.n_rows)
         job.validate()  # fail on bad flags before the (slow) model load
         import ldm_jax
         from ldm_jax.compile_cache import configure_compilation_cache
@@ -210,7 +226,7 @@ def main(argv=None) -> int:
         from ldm_jax.sampling_job import sample_path
 
         total = job.num_batches * job.n_samples
-        existing = sum(os.path.isfile(sample_path(args.outdir, n)) for n in range(total))
+        existing = 0 if args.skip_save else sum(os.path.isfile(sample_path(args.outdir, n)) for n in range(total))
         run_sampling_job(pipe, job, args.outdir)
     except (ValueError, OSError, CheckpointError) as e:  # (OSError: unreadable files, full disk, ...)
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
@@ -220,8 +236,12 @@ def main(argv=None) -> int:
               "job", file=sys.stderr)
         return 130
     earlier = f" ({existing} more from an earlier run of this job)" if existing else ""
-    print(f"wrote {total - existing} images{earlier} to {os.path.join(args.outdir, 'samples')} "
-          f"and the grid {os.path.join(args.outdir, 'grid.png')}")
+    grid = os.path.join(args.outdir, "grid.png")
+    if args.skip_save:
+        print(f"wrote the grid of {total} images {grid} (--skip_save: not the single images)")
+    else:
+        print(f"wrote {total - existing} images{earlier} to {os.path.join(args.outdir, 'samples')}"
+              + ("" if args.skip_grid else f" and the grid {grid}"))
     return 0
 
 

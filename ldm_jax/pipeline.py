@@ -328,7 +328,7 @@ class Pipeline:
 
         key = jax.random.PRNGKey(seed)
         if latents is None:
-            noise = jax.random.normal(jax.random.fold_in(key, _NOISE), latent_shape, jnp.float32)
+            noise = initial_noise(seed, latent_shape)
         else:
             noise = jnp.asarray(latents, jnp.float32)
             if noise.shape != latent_shape:
@@ -628,6 +628,12 @@ class Pipeline:
         if m != k and 1 not in (m, k):
             arr = np.concatenate([arr] * (batch // m))
         return arr
+
+
+def initial_noise(seed: int, latent_shape) -> jax.Array:
+    """The standard-normal initial noise ``Pipeline.__call__`` draws for ``seed`` (B, h, w, C), when no
+    ``latents=`` are given."""
+    return jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), _NOISE), tuple(latent_shape), jnp.float32)
 
 
 def _tile_batch(x: jax.Array, batch: int) -> jax.Array:

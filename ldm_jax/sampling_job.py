@@ -52,6 +52,13 @@ class SamplingJob:
     # (len(prompts), L) token ids used instead of the prompts' text (layout-to-image models: the layouts'
     # ids); the prompts are then only descriptions, written to the PNGs as "layout"
     context_ids: Optional[np.ndarray] = None
+    # The CompVis txt2img.py flags: --fixed_code (every batch starts from the first batch's initial noise,
+    # its start_code drawn once), --skip_save (only the grid is written), --skip_grid, --n_rows (images per
+    # grid row; 0: n_samples).
+    fixed_code: bool = False
+    skip_save: bool = False
+    skip_grid: bool = False
+    n_rows: int = 0
 
     def validate(self) -> None:
         """Checks of the flags alone (before the slow model load); errors name the sample.py flag."""
@@ -81,6 +88,13 @@ class SamplingJob:
             raise ValueError("--mask needs --init-img (the image to inpaint)")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
+        if self.n_rows < 0:
+            raise ValueError(f"--n_rows must be >= 0 (0: --n_samples images per grid row), got {self.n_rows}")
+        if self.skip_save and self.skip_grid:
+            raise ValueError("--skip_save and --skip_grid together would write nothing")
+        if self.fixed_code and self.init_image:  # (as the CompVis scripts: txt2img.py has it, img2img.py not)
+            raise ValueError("--fixed_code fixes text-to-image's initial noise; img2img / inpainting (--init-img) "
+                             "noise the image instead")
         if self.context_ids is not None:
             ids = np.asarray(self.context_ids)
             if ids.ndim != 2 or ids.shape[0] != len(self.prompts):
@@ -139,7 +153,13 @@ def _fields(job: SamplingJob, prompt: str, seed: int, k: int) -> dict:
         fields["mask"] = job.mask
     if job.class_label is not None:
         fields["class_label"] = job.class_label
+    if job.fixed_code:  # (the initial noise is then the first batch's, seed job.seed)
+        fields["fixed_code"] = job.seed
     return {key: str(value) for key, value in fields.items()}
+
+
+# The fields _fields records only when the job has the option.
+_OPTIONAL_FIELDS = ("init_image", "strength", "mask", "class_label", "fixed_code")
 
 
 def _metadata(job: SamplingJob, prompt: str, seed: int, k: int) -> PngInfo:
@@ -198,6 +218,10 @@ def _check_existing(path: str, job: SamplingJob, prompt: str, seed: int, k: int)
             got = recorded.get(key, "<missing>")
             raise ValueError(f"--outdir: {path} was written by another job ({key} {got[:60]!r}, this job "
                              f"{value[:60]!r}); a rerun only completes the same job: use another --outdir")
+    for key in _OPTIONAL_FIELDS:  # recorded by a job that had the option, which this one has not
+        if key in recorded and key not in want:
+            raise ValueError(f"--outdir: {path} was written by another job ({key} {recorded[key][:60]!r}, this "
+                             "job none); a rerun only completes the same job: use another --outdir")
     for name, want_size, got_size in (("--H", job.height, size[0]), ("--W", job.width, size[1])):
         if want_size is not None and want_size != got_size:
             raise ValueError(f"--outdir: {path} was written by another job (image {size[0]}x{size[1]}, "
@@ -232,9 +256,12 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
         raise ValueError(f"--strength {job.strength} with --steps {job.steps} leaves no denoising steps "
                          f"(int(steps * strength) = 0 are run); raise --strength or --steps")
     p, num_p = jax.process_index(), jax.process_count()
+    if job.skip_save and num_p > 1:
+        raise ValueError("--skip_save keeps the images in memory for the grid: it needs a single process "
+                         f"(this job runs on {num_p})")
     mine = [b for b in range(job.num_batches) if b % num_p == p]
     todo = []
-    for b in mine:
+    for b in ([] if job.skip_save else mine):
         prompt, seed = job.prompts[b // job.n_iter], job.seed + b
         done = True
         for k in range(job.n_samples):
@@ -245,6 +272,10 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
                 done = False
         if not done:
             todo.append(b)
+    if job.skip_save:  # nothing on disk to resume from
+        todo = list(mine)
+    start_code = _start_code(pipe, job) if job.fixed_code else None
+    kept = []  # (--skip_save) the images, for the grid
     # The bar starts after the first batch: an error in it (bad input refused by the pipeline) is then
     # the only output, one line.
     bar, t0, made = None, time.perf_counter(), 0
@@ -261,14 +292,13 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
             images = pipe(
                 text, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
                 guidance_scale=job.scale, height=job.height, width=job.width, seed=seed, sampler=job.sampler,
-                eta=job.eta, init_image=init, strength=job.strength, mask=mask, **cond)
-            try:
-                os.makedirs(os.path.join(outdir, "samples"), exist_ok=True)
-            except OSError as e:
-                raise ValueError(f"--outdir {outdir}: cannot create {os.path.join(outdir, 'samples')}: "
-                                 f"{e.strerror or e}") from None
-            for k, image in enumerate(images):
-                _write_png(sample_path(outdir, b * job.n_samples + k), image, _metadata(job, prompt, seed, k))
+                eta=job.eta, init_image=init, strength=job.strength, mask=mask, latents=start_code, **cond)
+            if job.skip_save:
+                kept.extend(images)
+            else:
+                _make_dir(os.path.join(outdir, "samples"), outdir)
+                for k, image in enumerate(images):
+                    _write_png(sample_path(outdir, b * job.n_samples + k), image, _metadata(job, prompt, seed, k))
             made += len(images)
             if bar is None:
                 bar = tqdm(total=len(todo) * job.n_samples, unit="img", disable=not progress or p != 0,
@@ -279,11 +309,34 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
         if bar is not None:
             bar.close()
     paths = [sample_path(outdir, n) for n in range(job.num_batches * job.n_samples)]
-    if p == 0 and all(os.path.isfile(x) for x in paths):
+    cols = job.n_rows or job.n_samples  # (CompVis' n_rows is torchvision make_grid's nrow: images per row)
+    if job.skip_save:
+        _make_dir(outdir, outdir)
+        _write_png(os.path.join(outdir, "grid.png"), make_grid(np.stack(kept), cols=cols))
+        return []
+    if p == 0 and not job.skip_grid and all(os.path.isfile(x) for x in paths):
         grid = make_grid(np.stack([np.asarray(Image.open(x).convert("RGB"), np.float32) / 255 for x in paths]),
-                         cols=job.n_samples)
+                         cols=cols)
         _write_png(os.path.join(outdir, "grid.png"), grid)
     return paths
+
+
+def _make_dir(path: str, outdir: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--outdir {outdir}: cannot create {path}: {e.strerror or e}") from None
+
+
+def _start_code(pipe, job: SamplingJob) -> np.ndarray:
+    """--fixed_code: the initial noise of the job's first batch (seed ``job.seed``), for every batch, as
+    CompVis txt2img.py draws its start_code once. The same draw as ``pipe(..., seed=job.seed)`` makes."""
+    from ldm_jax.pipeline import initial_noise
+
+    f = pipe.vae_scale_factor
+    height, width = job.height or pipe.default_size, job.width or pipe.default_size
+    shape = (job.n_samples, height // f, width // f, pipe.latent_channels)
+    return np.asarray(initial_noise(job.seed, shape))
 
 
 def check_model_flags(pipe, args) -> None:

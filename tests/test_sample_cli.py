@@ -127,3 +127,57 @@ def test_class_label_sampling_from_original_checkpoint(tmp_path, capsys):
     code, cap = _run(["--checkpoint", path, "--config", yaml_path("tiny-cin-ldm-vq.yaml"), "--class_label", "11",
                       "--steps", "1", "--outdir", str(tmp_path / "bad")], capsys)
     assert code != 0 and "out of range" in cap.err
+
+
+def test_compvis_txt2img_flags(sd_folder, tmp_path, capsys):
+    """--plms, --fixed_code, --n_rows, --skip_grid, --skip_save as CompVis txt2img.py: with --fixed_code
+    every batch starts from the first batch's noise (PLMS is deterministic, so the batches' images are
+    equal) and batch 0 is the API's pipe(seed=--seed) image; --n_rows is images per grid row."""
+    base = ["--checkpoint", sd_folder, "--prompt", "a red apple", "--n_samples", "2", "--n_iter", "2", "--steps",
+            "2", "--H", str(H), "--W", str(W), "--seed", "3", "--plms"]
+    out = tmp_path / "fixed"
+    code, cap = _run(base + ["--fixed_code", "--n_rows", "1", "--outdir", str(out)], capsys)
+    assert code == 0, cap.err
+    png = [np.asarray(Image.open(out / "samples" / f"{i:05d}.png")) for i in range(4)]
+    np.testing.assert_array_equal(png[2], png[0])
+    np.testing.assert_array_equal(png[3], png[1])
+    assert np.abs(png[0].astype(int) - png[1]).max() > 0  # two noises within the batch
+    meta = Image.open(out / "samples" / "00003.png").text
+    assert meta["sampler"] == "plms" and meta["fixed_code"] == "3" and meta["seed"] == "4"
+    pipe = ldm_jax.load_pipeline(sd_folder)
+    api = pipe(["a red apple"] * 2, num_inference_steps=2, height=H, width=W, seed=3, sampler="plms")
+    np.testing.assert_array_equal(png[0], (np.clip(api[0], 0, 1) * 255).round().astype(np.uint8))
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (W + 4, 4 * (H + 2) + 2)  # one image per row
+    # Without --fixed_code batch 1 has its own noise; the same outdir holds the fixed-code job's images.
+    code, cap = _run(base + ["--outdir", str(out)], capsys)
+    assert code == 2 and "another job (fixed_code" in cap.err
+    free = tmp_path / "free"
+    code, cap = _run(base + ["--outdir", str(free), "--skip_grid"], capsys)
+    assert code == 0 and not (free / "grid.png").exists() and "grid" not in cap.out
+    np.testing.assert_array_equal(np.asarray(Image.open(free / "samples" / "00000.png")), png[0])
+    assert np.abs(np.asarray(Image.open(free / "samples" / "00002.png")).astype(int) - png[2]).max() > 0
+    only_grid = tmp_path / "grid_only"
+    code, cap = _run(base + ["--outdir", str(only_grid), "--skip_save"], capsys)
+    assert code == 0 and os.listdir(only_grid) == ["grid.png"], cap.err
+    assert Image.open(only_grid / "grid.png").size == (2 * (W + 2) + 2, 2 * (H + 2) + 2)
+    assert "--skip_save" in cap.out
+
+
+@pytest.mark.parametrize("argv_extra, message", [
+    (["--fixed_code", "--init-img", "IMG"], "--fixed_code fixes text-to-image's initial noise"),
+    (["--skip_save", "--skip_grid"], "would write nothing"),
+    (["--n_rows", "-1"], "--n_rows must be >= 0"),
+])
+def test_compvis_flag_errors(sd_folder, tmp_path, capsys, argv_extra, message):
+    img = tmp_path / "in.png"
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(img)
+    argv_extra = [str(img) if a == "IMG" else a for a in argv_extra]
+    out = tmp_path / "bad"
+    code, cap = _run(["--checkpoint", sd_folder, "--prompt", "x", "--steps", "1", "--outdir", str(out)] + argv_extra,
+                     capsys)
+    assert code == 2 and cap.err.startswith("error: ") and message in cap.err, cap.err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as e:
+        sample_cli.parse_args(["--checkpoint", sd_folder, "--plms", "--sampler", "euler"])
+    assert e.value.code == 2 and "--plms and --sampler euler disagree" in capsys.readouterr().err
