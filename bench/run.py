@@ -230,9 +230,17 @@ def _ms(res):
     return res["ms"].get(METRIC)
 
 
-def _fmt_ms(v):
+def _missing(res) -> str:
+    """What a cell without a number says: the measurement was skipped (budget), timed out, or failed."""
+    why = (res or {}).get("error", "")
+    if why.startswith("skipped"):
+        return "not run (budget)"
+    return "timeout" if why.startswith("timeout") else "error"
+
+
+def _fmt_ms(v, res=None):
     if v is None:
-        return "error"
+        return _missing(res)
     return f"{v / 1e3:.2f} s" if v >= 1e4 else f"{v:.1f} ms"
 
 
@@ -254,10 +262,10 @@ def table(preset, R: dict) -> list:
         # XLA's FLOP count leaves out cuDNN custom calls (GPU convolutions, fused attention): CPU only.
         if j and "gflop" in j and _ms(j) and "cudnn_fmha_traced" not in j:
             note += f"; {j['gflop']:.0f} GFLOP (XLA count), {j['gflop'] / (_ms(j) / 1e3):.0f} GFLOP/s"
-        rows.append((f"U-Net forward B{b}", _fmt_ms(_ms(t)), _fmt_ms(_ms(j)), _ratio(_ms(t), _ms(j)), note))
+        rows.append((f"U-Net forward B{b}", _fmt_ms(_ms(t), t), _fmt_ms(_ms(j), j), _ratio(_ms(t), _ms(j)), note))
         for key in sorted(k for k in R if k.startswith(f"unet_fwd_B{b}_jax_attn-")):
             att = key.rsplit("-", 1)[1]
-            rows.append((f"U-Net forward B{b}, attention_impl={att}", _fmt_ms(_ms(t)), _fmt_ms(_ms(R[key])),
+            rows.append((f"U-Net forward B{b}, attention_impl={att}", _fmt_ms(_ms(t), t), _fmt_ms(_ms(R[key]), R[key]),
                          _ratio(_ms(t), _ms(R[key])), ""))
     t, j = R.get("train_step_torch"), R.get("train_step_jax")
     if t or j:
@@ -273,15 +281,15 @@ def table(preset, R: dict) -> list:
             return None if not v else round(preset.train_batch / (v / 1e3), 3)
 
         b = preset.train_batch
-        rows.append((f"train step B{b} (fwd+bwd+AdamW), img/s", f"{ips(t)}" if ips(t) else "error",
-                     f"{ips(j)}" if ips(j) else "error", _ratio(ips(t), ips(j), higher_is_better=True),
+        rows.append((f"train step B{b} (fwd+bwd+AdamW), img/s", f"{ips(t)}" if ips(t) else _missing(t),
+                     f"{ips(j)}" if ips(j) else _missing(j), _ratio(ips(t), ips(j), higher_is_better=True),
                      f"step {_fmt_ms(_ms(t))} vs {_fmt_ms(_ms(j))}; peak memory {mem(t)} vs {mem(j)}"
                      + (f"; compile {j['compile_s']} s" if j and 'compile_s' in j else "")))
         for key in sorted(k for k in R if k.startswith(("train_step_jax_conv-", "train_step_jax_attn-"))):
             what = key.rsplit("-", 1)[1]
             label = f"conv gradients impl={what}" if "_conv-" in key else f"attention_impl={what}"
-            rows.append((f"train step B{b}, {label}", f"{ips(t)}" if ips(t) else "error",
-                         f"{ips(R[key])}" if ips(R[key]) else "error",
+            rows.append((f"train step B{b}, {label}", f"{ips(t)}" if ips(t) else _missing(t),
+                         f"{ips(R[key])}" if ips(R[key]) else _missing(R[key]),
                          _ratio(ips(t), ips(R[key]), higher_is_better=True),
                          f"step {_fmt_ms(_ms(R[key]))}; peak memory {mem(R[key])}"))
     t, j = R.get("txt2img_torch"), R.get("txt2img_jax")
@@ -290,12 +298,12 @@ def table(preset, R: dict) -> list:
         note = "1 prompt + CFG (U-Net B2), DDIM, incl. text encoder and VAE decode"
         if j and "recompiles_on_new_seed_prompt_scale" in j:
             note += f"; recompiles for a new seed/prompt/scale: {j['recompiles_on_new_seed_prompt_scale']}"
-        rows.append((f"txt2img {size}x{size}, {preset.txt2img_steps} steps, per image", _fmt_ms(_ms(t)),
-                     _fmt_ms(_ms(j)), _ratio(_ms(t), _ms(j)), note))
+        rows.append((f"txt2img {size}x{size}, {preset.txt2img_steps} steps, per image", _fmt_ms(_ms(t), t),
+                     _fmt_ms(_ms(j), j), _ratio(_ms(t), _ms(j)), note))
     t, j = R.get("vae_decode_torch"), R.get("vae_decode_jax")
     if t or j:
         rows.append((f"VAE decode B{preset.vae_batch} ({preset.latent}x{preset.latent} -> {preset.image_size}px)",
-                     _fmt_ms(_ms(t)), _fmt_ms(_ms(j)), _ratio(_ms(t), _ms(j)), ""))
+                     _fmt_ms(_ms(t), t), _fmt_ms(_ms(j), j), _ratio(_ms(t), _ms(j)), ""))
     if "first_image_torch" in R:
         t = R["first_image_torch"]
 
@@ -311,7 +319,8 @@ def table(preset, R: dict) -> list:
             if "error" not in j and j:
                 note = (f"process start -> image; JAX: import {j['import_s']} s, load {j['load_s']} s, first call "
                         f"{j['first_call_s']} s (compile ~{j['compile_s']} s)")
-            rows.append((f"time to first image, {label}", f"{tt} s" if tt else "error", f"{jj} s" if jj else "error",
+            rows.append((f"time to first image, {label}", f"{tt} s" if tt else _missing(t),
+                         f"{jj} s" if jj else _missing(j),
                          _ratio(tt, jj), note))
     return rows
 
