@@ -70,6 +70,7 @@ decodes every example of a TFDS split (meant for small datasets such as the emoj
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -135,6 +136,41 @@ def _apply_template(template: str, name: str) -> str:
     return text
 
 
+# data.name values besides TFDS's ("emoji": a TFDS builder this package registers; "synthetic": loop.py's;
+# then scene_sources.SCENE_SOURCES).
+BUILTIN_NAMES = ("synthetic", "folder", "emoji")
+
+
+@contextlib.contextmanager
+def unknown_dataset_as_config_error(name):
+    """TFDS's DatasetNotFoundError lists its whole catalogue (over a thousand names): a short
+    ValueError naming the key instead, and how to list the catalogue."""
+    import tensorflow_datasets as tfds
+
+    from ldm_jax.data.scene_sources import SCENE_SOURCES
+
+    try:
+        yield
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"config key data.name={name!r}: neither a built-in dataset {BUILTIN_NAMES + SCENE_SOURCES} "
+                         "nor a registered TFDS dataset (list TFDS's names with: python -c \"import "
+                         "tensorflow_datasets as tfds; print(tfds.list_builders())\")") from None
+
+
+def check_dataset_name(name) -> None:
+    """Before anything is built (``config_access.check_config_keys``): a ``data.name`` that is neither
+    built in nor a registered TFDS builder is the ValueError of ``unknown_dataset_as_config_error``.
+    Names with a namespace (``huggingface:...``) are left to TFDS when the data is opened."""
+    from ldm_jax.data.scene_sources import SCENE_SOURCES
+
+    if not isinstance(name, str) or name in BUILTIN_NAMES + SCENE_SOURCES or ":" in name:
+        return
+    import tensorflow_datasets as tfds
+
+    with unknown_dataset_as_config_error(name):
+        tfds.builder_cls(name.split("/", 1)[0])  # ("mnist/3.0.1": config / version after the name)
+
+
 class TFDSSource:
     """Random access over a TFDS array_record split via `tfds.data_source` (no TensorFlow)."""
 
@@ -145,7 +181,8 @@ class TFDSSource:
         if name == "emoji":
             from ldm_jax.data import emoji  # noqa: F401  (registers the builder)
         self.name, self.split = name, split
-        self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+        with unknown_dataset_as_config_error(name):
+            self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
         features = self._ds.dataset_info.features
         for key in (image_key, caption_key, label_key):
             if key is not None and key not in features:
@@ -568,7 +605,8 @@ class _TFLoadIterator:
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self.process_index, self.image_size = process_index, image_size
-        builder = tfds.builder(self._cfg["name"], data_dir=self._cfg["data_dir"])
+        with unknown_dataset_as_config_error(self._cfg["name"]):
+            builder = tfds.builder(self._cfg["name"], data_dir=self._cfg["data_dir"])
         if self._cfg["download"]:
             builder.download_and_prepare()
         features = builder.info.features

@@ -151,6 +151,16 @@ def config_flag_error(argv, exc: BaseException, config=None) -> str:
     if "Traceback (most recent call last)" in text:  # the config file raised: keep its last line
         last = [line.strip() for line in text.splitlines() if line.strip()][-1]
         return f"{config_flag}: {last.split(': ', 1)[-1]}"
+    if "of field config." in text and "is not supported for overriding" in text:
+        # ml_collections cannot type an override of a key the file sets to a plain None
+        key = text.split("of field config.", 1)[1].split()[0]
+        flag = next((a for a in argv if a.startswith(f"--config.{key}=")), f"--config.{key}")
+        kind = text.split("Type <class '", 1)[-1].split("'", 1)[0] if text.startswith("Type <class '") else "?"
+        if kind == "NoneType":
+            return (f"{flag}: the config file sets {key} = None, which has no type, so ml_collections cannot "
+                    "override it from the command line; declare it in the file with ml_collections.config_dict."
+                    f"placeholder(float) (or int, str), or give {key} a value there")
+        return f"{flag}: config values of type {kind} cannot be overridden from the command line"
     if isinstance(exc, SyntaxError):
         return f"{config_flag}: {exc.msg} ({exc.filename}, line {exc.lineno})"
     if "has no attribute 'get_config'" in text:
@@ -191,3 +201,4 @@ def compute_dtype(model_cfg):
     if str(name) not in COMPUTE_DTYPES:
         raise ValueError(f"config key model.dtype={name!r}: expected one of {COMPUTE_DTYPES}")
     return jnp.dtype(str(name))
+

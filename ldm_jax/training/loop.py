@@ -29,8 +29,9 @@ horizon is ``train.num_steps``, so raising it changes the learning rate from the
 warning says so).
 
 Two phases. ``prepare(config, workdir)`` checks everything a user can get wrong and writes
-nothing to the workdir: the loop's config keys (``config_access.check_train_config``: a
-ValueError naming the key and what is allowed), the workdir path (``check_workdir``), the mesh, the task and
+nothing to the workdir: the config keys (``config_access.check_train_config`` for the loop's,
+``config_keys.check_config_keys`` for the model, objective, data, sample and mesh ones: a ValueError naming the key
+and what is allowed), the workdir path (``check_workdir``), the mesh, the task and
 the data (their own errors name their keys and files), and on resume the checkpoint: a
 checkpoint of another task (``config.task``) or of another model (saved arrays of other
 shapes, or a changed model-defining key, ``checkpoint.MODEL_KEYS``) is refused naming what differs,
@@ -64,6 +65,7 @@ from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import sharding as shd
 from ldm_jax.training.checkpoint import check_resume, format_changes
 from ldm_jax.training.config_access import check_train_config, config_get as _get
+from ldm_jax.training.config_keys import check_config_keys
 from ldm_jax.writable_dir import directory_problem
 
 log = logging.getLogger(__name__)
@@ -258,6 +260,24 @@ def check_workdir(workdir: str) -> None:
         raise ValueError(f"--workdir={workdir}: {problem}")
 
 
+def check_task_shapes(config, task) -> None:
+    """What an LDM task's first stage decides (it may come from a checkpoint, so this is checked on the
+    built task; the first step would fail on the shapes, after the workdir is written): the U-Net
+    predicts noise (or v, x0) of the latents, so model.unet.out_channels must be their channels, and
+    data.image_size must be a multiple of the first stage's factor."""
+    unet, vae = getattr(task, "unet", None), getattr(task, "vae", None)
+    if unet is None or vae is None:
+        return
+    out, latent = unet.config.out_channels, vae.config.embed_dim
+    if out != latent:
+        raise ValueError(f"config key model.unet.out_channels={out}: must equal the first stage's {latent} latent "
+                         "channels (the U-Net predicts the noise, v or x0 of the latents)")
+    size, factor = _get(config.data, "image_size", None), vae.config.downsample_factor
+    if size is not None and int(size) % factor:
+        raise ValueError(f"config key data.image_size={size}: must be a multiple of the first stage's factor "
+                         f"{factor} (images {factor}x larger than the latents)")
+
+
 def _drop_metrics_after(workdir: str, step: int) -> None:
     """Keep ``metrics.jsonl`` one line per step: a run killed between checkpoints logged steps
     past the one it resumes from, which are trained (and logged) again."""
@@ -311,15 +331,20 @@ def prepare(config, workdir: str, *, task: Optional[Task] = None, dataset=None, 
     Errors a user can cause are ValueErrors / OSErrors naming the key, file or checkpoint."""
     t_setup = time.time()
     check_train_config(config)
+    check_config_keys(config)
     check_workdir(workdir)
     tcfg = config.train
     if mesh is None:
-        mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+        try:
+            mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+        except ValueError as e:  # (the devices this process sees cannot make that mesh)
+            raise ValueError(f"config keys mesh.data={config.mesh.data}, mesh.fsdp={config.mesh.fsdp}: {e}") from None
     # (names train.batch_size / grad_accum_steps / the mesh, before the task is built)
     shd.check_batch_size(int(tcfg.batch_size), mesh, int(_get(tcfg, "grad_accum_steps", 1)))
     shd.local_batch_size(int(tcfg.batch_size), mesh)  # validates divisibility by the processes
     if task is None:
         task = make_task(config, mesh, workdir)
+        check_task_shapes(config, task)
     seed = int(_get(config, "seed", 0))
     num_steps = int(tcfg.num_steps)
 

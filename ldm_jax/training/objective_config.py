@@ -4,6 +4,7 @@ with the same objective. ``LDMTask`` builds ``LDMStepConfig`` / ``NoiseSchedule`
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Dict
 
 import jax
@@ -42,13 +43,19 @@ def schedule_from_config(schedule_config: Dict[str, Any]) -> NoiseSchedule:
         return NoiseSchedule.from_diffusers_config(schedule_config)
     except ValueError as err:
         name = schedule_config.get("beta_schedule")
+        # The scheduler config's keys are diffusion.*'s (schedule_config_from): name the config key.
+        match = re.match(r"scheduler config key '(\w+)' ", str(err))
+        where = "diffusion.* (the training noise schedule)"
+        if match and match.group(1) in schedule_config:
+            where = (f"config key diffusion.{match.group(1)}={schedule_config[match.group(1)]!r} (the training "
+                     "noise schedule, diffusion.*)")
         hint = ""
         if name in _COMPVIS_BETA_SCHEDULES:
             same = _COMPVIS_BETA_SCHEDULES[name]
             hint = (f"; CompVis beta_schedule {name!r} is diffusion.beta_schedule={same!r}" if same else
                     f"; CompVis beta_schedule {name!r} (sqrt of a linspace) has no diffusers equivalent and is not "
                     "supported")
-        raise ValueError(f"diffusion.* (the training noise schedule): {err}{hint}") from None
+        raise ValueError(f"{where}: {err}{hint}") from None
 
 
 # CompVis LatentDiffusion objective options (model.params of an original YAML) -> LDMStepConfig fields.

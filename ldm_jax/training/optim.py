@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import jax
@@ -42,14 +44,32 @@ class OptimizerConfig:
     ema_warmup: bool = True          # LitEma warmup min(decay, (1+n)/(10+n))
 
     def __post_init__(self):
+        # Library users build this directly (train.py's keys are checked by config_access first):
+        # an out-of-range value would otherwise train with NaNs or a silently wrong schedule.
+        def number(name, ok, allowed):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                    or not ok(value):
+                raise ValueError(f"OptimizerConfig.{name} must be {allowed}, got {value!r}")
+
+        def integer(name, low):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"OptimizerConfig.{name} must be an integer >= {low}, got {value!r}")
+
+        for name in ("lr", "end_lr_factor", "weight_decay", "grad_clip"):
+            number(name, lambda v: v >= 0, "a finite number >= 0")
+        number("eps", lambda v: v > 0, "a finite number > 0")
+        for name in ("b1", "b2"):
+            number(name, lambda v: 0 <= v < 1, "in [0, 1)")
+        number("ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: no EMA)")
+        integer("warmup_steps", 0)
+        integer("num_steps", 0)
+        integer("grad_accum_steps", 1)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"OptimizerConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.lr_schedule == "cosine" and self.num_steps <= self.warmup_steps:
             raise ValueError("OptimizerConfig: a cosine schedule needs num_steps > warmup_steps")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"OptimizerConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"OptimizerConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "OptimizerConfig":
