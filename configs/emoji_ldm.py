@@ -59,7 +59,7 @@ def get_config(arg: str = ""):
     c.first_stage.autoencoder = dict(kind="kl", latent_channels=4, block_out_channels=(32, 64, 64),
                                      layers_per_block=1, norm_num_groups=32)
     c.first_stage.scale_by_std = True
-    c.first_stage.scale_factor = None  # fixed factor (None: the autoencoder config's) when not scale_by_std
+    c.first_stage.scale_factor = config_dict.placeholder(float)  # fixed factor (None: the autoencoder config's) when not scale_by_std
     c.first_stage.sample_posterior = True
 
     c.text_encoder = ml_collections.ConfigDict()
@@ -93,7 +93,7 @@ def get_config(arg: str = ""):
     c.diffusion.beta_start = 0.00085
     c.diffusion.beta_end = 0.012
     c.diffusion.prediction_type = "epsilon"
-    c.diffusion.min_snr_gamma = None
+    c.diffusion.min_snr_gamma = config_dict.placeholder(float)  # None: no min-SNR weighting
     c.diffusion.offset_noise = 0.0
     c.diffusion.cond_drop_prob = 0.1
 

@@ -44,6 +44,8 @@ Sampling from object boxes (a JSON file, see sample.py --help):
 import importlib.util
 import os
 
+from ml_collections import config_dict
+
 # model.unet: UNetConfig fields of layout2img-openimages256's unet_config (in_channels 3, model_channels 128,
 # attention_resolutions [8, 4, 2], channel_mult [1, 2, 3, 4], num_head_channels 32, transformer_depth 3,
 # context_dim 512; tests/test_semantic_layout_training.py checks the count, 246,277,379, against UNetModel).
@@ -81,6 +83,7 @@ def get_config(arg: str = ""):
     c.data.path = ""                   # the images folder
     c.data.annotations = ""            # its COCO instances JSON (or a list of JSONs, e.g. + stuff)
     c.data.layout = dict(LAYOUT_TOKENS)
+    c.data.layout.no_object_classes = config_dict.placeholder(int)  # (None: the data's; typed for overrides)
     c.data.image_size = 256
     c.data.center_crop = False         # random crops (taming COCO "random-1d"); the crop box is encoded
     c.data.random_flip = True
@@ -108,6 +111,7 @@ def get_config(arg: str = ""):
         c.data.num_examples = 64
         c.data.precompute_latents = False
         c.data.layout = dict(LAYOUT_TOKENS, no_max_objects=4, no_tokens=64)
+        c.data.layout.no_object_classes = config_dict.placeholder(int)
         c.text_encoder.ldm_bert = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, head_dim=16,
                                        intermediate_size=64, max_position_embeddings=14, hidden_act="gelu")
         c.sample.num_images = 2

@@ -35,6 +35,8 @@ file's, which is checked; see ldm_jax/training/init_checkpoint.py):
 import importlib.util
 import os
 
+from ml_collections import config_dict
+
 # model.unet: UNetConfig fields of semantic_synthesis256's unet_config (in_channels 6, model_channels 128,
 # channel_mult [1, 4, 8], num_res_blocks 2, num_heads 8; tests/test_semantic_layout_training.py checks the
 # parameter count, 215,229,315, against the original UNetModel).
@@ -67,7 +69,7 @@ def get_config(arg: str = ""):
     c.data.name = "segmentation_folder"
     c.data.path = ""                   # images/ + labels/ (one class index per pixel)
     c.data.num_classes = 182
-    c.data.ignore_label = None         # e.g. 255: that value becomes "no class" (all-zero one-hot)
+    c.data.ignore_label = config_dict.placeholder(int)  # e.g. 255: that value becomes "no class" (all-zero one-hot)
     c.data.shift_labels = False        # taming's shift_segmentation (255 -> 0, k -> k + 1)
     c.data.image_size = 256
     c.data.center_crop = False         # random crops (taming SegmentationBase random_crop), maps cropped alike
