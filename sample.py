@@ -73,7 +73,8 @@ def parse_args(argv=None):
                         "batch's, seed --seed); text-to-image only")
     p.add_argument("--skip_grid", "--skip-grid", action="store_true", help="do not write grid.png")
     p.add_argument("--skip_save", "--skip-save", action="store_true",
-                   help="write only grid.png, not the single images (a rerun then renders everything again)")
+                   help="write only grid.png, not the single images (a rerun then renders everything again); with "
+                        "--skip_grid nothing is written (CompVis: for speed measurements)")
     p.add_argument("--n_rows", "--n-rows", type=int, default=0,
                    help="images per row of grid.png (default 0: --n_samples, one batch per row)")
     p.add_argument("--eta", "--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
@@ -238,7 +239,8 @@ def main(argv=None) -> int:
     earlier = f" ({existing} more from an earlier run of this job)" if existing else ""
     grid = os.path.join(args.outdir, "grid.png")
     if args.skip_save:
-        print(f"wrote the grid of {total} images {grid} (--skip_save: not the single images)")
+        print(f"rendered {total} images; wrote " + ("nothing (--skip_save --skip_grid)" if args.skip_grid else
+                                                    f"their grid {grid} (--skip_save: not the single images)"))
     else:
         print(f"wrote {total - existing} images{earlier} to {os.path.join(args.outdir, 'samples')}"
               + ("" if args.skip_grid else f" and the grid {grid}"))

@@ -114,7 +114,9 @@ class Runner:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT,
                                   preexec_fn=preexec)
         except subprocess.TimeoutExpired:
-            res = {"error": f"timeout after {timeout_s:.0f}s"}
+            cut = self.deadline is not None and timeout_s < self.timeout_s  # (the budget, not --timeout, stopped it)
+            res = {"error": ("skipped: --budget-s spent during this measurement, stopped after " if cut else
+                             "timeout after ") + f"{timeout_s:.0f}s"}
         else:
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode == 0 and lines:
@@ -233,6 +235,8 @@ def _ms(res):
 def _missing(res) -> str:
     """What a cell without a number says: the measurement was skipped (budget), timed out, or failed."""
     why = (res or {}).get("error", "")
+    if why.startswith("skipped: --budget-s spent during"):
+        return "stopped (budget)"
     if why.startswith("skipped"):
         return "not run (budget)"
     return "timeout" if why.startswith("timeout") else "error"
@@ -283,7 +287,7 @@ def table(preset, R: dict) -> list:
         b = preset.train_batch
         rows.append((f"train step B{b} (fwd+bwd+AdamW), img/s", f"{ips(t)}" if ips(t) else _missing(t),
                      f"{ips(j)}" if ips(j) else _missing(j), _ratio(ips(t), ips(j), higher_is_better=True),
-                     f"step {_fmt_ms(_ms(t))} vs {_fmt_ms(_ms(j))}; peak memory {mem(t)} vs {mem(j)}"
+                     f"step {_fmt_ms(_ms(t), t)} vs {_fmt_ms(_ms(j), j)}; peak memory {mem(t)} vs {mem(j)}"
                      + (f"; compile {j['compile_s']} s" if j and 'compile_s' in j else "")))
         for key in sorted(k for k in R if k.startswith(("train_step_jax_conv-", "train_step_jax_attn-"))):
             what = key.rsplit("-", 1)[1]
@@ -291,7 +295,7 @@ def table(preset, R: dict) -> list:
             rows.append((f"train step B{b}, {label}", f"{ips(t)}" if ips(t) else _missing(t),
                          f"{ips(R[key])}" if ips(R[key]) else _missing(R[key]),
                          _ratio(ips(t), ips(R[key]), higher_is_better=True),
-                         f"step {_fmt_ms(_ms(R[key]))}; peak memory {mem(R[key])}"))
+                         f"step {_fmt_ms(_ms(R[key]), R[key])}; peak memory {mem(R[key])}"))
     t, j = R.get("txt2img_torch"), R.get("txt2img_jax")
     if t or j:
         size = preset.image_size

@@ -90,8 +90,6 @@ class SamplingJob:
             raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
         if self.n_rows < 0:
             raise ValueError(f"--n_rows must be >= 0 (0: --n_samples images per grid row), got {self.n_rows}")
-        if self.skip_save and self.skip_grid:
-            raise ValueError("--skip_save and --skip_grid together would write nothing")
         if self.fixed_code and self.init_image:  # (as the CompVis scripts: txt2img.py has it, img2img.py not)
             raise ValueError("--fixed_code fixes text-to-image's initial noise; img2img / inpainting (--init-img) "
                              "noise the image instead")
@@ -229,7 +227,9 @@ def _check_existing(path: str, job: SamplingJob, prompt: str, seed: int, k: int)
 
 
 def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True) -> List[str]:
-    """Render every batch of ``job`` not already on disk; returns all sample paths of the job.
+    """Render every batch of ``job`` not already on disk; returns all sample paths of the job ([] with
+    ``skip_save``, which renders every batch and writes only the grid, or nothing with ``skip_grid``
+    too: CompVis' speed-measurement mode).
 
     The images equal ``pipe([prompt] * n_samples, seed=seed + b, ...)`` of the same arguments (the
     init image and mask are read as the API reads the paths). Bad inputs fail before anything is
@@ -294,7 +294,7 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
                 guidance_scale=job.scale, height=job.height, width=job.width, seed=seed, sampler=job.sampler,
                 eta=job.eta, init_image=init, strength=job.strength, mask=mask, latents=start_code, **cond)
             if job.skip_save:
-                kept.extend(images)
+                kept.extend(images if not job.skip_grid else ())
             else:
                 _make_dir(os.path.join(outdir, "samples"), outdir)
                 for k, image in enumerate(images):
@@ -311,8 +311,9 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
     paths = [sample_path(outdir, n) for n in range(job.num_batches * job.n_samples)]
     cols = job.n_rows or job.n_samples  # (CompVis' n_rows is torchvision make_grid's nrow: images per row)
     if job.skip_save:
-        _make_dir(outdir, outdir)
-        _write_png(os.path.join(outdir, "grid.png"), make_grid(np.stack(kept), cols=cols))
+        if not job.skip_grid:
+            _make_dir(outdir, outdir)
+            _write_png(os.path.join(outdir, "grid.png"), make_grid(np.stack(kept), cols=cols))
         return []
     if p == 0 and not job.skip_grid and all(os.path.isfile(x) for x in paths):
         grid = make_grid(np.stack([np.asarray(Image.open(x).convert("RGB"), np.float32) / 255 for x in paths]),

@@ -215,6 +215,19 @@ def test_values_the_references_accept_pass_the_checks():
     bad = {**as_dict, "model": {**as_dict["model"], "unet": {**as_dict["model"]["unet"], "num_heads": (1, 2, 4)}}}
     with pytest.raises(ValueError, match=r"config key model.unet.num_heads=\(1, 2, 4\): expected one integer or 2"):
         check_config_keys(bad)
+    # taming's use_actnorm: ActNorm, so GroupNorm's groups (16 here) need not divide the widths (20, 40, 80)
+    ae = _parse(AE).to_dict()
+    check_config_keys({**ae, "loss": {**ae["loss"], "use_actnorm": True, "disc_ndf": 20}})
+    with pytest.raises(ValueError, match=r"loss.disc_norm_groups=16: DiscriminatorConfig: width 40"):
+        check_config_keys({**ae, "loss": {**ae["loss"], "disc_ndf": 20}})
+    # the LDM sample grids' default prompts (None) are the task's own; a class-conditional run's grids
+    # need a label (an empty tuple crashed at the first grid, after the workdir was written)
+    check_config_keys({**as_dict, "sample": {**as_dict["sample"], "prompts": None}})
+    by_class = {**as_dict, "diffusion": {**as_dict["diffusion"], "conditioning": "class_crossattn", "num_classes": 4},
+                "train": {**as_dict["train"], "sample_every": 2}}
+    check_config_keys({**by_class, "sample": {**as_dict["sample"], "class_labels": (0, 3)}})
+    with pytest.raises(ValueError, match=r"config key sample.class_labels=\(\): the sample grids"):
+        check_config_keys({**by_class, "sample": {**as_dict["sample"], "class_labels": ()}})
 
 
 @pytest.mark.slow
@@ -295,3 +308,32 @@ def test_train_cli_prints_one_line(override, fragment, tmp_path):
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"config key {fragment}" in errors[0] and len(errors[0]) < 400, errors[0]
     assert not workdir.exists()
+
+
+def test_a_tfds_dataset_prepared_without_its_builder_code_is_found(tmp_path):
+    """tfds.builder / tfds.data_source read a dataset prepared in data.data_dir from its files when no
+    builder code is registered; the data.name check must find it there too (it looked up registered
+    builders only), and still refuse the name without that data_dir."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    from ldm_jax.data.pipeline import check_dataset_name
+
+    class LdmJaxUnregisteredDs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"label": tfds.features.Tensor(shape=(2,), dtype=np.int64)}))  # (no TensorFlow: no image codec)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(2):
+                yield i, {"label": np.full((2,), i, np.int64)}
+
+    LdmJaxUnregisteredDs(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    check_dataset_name("ldm_jax_unregistered_ds", str(tmp_path))
+    with pytest.raises(ValueError, match="config key data.name='ldm_jax_unregistered_ds': neither a built-in"):
+        check_dataset_name("ldm_jax_unregistered_ds", str(tmp_path / "elsewhere"))

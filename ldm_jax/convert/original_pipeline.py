@@ -92,8 +92,6 @@ SD2_PAD_TOKEN = 0  # open_clip.tokenize pads with 0
 _CLIP_HEAD_DIM = 64
 
 
-
-
 # Containers other trainers wrap a state dict in, tried when the top level holds no tensors and no
 # "state_dict" (Lightning): {"model": sd} (plain torch trainers), {"module": sd} (DeepSpeed), {"model_state_dict": sd}.
 _WRAPPER_KEYS = ("model", "module", "model_state_dict")

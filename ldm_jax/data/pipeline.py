@@ -157,10 +157,12 @@ def unknown_dataset_as_config_error(name):
                          "tensorflow_datasets as tfds; print(tfds.list_builders())\")") from None
 
 
-def check_dataset_name(name) -> None:
-    """Before anything is built (``config_access.check_config_keys``): a ``data.name`` that is neither
-    built in nor a registered TFDS builder is the ValueError of ``unknown_dataset_as_config_error``.
-    Names with a namespace (``huggingface:...``) are left to TFDS when the data is opened."""
+def check_dataset_name(name, data_dir=None) -> None:
+    """Before anything is built (``config_keys.check_config_keys``): a ``data.name`` that is neither
+    built in nor a TFDS dataset is the ValueError of ``unknown_dataset_as_config_error``. As where the
+    data is opened, ``tfds.builder`` also finds a dataset prepared in ``data_dir`` without its builder
+    code (from its dataset_info.json; nothing is downloaded). Names with a namespace
+    (``huggingface:...``) are left to TFDS when the data is opened."""
     from ldm_jax.data.scene_sources import SCENE_SOURCES
 
     if not isinstance(name, str) or name in BUILTIN_NAMES + SCENE_SOURCES or ":" in name:
@@ -168,7 +170,7 @@ def check_dataset_name(name) -> None:
     import tensorflow_datasets as tfds
 
     with unknown_dataset_as_config_error(name):
-        tfds.builder_cls(name.split("/", 1)[0])  # ("mnist/3.0.1": config / version after the name)
+        tfds.builder(name, data_dir=data_dir)
 
 
 class TFDSSource:

@@ -201,4 +201,3 @@ def compute_dtype(model_cfg):
     if str(name) not in COMPUTE_DTYPES:
         raise ValueError(f"config key model.dtype={name!r}: expected one of {COMPUTE_DTYPES}")
     return jnp.dtype(str(name))
-

@@ -97,9 +97,9 @@ def _str_rule(v):
 
 
 def _strs_rule(v):
-    if isinstance(v, (tuple, list)) and all(isinstance(i, str) for i in v):
+    if v is None or (isinstance(v, (tuple, list)) and all(isinstance(i, str) for i in v)):
         return None
-    return "expected a tuple of strings"
+    return "expected a tuple of strings (or None: the task's default)"
 
 
 def _regex_rule(v):
@@ -306,7 +306,7 @@ def check_config_keys(config) -> None:
     if name is not _MISSING:
         from ldm_jax.data.pipeline import check_dataset_name
 
-        check_dataset_name(name)
+        check_dataset_name(name, _lookup(config, "data.data_dir") or None)
 
 
 def _section(config, key: str) -> Dict[str, Any]:
@@ -360,7 +360,7 @@ def _check_combinations(config, ae_sections) -> None:
 
         ae = _build(section, AutoencoderConfig, fields)
         size = _lookup(config, "data.image_size")
-        if ae is not None and _is_int(size) and size % ae.downsample_factor:
+        if _is_int(size) and size % ae.downsample_factor:
             raise ValueError(f"config key data.image_size={size}: not divisible by the autoencoder's factor "
                              f"{ae.downsample_factor} ({section}.block_out_channels has "
                              f"{len(ae.block_out_channels)} levels: f = 2^{len(ae.block_out_channels) - 1})")
@@ -372,11 +372,11 @@ def _check_combinations(config, ae_sections) -> None:
 
         clip_cfg = _build("text_encoder.clip", CLIPTextConfig, clip)
         length = config_get(te, "max_length", 0)
-        if clip_cfg is not None and _is_int(length) and length > clip_cfg.max_position_embeddings:
+        if _is_int(length) and length > clip_cfg.max_position_embeddings:
             raise ValueError(f"config key text_encoder.max_length={length}: must be <= text_encoder.clip."
                              f"max_position_embeddings={clip_cfg.max_position_embeddings} (0: that length)")
         pad = config_get(te, "pad_token_id", None)
-        if clip_cfg is not None and _is_int(pad) and pad >= clip_cfg.vocab_size:
+        if _is_int(pad) and pad >= clip_cfg.vocab_size:
             raise ValueError(f"config key text_encoder.pad_token_id={pad}: must be below text_encoder.clip."
                              f"vocab_size={clip_cfg.vocab_size}")
     if (config_get(_lookup(config, "diffusion"), "conditioning", "text") == "class" and unet
@@ -402,12 +402,20 @@ def _check_combinations(config, ae_sections) -> None:
         raise ValueError("config keys mesh.data=-1 and mesh.fsdp=-1: at most one axis may be -1 (all devices the "
                          "other axis leaves)")
     loss = _section(config, "loss")
-    ndf, groups, layers = loss.get("disc_ndf"), loss.get("disc_norm_groups"), loss.get("disc_num_layers", 3)
-    if loss.get("disc_norm", "group") == "group" and _is_int(ndf) and _is_int(groups) and _is_int(layers):
-        widths = [ndf * min(2 ** i, 8) for i in range(layers + 1)]  # the PatchGAN's conv widths (ndf * min(2^n, 8))
-        if any(w % groups for w in (widths[1:] if layers else widths)):  # (the first conv has no norm)
-            raise ValueError(f"config key loss.disc_norm_groups={groups}: the discriminator's widths {widths} "
-                             f"(loss.disc_ndf={ndf}) must all be divisible by it (loss.disc_norm='group')")
+    if config_get(config, "task", "ldm") == "autoencoder" and loss:
+        # The discriminator the loss builds (use_actnorm switches the norm; GroupNorm groups must divide
+        # its widths): autoencoder_losses.discriminator_config, its errors named as config keys.
+        from ldm_jax.training.autoencoder_losses import discriminator_config
+
+        channels = _section(config, "model.autoencoder").get("in_channels", 3)
+        try:
+            discriminator_config(loss, channels if _is_int(channels) else 3, where="config key loss")
+        except ValueError as e:
+            text = str(e)
+            if text.startswith("DiscriminatorConfig"):
+                text = (f"config keys loss.disc_ndf={loss.get('disc_ndf', 64)!r}, loss.disc_norm_groups="
+                        f"{loss.get('disc_norm_groups', 32)!r}: {text}")
+            raise ValueError(text) from None
     init = _lookup(config, "init")
     if init is not _MISSING and config_get(init, "original_config", "") and not config_get(init, "checkpoint", ""):
         raise ValueError(f"config key init.original_config={config_get(init, 'original_config')!r}: it describes "
@@ -430,10 +438,14 @@ def _check_combinations(config, ae_sections) -> None:
                              "from this directory)")
     sample_every = _lookup(config, "train.sample_every")
     if _is_int(sample_every) and sample_every > 0:
-        prompts = _lookup(config, "sample.prompts")
-        if diff.get("conditioning", "text") == "text" and prompts is not _MISSING and not prompts:
+        prompts, labels = _lookup(config, "sample.prompts"), _lookup(config, "sample.class_labels")
+        conditioning = diff.get("conditioning", "text")
+        if conditioning == "text" and isinstance(prompts, (tuple, list)) and not prompts:
             raise ValueError(f"config key sample.prompts=(): the sample grids (train.sample_every={sample_every}) "
                              "need at least one prompt; or set train.sample_every=0")
+        if conditioning in ("class", "class_crossattn") and isinstance(labels, (tuple, list)) and not labels:
+            raise ValueError(f"config key sample.class_labels=(): the sample grids (train.sample_every="
+                             f"{sample_every}) need at least one class label; or set train.sample_every=0")
 
 
 def _ae_is_built(config) -> bool:
