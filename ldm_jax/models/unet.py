@@ -132,7 +132,8 @@ class UNetConfig:
             raise ValueError("UNetConfig: set num_heads or head_dim")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
-                raise ValueError(f"UNetConfig: {c} channels are not divisible into {self.norm_num_groups} groups")
+                raise ValueError(f"UNetConfig: block_out_channels {self.block_out_channels}: {c} channels are not "
+                                 f"divisible into norm_num_groups={self.norm_num_groups} groups (GroupNorm)")
         attn_blocks = {i for i, t in enumerate(self.down_block_types) if DOWN_BLOCKS[t]}
         attn_blocks |= {n - 1 - j for j, t in enumerate(self.up_block_types) if UP_BLOCKS[t]}
         if self.mid_block_type == "UNetMidBlock2DCrossAttn" or (

@@ -333,13 +333,6 @@ def _check_combinations(config, ae_sections) -> None:
             if isinstance(unet.get(key), (tuple, list)) and len(unet[key]) != n:
                 raise ValueError(f"config key model.unet.{key}={unet[key]!r}: expected one integer or {n} (one per "
                                  "model.unet.block_out_channels)")
-        groups = unet.get("norm_num_groups")
-        if _is_int(groups):
-            for c in _as_tuple(unet["block_out_channels"]):
-                if c % groups:
-                    raise ValueError(f"config key model.unet.norm_num_groups={groups}: the block widths "
-                                     f"model.unet.block_out_channels={unet['block_out_channels']!r} must all be "
-                                     "divisible by it (GroupNorm)")
     if unet:
         from ldm_jax.models.unet import UNetConfig
 
@@ -350,12 +343,6 @@ def _check_combinations(config, ae_sections) -> None:
             continue
         if section == "model.autoencoder":
             fields = {**fields, "kind": config_get(_lookup(config, "model"), "kind", "kl")}
-        groups = fields.get("norm_num_groups")
-        for c in _as_tuple(fields.get("block_out_channels", ())):
-            if _is_int(groups) and c % groups:
-                raise ValueError(f"config key {section}.norm_num_groups={groups}: the block widths "
-                                 f"{section}.block_out_channels={fields['block_out_channels']!r} must all be "
-                                 "divisible by it (GroupNorm)")
         from ldm_jax.models.autoencoder import AutoencoderConfig
 
         ae = _build(section, AutoencoderConfig, fields)
