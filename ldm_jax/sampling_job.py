@@ -156,10 +156,6 @@ def _fields(job: SamplingJob, prompt: str, seed: int, k: int) -> dict:
     return {key: str(value) for key, value in fields.items()}
 
 
-# The fields _fields records only when the job has the option.
-_OPTIONAL_FIELDS = ("init_image", "strength", "mask", "class_label", "fixed_code")
-
-
 def _metadata(job: SamplingJob, prompt: str, seed: int, k: int) -> PngInfo:
     info = PngInfo()
     for key, value in _fields(job, prompt, seed, k).items():
@@ -216,10 +212,9 @@ def _check_existing(path: str, job: SamplingJob, prompt: str, seed: int, k: int)
             got = recorded.get(key, "<missing>")
             raise ValueError(f"--outdir: {path} was written by another job ({key} {got[:60]!r}, this job "
                              f"{value[:60]!r}); a rerun only completes the same job: use another --outdir")
-    for key in _OPTIONAL_FIELDS:  # recorded by a job that had the option, which this one has not
-        if key in recorded and key not in want:
-            raise ValueError(f"--outdir: {path} was written by another job ({key} {recorded[key][:60]!r}, this "
-                             "job none); a rerun only completes the same job: use another --outdir")
+    for key in sorted(set(recorded) - set(want)):  # an option (init_image, fixed_code, ...) this job has not
+        raise ValueError(f"--outdir: {path} was written by another job ({key} {recorded[key][:60]!r}, this "
+                         "job none); a rerun only completes the same job: use another --outdir")
     for name, want_size, got_size in (("--H", job.height, size[0]), ("--W", job.width, size[1])):
         if want_size is not None and want_size != got_size:
             raise ValueError(f"--outdir: {path} was written by another job (image {size[0]}x{size[1]}, "
@@ -260,20 +255,8 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
         raise ValueError("--skip_save keeps the images in memory for the grid: it needs a single process "
                          f"(this job runs on {num_p})")
     mine = [b for b in range(job.num_batches) if b % num_p == p]
-    todo = []
-    for b in ([] if job.skip_save else mine):
-        prompt, seed = job.prompts[b // job.n_iter], job.seed + b
-        done = True
-        for k in range(job.n_samples):
-            path = sample_path(outdir, b * job.n_samples + k)
-            if os.path.isfile(path):
-                _check_existing(path, job, prompt, seed, k)
-            else:
-                done = False
-        if not done:
-            todo.append(b)
-    if job.skip_save:  # nothing on disk to resume from
-        todo = list(mine)
+    # (--skip_save: nothing on disk to resume from)
+    todo = list(mine) if job.skip_save else [b for b in mine if not _batch_on_disk(outdir, job, b)]
     start_code = _start_code(pipe, job) if job.fixed_code else None
     kept = []  # (--skip_save) the images, for the grid
     # The bar starts after the first batch: an error in it (bad input refused by the pipeline) is then
@@ -320,6 +303,18 @@ def run_sampling_job(pipe, job: SamplingJob, outdir: str, progress: bool = True)
                          cols=cols)
         _write_png(os.path.join(outdir, "grid.png"), grid)
     return paths
+
+
+def _batch_on_disk(outdir: str, job: SamplingJob, b: int) -> bool:
+    """Whether every image of batch ``b`` is in ``outdir`` (each checked to be this job's)."""
+    prompt, seed, done = job.prompts[b // job.n_iter], job.seed + b, True
+    for k in range(job.n_samples):
+        path = sample_path(outdir, b * job.n_samples + k)
+        if os.path.isfile(path):
+            _check_existing(path, job, prompt, seed, k)
+        else:
+            done = False
+    return done
 
 
 def _make_dir(path: str, outdir: str) -> None:
