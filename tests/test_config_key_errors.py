@@ -7,6 +7,7 @@ anything is written to the workdir; values the reference code accepts keep worki
 The overrides go through ml_collections' flag parser in-process (the CLI's types: ``abc`` for a tuple field
 is ``('abc',)``); two cases run train.py itself."""
 import os
+import re
 import subprocess
 import sys
 
@@ -337,3 +338,25 @@ def test_a_tfds_dataset_prepared_without_its_builder_code_is_found(tmp_path):
     check_dataset_name("ldm_jax_unregistered_ds", str(tmp_path))
     with pytest.raises(ValueError, match="config key data.name='ldm_jax_unregistered_ds': neither a built-in"):
         check_dataset_name("ldm_jax_unregistered_ds", str(tmp_path / "elsewhere"))
+    # Its splits are known from its files: a split it lacks is named before anything runs.
+    check_dataset_name("ldm_jax_unregistered_ds", str(tmp_path), {"data.name": "train", "eval.split": "train[:50%]"})
+    with pytest.raises(ValueError, match=r"config key eval.split='validation': dataset 'ldm_jax_unregistered_ds' "
+                                         r"has no split 'validation' \(its splits: train\)"):
+        check_dataset_name("ldm_jax_unregistered_ds", str(tmp_path), {"data.name": "train", "eval.split": "validation"})
+
+
+@pytest.mark.parametrize("split,missing", [("test", "test"), ("train+valid", "valid"), ("validation[:10%]", None),
+                                           ("train", None)])
+def test_eval_split_is_checked_before_training(split, missing, tmp_path):
+    """eval.split was first read at the first evaluation, after eval_every training steps; a split the
+    dataset lacks is now refused with the others (the emoji dataset's splits: train, validation)."""
+    config = _parse(AE, "--config.data.name=emoji", f"--config.eval.split={split}")
+    if missing is None:
+        check_config_keys(config)
+        # not read when evaluations are off
+        check_config_keys(_parse(AE, "--config.data.name=emoji", "--config.eval.enabled=False",
+                                 "--config.eval.split=nonsense"))
+        return
+    with pytest.raises(ValueError, match=rf"config key eval.split='{re.escape(split)}': dataset 'emoji' has no "
+                                         rf"split '{missing}' \(its splits: train, validation\)"):
+        check_config_keys(config)

@@ -33,6 +33,9 @@ ASSET_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", 
 IMAGE_SHAPE = (64, 64, 3)
 
 
+SPLITS = ("train", "validation")  # every 20th image is in the validation split
+
+
 def load_asset(path: str = ASSET_PATH) -> dict[str, np.ndarray]:
     """The packaged arrays: images (N,64,64,3) uint8, captions, cldr_names, codepoints, is_validation."""
     if not os.path.exists(path):
@@ -87,9 +90,10 @@ class Emoji(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download: the data ships with the package
         data = load_asset()  # decompressed once for both splits
+        train, validation = SPLITS
         return {
-            "train": self._generate_examples(data, validation=False),
-            "validation": self._generate_examples(data, validation=True),
+            train: self._generate_examples(data, validation=False),
+            validation: self._generate_examples(data, validation=True),
         }
 
     def _generate_examples(self, data: dict[str, np.ndarray], validation: bool):

@@ -157,20 +157,40 @@ def unknown_dataset_as_config_error(name):
                          "tensorflow_datasets as tfds; print(tfds.list_builders())\")") from None
 
 
-def check_dataset_name(name, data_dir=None) -> None:
+def check_dataset_name(name, data_dir=None, splits=None) -> None:
     """Before anything is built (``config_keys.check_config_keys``): a ``data.name`` that is neither
     built in nor a TFDS dataset is the ValueError of ``unknown_dataset_as_config_error``. As where the
     data is opened, ``tfds.builder`` also finds a dataset prepared in ``data_dir`` without its builder
     code (from its dataset_info.json; nothing is downloaded). Names with a namespace
-    (``huggingface:...``) are left to TFDS when the data is opened."""
+    (``huggingface:...``) are left to TFDS when the data is opened.
+
+    ``splits``: {config key: TFDS split spec} the run will read (``"train[:90%]+validation"`` reads
+    two splits); a split the dataset does not have is a ValueError naming the key and the dataset's
+    splits. Checked where the splits are known without preparing anything: the emoji dataset and a
+    TFDS dataset already prepared (its dataset_info.json lists them)."""
     from ldm_jax.data.scene_sources import SCENE_SOURCES
 
-    if not isinstance(name, str) or name in BUILTIN_NAMES + SCENE_SOURCES or ":" in name:
+    if not isinstance(name, str) or name in ("synthetic", "folder") + SCENE_SOURCES or ":" in name:
         return
-    import tensorflow_datasets as tfds
+    if name == "emoji":
+        from ldm_jax.data.emoji import SPLITS as available
+    else:
+        import tensorflow_datasets as tfds
 
-    with unknown_dataset_as_config_error(name):
-        tfds.builder(name, data_dir=data_dir)
+        with unknown_dataset_as_config_error(name):
+            builder = tfds.builder(name, data_dir=data_dir)
+        available = tuple(builder.info.splits) if builder.is_prepared() else ()
+    for key, spec in (splits or {}).items():
+        missing = [s for s in _split_names(spec) if s not in available]
+        if available and missing:
+            value, read_by = (name, "which training reads") if key == "data.name" else (spec, "")
+            raise ValueError(f"config key {key}={value!r}: dataset {name!r} has no split {missing[0]!r}"
+                             f"{', ' + read_by if read_by else ''} (its splits: {', '.join(sorted(available))})")
+
+
+def _split_names(spec: str) -> list[str]:
+    """The split names of a TFDS split spec: ``"train[:90%]+validation"`` -> train, validation."""
+    return [part.split("[", 1)[0].strip() for part in str(spec).split("+")]
 
 
 class TFDSSource:

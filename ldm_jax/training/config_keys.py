@@ -306,7 +306,12 @@ def check_config_keys(config) -> None:
     if name is not _MISSING:
         from ldm_jax.data.pipeline import check_dataset_name
 
-        check_dataset_name(name, _lookup(config, "data.data_dir") or None)
+        # The splits the run reads: "train" for training, eval.split for the autoencoder's evaluations.
+        splits = {"data.name": "train"}
+        enabled, split = _lookup(config, "eval.enabled"), _lookup(config, "eval.split")
+        if config_get(config, "task", "ldm") == "autoencoder" and (enabled in (_MISSING, None) or bool(enabled)):
+            splits["eval.split"] = "validation" if split in (_MISSING, None) else split
+        check_dataset_name(name, _lookup(config, "data.data_dir") or None, splits)
 
 
 def _section(config, key: str) -> Dict[str, Any]:
