@@ -68,6 +68,8 @@ def get_config(arg: str = ""):
     c.loss.disc_num_layers = 2      # 32x32 images: 2 stride-2 layers -> 6x6 patch logits
     c.loss.disc_norm = "group"      # "group" | "batch" | "actnorm" | "none"
     c.loss.disc_norm_groups = 32
+    c.loss.learn_logvar = False     # KL: train the output log-variance too (CompVis never does)
+    c.loss.pixel_loss = "l1"        # VQ: "l1" or "l2" pixel term (CompVis vqperceptual pixel_loss); KL: "l1"
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 800
@@ -85,7 +87,7 @@ def get_config(arg: str = ""):
     c.train.ema_decay = 0.0         # EMA of the autoencoder weights; 0 = off
     c.train.log_every = 50
     c.train.checkpoint_every = 400
-    c.train.keep_checkpoints = 3
+    c.train.keep_checkpoints = 3   # 0: keep all
     c.train.async_checkpoint = True
     c.train.sample_every = 0        # reconstruction grids are written with every eval (checkpoint)
     c.train.preemption_check_every = 1

@@ -96,6 +96,14 @@ def get_config(arg: str = ""):
     c.diffusion.min_snr_gamma = config_dict.placeholder(float)  # None: no min-SNR weighting
     c.diffusion.offset_noise = 0.0
     c.diffusion.cond_drop_prob = 0.1
+    # Optional objective keys at their defaults (declared so that the command line can set them):
+    c.diffusion.loss_type = "l2"                 # "l2" (squared error) or "l1" (CompVis loss_type)
+    c.diffusion.rescale_betas_zero_snr = False   # zero terminal SNR (Lin et al. 2024, Algorithm 1)
+    c.diffusion.input_perturbation = 0.0         # diffusers' train_text_to_image --input_perturbation
+    c.diffusion.l_simple_weight = 1.0            # CompVis p_losses terms (an original YAML's model.params)
+    c.diffusion.original_elbo_weight = 0.0
+    c.diffusion.logvar_init = 0.0
+    c.diffusion.v_posterior = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 20_000
@@ -113,7 +121,7 @@ def get_config(arg: str = ""):
     c.train.ema_decay = 0.9999
     c.train.log_every = 50
     c.train.checkpoint_every = 1000
-    c.train.keep_checkpoints = 3
+    c.train.keep_checkpoints = 3   # 0: keep all
     c.train.async_checkpoint = True
     c.train.sample_every = 2000
     c.train.preemption_check_every = 10  # multi-process: steps between all-gathers of the SIGTERM flags

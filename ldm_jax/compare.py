@@ -1,7 +1,8 @@
 """Compare this project with diffusers (PyTorch) on the same weights, prompts and noise.
 
-    python -m ldm_jax.compare --checkpoint PATH [--prompt "..." --steps 20 --sampler ddim
-                              --scale 7.5 --n_samples 2 --seed 0 --H 512 --W 512 --outdir compare]
+    python -m ldm_jax.compare --checkpoint PATH [--prompt "..." (repeatable) --negative_prompt "..."
+                              --steps 20 --sampler ddim --scale 7.5 --seed 0 --H 512 --W 512
+                              --repeats 1 --outdir compare]
 
 PATH is a diffusers folder (or anything ``load_pipeline`` reads; non-diffusers
 checkpoints are first exported with ``save_diffusers`` so both sides read the

@@ -90,6 +90,17 @@ def test_partial_multiprocess_flags_and_bad_values_write_nothing(tmp_path):
     afile.write_text("x")
     _one_error_line(_cli(LDM + ["--workdir", str(afile)]), "is a file")
     _one_error_line(_cli(LDM + ["--workdir", str(afile / "sub")]), "cannot be created", "is a file")
+    # A URL workdir was created as a local "gs:/..." folder, and orbax failed at the first checkpoint.
+    _one_error_line(_cli(LDM + ["--workdir", "gs://bucket/run"]), "--workdir=gs://bucket/run: a URL", "gcsfuse")
+    assert not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://b/x", "file:///tmp/x", "hdfs://nn:8020/r"])
+def test_url_workdirs_are_refused(url):
+    from ldm_jax.training.loop import check_workdir
+
+    with pytest.raises(ValueError, match="a URL; the workdir is written with local file operations"):
+        check_workdir(url)
 
 
 # ------------------------------------------------------------------ config values
@@ -105,7 +116,7 @@ def _ldm_config():
 @pytest.mark.parametrize("key, value, fragment", [
     ("train.num_steps", 0, ">= 1"), ("train.num_steps", -3, ">= 1"), ("train.num_steps", 2.0, "integer"),
     ("train.batch_size", 0, ">= 1"), ("train.log_every", 0, ">= 1"), ("train.checkpoint_every", -1, ">= 0"),
-    ("train.sample_every", -1, ">= 0"), ("train.keep_checkpoints", 0, "None: keep all"),
+    ("train.sample_every", -1, ">= 0"), ("train.keep_checkpoints", -1, "0 or None: keep all"),
     ("train.preemption_check_every", 0, ">= 1"), ("train.grad_accum_steps", 0, ">= 1"),
     ("train.warmup_steps", -1, ">= 0"), ("train.lr", -1e-3, ">= 0"), ("train.lr", float("nan"), "finite"),
     ("train.eps", 0.0, "> 0"), ("train.b2", 1.0, "[0, 1)"), ("train.ema_decay", 1.5, "[0, 1)"),
@@ -130,6 +141,22 @@ def test_config_value_checks_accept_the_presets():
         check_train_config(cfg)
     cfg.train.warmup_steps, cfg.train.keep_checkpoints, cfg.train.checkpoint_every = 0, None, 0
     check_train_config(cfg)  # keep all; checkpoints only at the end
+
+
+@pytest.mark.parametrize("keep,max_to_keep", [(0, None), (None, None), (2, 2)])
+def test_keep_checkpoints_zero_keeps_all(keep, max_to_keep, tmp_path):
+    """0 keeps every checkpoint, as None does: the shipped configs declare the key an int, and
+    ml_collections cannot override an int key with None from the command line."""
+    from ldm_jax.training import loop
+
+    cfg = _ldm_config()
+    cfg.train.keep_checkpoints = keep
+    check_train_config(cfg)
+    manager = loop._checkpoint_manager(cfg, str(tmp_path))
+    try:
+        assert manager.max_to_keep == max_to_keep
+    finally:
+        manager.close()
 
 
 # ------------------------------------------------------------------ the loop with a tiny task

@@ -53,6 +53,7 @@ class CheckpointManager:
                  async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self.save_every = int(save_every)
+        self.max_to_keep = max_to_keep
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,

@@ -46,7 +46,7 @@ def check_train_config(config) -> None:
     ``train.num_steps``, ``train.batch_size``, ``train.log_every``, ``train.grad_accum_steps``,
     ``train.preemption_check_every``: integers >= 1; ``train.checkpoint_every`` >= 0 (0: only
     at the end and on SIGTERM); ``train.sample_every`` >= 0 (0: no sample grids);
-    ``train.keep_checkpoints`` >= 1 or None (keep all); ``train.warmup_steps`` >= 0;
+    ``train.keep_checkpoints`` >= 0 (0 or None: keep all); ``train.warmup_steps`` >= 0;
     ``train.lr`` / ``train.disc_lr`` / ``train.weight_decay`` / ``train.grad_clip`` (0: no
     clipping) / ``train.end_lr_factor`` >= 0, ``train.eps`` > 0, ``train.b1`` / ``train.b2`` /
     ``train.ema_decay`` in [0, 1); ``train.lr_schedule`` one of ``optim.LR_SCHEDULES`` (cosine:
@@ -70,9 +70,9 @@ def check_train_config(config) -> None:
     ints = (("train", "num_steps", 1), ("train", "batch_size", 1), ("train", "log_every", 1),
             ("train", "grad_accum_steps", 1), ("train", "preemption_check_every", 1),
             ("train", "checkpoint_every", 0), ("train", "sample_every", 0), ("train", "warmup_steps", 0),
-            ("train", "keep_checkpoints", 1), ("data", "image_size", 1), ("", "seed", None))
+            ("train", "keep_checkpoints", 0), ("data", "image_size", 1), ("", "seed", None))
     notes = {"checkpoint_every": " (0: checkpoints only at the end and on SIGTERM)",
-             "sample_every": " (0: no sample grids)", "keep_checkpoints": " (or None: keep all)"}
+             "sample_every": " (0: no sample grids)", "keep_checkpoints": " (0 or None: keep all)"}
     for section, key, low in ints:
         v = value(section, key)
         if v is _MISSING or (v is None and key == "keep_checkpoints"):

@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Dict, Optional, Protocol
 
@@ -255,6 +256,10 @@ def check_workdir(workdir: str) -> None:
     (checked without creating it)."""
     if not workdir:
         raise ValueError("--workdir is empty: give the directory for checkpoints and logs")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", workdir):
+        # (it would be created as a local folder "gs:/..." and orbax would fail at the first checkpoint)
+        raise ValueError(f"--workdir={workdir}: a URL; the workdir is written with local file operations: give a "
+                         "file-system path (on several hosts one they all see, e.g. a gcsfuse mount of the bucket)")
     problem = directory_problem(workdir)
     if problem:
         raise ValueError(f"--workdir={workdir}: {problem}")
@@ -318,11 +323,12 @@ def make_task(config, mesh, workdir=None):
 
 def _checkpoint_manager(config, workdir: str) -> ckpt_lib.CheckpointManager:
     tcfg = config.train
-    # train.keep_checkpoints=None keeps every checkpoint (config_get would read None as "unset": 3)
+    # train.keep_checkpoints 0 or None keeps every checkpoint (config_get would read None as "unset": 3;
+    # 0 is the command line's way: ml_collections cannot override an int key with None)
     keep = tcfg["keep_checkpoints"] if "keep_checkpoints" in tcfg else 3
     return ckpt_lib.CheckpointManager(
         os.path.join(workdir, "checkpoints"), save_every=int(_get(tcfg, "checkpoint_every", 1000)),
-        max_to_keep=None if keep is None else int(keep), async_save=bool(_get(tcfg, "async_checkpoint", True)))
+        max_to_keep=int(keep) if keep else None, async_save=bool(_get(tcfg, "async_checkpoint", True)))
 
 
 def prepare(config, workdir: str, *, task: Optional[Task] = None, dataset=None, mesh=None) -> "TrainingRun":
