@@ -264,11 +264,25 @@ def test_an_override_of_a_none_key_says_how_to_declare_it(tmp_path):
     (SEG, "data.ignore_label=255", ("data", "ignore_label"), 255),
     (LAYOUT, "data.layout.no_object_classes=3", ("data", "layout", "no_object_classes"), 3),
     ("ldm_layout2img.py", "data.layout.no_object_classes=3", ("data", "layout", "no_object_classes"), 3),
+    # optional objective / loss keys (were missing from the shipped configs: "unknown config key")
+    (LDM, "diffusion.loss_type=l1", ("diffusion", "loss_type"), "l1"),
+    (INPAINT, "diffusion.rescale_betas_zero_snr=True", ("diffusion", "rescale_betas_zero_snr"), True),
+    (SR, "diffusion.input_perturbation=0.1", ("diffusion", "input_perturbation"), 0.1),
+    (SEG, "diffusion.original_elbo_weight=0.5", ("diffusion", "original_elbo_weight"), 0.5),
+    (LDM, "diffusion.l_simple_weight=2.0", ("diffusion", "l_simple_weight"), 2.0),
+    (LDM, "diffusion.v_posterior=0.1", ("diffusion", "v_posterior"), 0.1),
+    (LDM, "diffusion.logvar_init=-1.0", ("diffusion", "logvar_init"), -1.0),
+    (AE, "loss.learn_logvar=True", ("loss", "learn_logvar"), True),
+    (VQ, "loss.pixel_loss=l2", ("loss", "pixel_loss"), "l2"),
+    (LDM, "train.keep_checkpoints=0", ("train", "keep_checkpoints"), 0),
 ])
 def test_the_configs_optional_keys_can_be_overridden(spec, override, key, value):
     """The configs declare their optional (None) keys as typed placeholders, so that a user can set them
     (they were plain Nones, which ml_collections refuses to override)."""
     config = _parse(spec, f"--config.{override}")
+    if spec.endswith("runlocal"):  # (the full configs need their released checkpoints for the checks)
+        check_config_keys(config)
+        check_train_config(config)
     for part in key:
         config = config[part]
     assert config == value and type(config) is type(value)
