@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.models import attention_kernels, conv
+from ldm_jax.models.dense import Dense
 
 # "xla":         explicit einsum + float32 softmax, runs everywhere and is the reference.
 # "dot_product": the fast path of the current backend (``attention_kernels.attention``):
@@ -239,13 +240,13 @@ class Attention(nn.Module):
             x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, H*W, C)
         context_bsd = x if context_bsd is None else context_bsd
         inner = self.heads * self.dim_head
-        q = nn.Dense(inner, use_bias=self.qkv_bias, name="to_q", **kw)(x)
-        k = nn.Dense(inner, use_bias=self.qkv_bias, name="to_k", **kw)(context_bsd)
-        v = nn.Dense(inner, use_bias=self.qkv_bias, name="to_v", **kw)(context_bsd)
+        q = Dense(inner, use_bias=self.qkv_bias, name="to_q", **kw)(x)
+        k = Dense(inner, use_bias=self.qkv_bias, name="to_k", **kw)(context_bsd)
+        v = Dense(inner, use_bias=self.qkv_bias, name="to_v", **kw)(context_bsd)
         split = lambda a: a.reshape(a.shape[:2] + (self.heads, self.dim_head))  # noqa: E731
         h = dot_product_attention(split(q), split(k), split(v), impl=self.impl)
         h = h.reshape(h.shape[:2] + (inner,))
-        out = nn.Dense(self.out_dim or x.shape[-1], name="to_out_0", **kw)(h)
+        out = Dense(self.out_dim or x.shape[-1], name="to_out_0", **kw)(h)
         if spatial_shape is not None:
             out = out.reshape(spatial_shape) + residual
         return out.astype(self.dtype)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.models import layers
+from ldm_jax.models.dense import Dense
 
 Dtype = jnp.dtype
 
@@ -78,7 +79,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Dense(2 * self.inner, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        h = Dense(2 * self.inner, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         h, gate = jnp.split(h, 2, axis=-1)
         return h * nn.gelu(gate, approximate=False)
 
@@ -96,7 +97,7 @@ class FeedForward(nn.Module):
         dim = x_btc.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = GEGLU(dim * self.mult, name="net_0", **kw)(x_btc)
-        return nn.Dense(dim, name="net_2", **kw)(h)
+        return Dense(dim, name="net_2", **kw)(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -158,7 +159,7 @@ class SpatialTransformer(nn.Module):
         inner = self.heads * self.dim_head
         h = layers.GroupNorm(self.groups, 1e-6, name="norm", **kw)(x_bhwc)
         if self.use_linear_projection:
-            h_btc = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
+            h_btc = Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
         else:
             proj_in = layers.conv1x1(inner, name="proj_in", conv_impl=self.conv_impl, **kw)
             h_btc = proj_in(h).reshape(b, hgt * wid, inner)
@@ -169,7 +170,7 @@ class SpatialTransformer(nn.Module):
                 attention_impl=self.attention_impl, name=f"transformer_blocks_{k}", **kw,
             )(h_btc, ctx_bsd)
         if self.use_linear_projection:
-            out = nn.Dense(c, name="proj_out", **kw)(h_btc).reshape(b, hgt, wid, c)
+            out = Dense(c, name="proj_out", **kw)(h_btc).reshape(b, hgt, wid, c)
         else:
             out = layers.conv1x1(c, name="proj_out", conv_impl=self.conv_impl, **kw)(h_btc.reshape(b, hgt, wid, inner))
         return (out + x_bhwc).astype(self.dtype)
