@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from ldm_jax.models import conv
+
 
 @jax.custom_vjp
 def dense_matmul(x, kernel):
@@ -42,9 +44,12 @@ dense_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def matmul(x, kernel):
-    """``x @ kernel`` over the last axis of ``x``; on a CPU backend with the kernel gradient above
-    (GPU / TPU matmul libraries read transposed operands directly: XLA's own gradient there)."""
-    if jax.default_backend() == "cpu":
+    """``x @ kernel`` over the last axis of ``x``. With the kernel gradient above where the process's
+    convolution default resolves to "matmul" (``ldm_jax.models.conv``: a CPU backend unless set
+    otherwise): reverse mode only there, as those convolutions (``jax.jvp`` through it raises).
+    Elsewhere, and under ``with conv.conv_impl("xla")`` (the reference path of a job), XLA's own
+    gradient: GPU / TPU matmul libraries read transposed operands directly."""
+    if conv.resolve_impl() == "matmul":
         return dense_matmul(x, kernel)
     return jnp.tensordot(x, kernel, axes=1)
 
