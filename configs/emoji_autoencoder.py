@@ -68,7 +68,8 @@ def get_config(arg: str = ""):
     c.loss.disc_num_layers = 2      # 32x32 images: 2 stride-2 layers -> 6x6 patch logits
     c.loss.disc_norm = "group"      # "group" | "batch" | "actnorm" | "none"
     c.loss.disc_norm_groups = 32
-    c.loss.learn_logvar = False     # KL: train the output log-variance too (CompVis never does)
+    c.loss.learn_logvar = ml_collections.config_dict.placeholder(bool)  # KL: train the output log-variance too
+    #                                 (None: False, or model.learn_logvar where an original YAML sets it there)
     c.loss.pixel_loss = "l1"        # VQ: "l1" or "l2" pixel term (CompVis vqperceptual pixel_loss); KL: "l1"
 
     c.train = ml_collections.ConfigDict()

@@ -360,7 +360,7 @@ def test_a_tfds_dataset_prepared_without_its_builder_code_is_found(tmp_path):
 
 
 @pytest.mark.parametrize("split,missing", [("test", "test"), ("train+valid", "valid"), ("validation[:10%]", None),
-                                           ("train", None)])
+                                           ("train", None), ("all", None), ("all[:50%]", None)])
 def test_eval_split_is_checked_before_training(split, missing, tmp_path):
     """eval.split was first read at the first evaluation, after eval_every training steps; a split the
     dataset lacks is now refused with the others (the emoji dataset's splits: train, validation)."""

@@ -79,3 +79,19 @@ def test_geglu_matches_flax_dense_and_split():
     g_ref, g = (jax.grad(_loss(m))(params, x) for m in (Reference(), GEGLU(16)))
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_float64_kernel_gradient_keeps_float64_precision():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        x, w, dy = rng.standard_normal((9, 4)), rng.standard_normal((4, 3)), rng.standard_normal((9, 3))
+        _, vjp = jax.vjp(dense.dense_matmul, jnp.asarray(x), jnp.asarray(w))
+        dx, dw = vjp(jnp.asarray(dy))
+        assert dw.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(dw), x.T @ dy, rtol=1e-13, atol=1e-13)
+
+
+def test_unsupported_dense_options_are_refused():
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="precision / dot_general"):
+        Dense(4, precision=jax.lax.Precision.HIGHEST).init(jax.random.PRNGKey(0), x)

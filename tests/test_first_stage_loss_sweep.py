@@ -584,6 +584,10 @@ def test_task_refuses_unknown_and_conflicting_keys():
     cfg.loss.learn_logvar = False
     with pytest.raises(ValueError, match="learn_logvar"):
         AutoencoderTask(cfg, mesh)
+    # where an original YAML puts it (model.params): taken when config.loss leaves it unset (None)
+    cfg = module.get_config("runlocal,kl")
+    cfg.model.learn_logvar = True
+    assert cfg.loss.learn_logvar is None and AutoencoderTask(cfg, mesh).loss_cfg.learn_logvar
     # a batch the micro-batches cannot split: named at construction (not a sharding error in the step)
     cfg = module.get_config("runlocal,kl")
     cfg.train.batch_size, cfg.train.grad_accum_steps = 6, 4

@@ -181,7 +181,7 @@ def check_dataset_name(name, data_dir=None, splits=None) -> None:
             builder = tfds.builder(name, data_dir=data_dir)
         available = tuple(builder.info.splits) if builder.is_prepared() else ()
     for key, spec in (splits or {}).items():
-        missing = [s for s in _split_names(spec) if s not in available]
+        missing = [s for s in _split_names(spec) if s != "all" and s not in available]  # ("all": TFDS's every split)
         if available and missing:
             value, read_by = (name, "which training reads") if key == "data.name" else (spec, "")
             raise ValueError(f"config key {key}={value!r}: dataset {name!r} has no split {missing[0]!r}"

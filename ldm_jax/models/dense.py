@@ -9,8 +9,9 @@ transposed copy of ``x`` through YNNPACK, 70 ms with both operands transposed th
 Copying ``x`` transposed behind an optimization barrier (so that XLA cannot fold the transpose back
 into the matmul) makes it a plain matmul. Measured on the ``cpu`` bench preset (U-Net B4 forward +
 backward, 2 cores, idle, both variants interleaved in one process, medians of 12-14): 0.9-2.7%
-faster in three runs, the forward unchanged (bench/RESULTS.md). The U-Net's attention, feed-forward
-and linear projections use it.
+faster in three runs, the forward unchanged (bench/RESULTS.md). Used by ``layers.Attention`` (the
+U-Net's and the autoencoders' attention) and the U-Net's feed-forward and linear projections. It
+follows the process convolution default only (``conv.conv_impl``), not a model's ``conv_impl``.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _matmul_bwd(residuals, dy):
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
     x_t = jax.lax.optimization_barrier(x2.T)  # (in, tokens), materialised
-    dkernel = jnp.dot(x_t, dy2, preferred_element_type=jnp.float32).astype(kernel.dtype)
+    dkernel = jnp.dot(x_t, dy2, preferred_element_type=jnp.promote_types(kernel.dtype, jnp.float32)).astype(kernel.dtype)
     dx = jnp.tensordot(dy, kernel.T, axes=1).astype(x.dtype)
     return dx, dkernel
 
@@ -59,6 +60,8 @@ class Dense(nn.Dense):
 
     @nn.compact
     def __call__(self, inputs):
+        if self.precision is not None or self.dot_general is not None or self.dot_general_cls is not None:
+            raise ValueError("Dense: precision / dot_general / dot_general_cls are not supported (use nn.Dense)")
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
