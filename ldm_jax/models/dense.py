@@ -10,8 +10,7 @@ Copying ``x`` transposed behind an optimization barrier (so that XLA cannot fold
 into the matmul) makes it a plain matmul. Measured on the ``cpu`` bench preset (U-Net B4 forward +
 backward, 2 cores, idle, both variants interleaved in one process, medians of 12-14): 0.9-2.7%
 faster in three runs, the forward unchanged (bench/RESULTS.md). Used by ``layers.Attention`` (the
-U-Net's and the autoencoders' attention) and the U-Net's feed-forward and linear projections. It
-follows the process convolution default only (``conv.conv_impl``), not a model's ``conv_impl``.
+U-Net's and the autoencoders' attention) and the U-Net's feed-forward and linear projections.
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ldm_jax.models import conv
 
 
 @jax.custom_vjp
@@ -45,12 +43,10 @@ dense_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def matmul(x, kernel):
-    """``x @ kernel`` over the last axis of ``x``. With the kernel gradient above where the process's
-    convolution default resolves to "matmul" (``ldm_jax.models.conv``: a CPU backend unless set
-    otherwise): reverse mode only there, as those convolutions (``jax.jvp`` through it raises).
-    Elsewhere, and under ``with conv.conv_impl("xla")`` (the reference path of a job), XLA's own
-    gradient: GPU / TPU matmul libraries read transposed operands directly."""
-    if conv.resolve_impl() == "matmul":
+    """``x @ kernel`` over the last axis of ``x``; on a CPU backend with the kernel gradient above
+    (reverse mode only there: ``jax.jvp`` through it raises, as through the matmul convolutions);
+    elsewhere XLA's own gradient (GPU / TPU matmul libraries read transposed operands directly)."""
+    if jax.default_backend() == "cpu":
         return dense_matmul(x, kernel)
     return jnp.tensordot(x, kernel, axes=1)
 
