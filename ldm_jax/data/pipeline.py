@@ -170,10 +170,10 @@ def check_dataset_name(name, data_dir=None, splits=None) -> None:
     TFDS dataset already prepared (its dataset_info.json lists them)."""
     from ldm_jax.data.scene_sources import SCENE_SOURCES
 
-    if not isinstance(name, str) or name in ("synthetic", "folder") + SCENE_SOURCES or ":" in name:
-        return
-    if name == "emoji":
+    if name == "emoji":  # (built in, but read through TFDS: its splits are known)
         from ldm_jax.data.emoji import SPLITS as available
+    elif not isinstance(name, str) or name in BUILTIN_NAMES + SCENE_SOURCES or ":" in name:
+        return
     else:
         import tensorflow_datasets as tfds
 

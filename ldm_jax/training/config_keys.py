@@ -290,7 +290,8 @@ def check_config_keys(config) -> None:
     layers_per_block=0, ...). Combinations of keys are checked after (``_check_combinations``)."""
     rules = _key_rules()
     ae_sections = ["first_stage.autoencoder"]
-    if config_get(config, "task", "ldm") == "autoencoder":
+    autoencoder_task = config_get(config, "task", "ldm") == "autoencoder"
+    if autoencoder_task:
         ae_sections.append("model.autoencoder")
     for key, rule in rules.items():
         keys = [key.replace("*", s, 1) for s in ae_sections] if key.startswith("*.") else [key]
@@ -309,7 +310,7 @@ def check_config_keys(config) -> None:
         # The splits the run reads: "train" for training, eval.split for the autoencoder's evaluations.
         splits = {"data.name": "train"}
         enabled, split = _lookup(config, "eval.enabled"), _lookup(config, "eval.split")
-        if config_get(config, "task", "ldm") == "autoencoder" and (enabled in (_MISSING, None) or bool(enabled)):
+        if autoencoder_task and (enabled in (_MISSING, None) or bool(enabled)):
             splits["eval.split"] = "validation" if split in (_MISSING, None) else split
         check_dataset_name(name, _lookup(config, "data.data_dir") or None, splits)
 
