@@ -48,6 +48,20 @@ class _NoiseFeed:
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2))).to(dtype or torch.float32)
 
 
+def check_arguments(prompts: List[str], *, steps: int, sampler: str, scale: float, repeats: int) -> None:
+    """Refuse bad settings before the (slow) loading of both pipelines; each message names its flag."""
+    if sampler not in DIFFUSERS_SCHEDULERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(DIFFUSERS_SCHEDULERS)}")
+    if not prompts:
+        raise ValueError("--prompt: give at least one prompt")
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1 (the timed runs after the compiling one), got {repeats}")
+    if not np.isfinite(scale):
+        raise ValueError(f"--scale must be a finite number, got {scale}")
+
+
 def compare(checkpoint: str, prompts: List[str], *, steps: int = 20, sampler: str = "ddim", scale: float = 7.5,
             seed: int = 0, height=None, width=None, negative_prompt=None, outdir: str = "compare",
             repeats: int = 1) -> Dict[str, object]:
@@ -61,8 +75,7 @@ def compare(checkpoint: str, prompts: List[str], *, steps: int = 20, sampler: st
     from ldm_jax.diffusion import samplers
     from ldm_jax.image_io import make_grid, to_uint8
 
-    if sampler not in DIFFUSERS_SCHEDULERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(DIFFUSERS_SCHEDULERS)}")
+    check_arguments(prompts, steps=steps, sampler=sampler, scale=scale, repeats=repeats)
     ours = ldm_jax.load_pipeline(checkpoint)
     folder = checkpoint
     tmp = None
@@ -134,8 +147,13 @@ def compare(checkpoint: str, prompts: List[str], *, steps: int = 20, sampler: st
                 max_error=max(e for e, _ in per_image))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, as sample.py / train.py (argparse prints the usage first)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m ldm_jax.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: two sample prompts")
     p.add_argument("--negative_prompt", default=None)
@@ -153,7 +171,7 @@ def main(argv=None) -> int:
         r = compare(args.checkpoint, prompts, steps=args.steps, sampler=args.sampler, scale=args.scale,
                     seed=args.seed, height=args.H, width=args.W, negative_prompt=args.negative_prompt,
                     outdir=args.outdir, repeats=args.repeats)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # (CheckpointError is a ValueError; OSError: unreadable files, full disk)
         print("error: " + "; ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     print(f"{'image':>5} {'max abs err':>12} {'mean abs err':>13}  prompt")
