@@ -26,6 +26,41 @@ def test_group_norm_matches_torch(rng):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("shape, groups, offset, atol, grad_atol", [
+    ((2, 5, 6, 64), 8, 0.0, 2e-5, 1e-4),        # 8 channels per group
+    ((3, 7, 96), 32, 0.0, 2e-5, 1e-4),          # a sequence (B, T, C)
+    ((4, 48), 16, 0.0, 2e-5, 1e-4),             # no positions (B, C)
+    ((1, 9, 4, 32), 1, 0.0, 2e-5, 1e-4),        # one group: LayerNorm over everything
+    # A large mean: the variance of the centred values, as torch (E[x^2] - E[x]^2 loses all digits
+    # here). The bound is float32's resolution at 100 (7.6e-6) over a std of 0.5, times |scale|,
+    # for the output, and that summed over the 72 positions of a group for the scale's gradient.
+    ((2, 6, 6, 64), 32, 100.0, 2e-4, 2e-3),
+])
+def test_group_norm_and_its_gradients_match_torch(rng, shape, groups, offset, atol, grad_atol):
+    x = (rng.standard_normal(shape) * 0.5 + offset).astype(np.float32)
+    c = shape[-1]
+    tm = torch.nn.GroupNorm(groups, c, eps=1e-6)
+    torch.nn.init.normal_(tm.weight); torch.nn.init.normal_(tm.bias)
+    fm = layers.GroupNorm(groups, 1e-6)
+    params = _params_from_torch(fm, tm, x)
+    dy = rng.standard_normal(shape).astype(np.float32)
+
+    def loss(p, x):
+        return jnp.sum(fm.apply({"params": p}, x) * dy)
+
+    got, (dp, dx) = fm.apply({"params": params}, x), jax.grad(loss, argnums=(0, 1))(params, x)
+    to_nc = (0, x.ndim - 1) + tuple(range(1, x.ndim - 1))      # channels last -> channels second
+    xt = torch.from_numpy(x).permute(*to_nc).contiguous().requires_grad_(True)
+    want = tm(xt)
+    (want * torch.from_numpy(dy).permute(*to_nc)).sum().backward()
+    back = tuple(int(i) for i in np.argsort(to_nc))
+    np.testing.assert_allclose(got, want.permute(*back).detach().numpy(), atol=atol, rtol=0)
+    np.testing.assert_allclose(dx, xt.grad.permute(*back).numpy(), atol=grad_atol, rtol=1e-4)
+    np.testing.assert_allclose(dp["scale"], tm.weight.grad.numpy(), atol=grad_atol, rtol=1e-4)
+    np.testing.assert_allclose(dp["bias"], tm.bias.grad.numpy(), atol=grad_atol, rtol=1e-4)
+
+
 def test_resnet_block_matches_diffusers(rng):
     from diffusers.models.resnet import ResnetBlock2D
 
