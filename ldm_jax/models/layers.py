@@ -93,11 +93,12 @@ def group_normalize(x: jax.Array, num_groups: int, epsilon: float) -> jax.Array:
 
     Each statistic is reduced in two steps, first over the positions (B, P, C) -> (B, C), then over
     the channels of each group (B, G, C/G) -> (B, G), instead of one reduction over (positions,
-    channels of a group): XLA:CPU hands that one to YNNPACK, which reduces the non-adjacent axes at
-    ~2 GB/s (8.5 ms for a 256x256x64 map, against a memory bandwidth of ~18 GB/s on the 2-core
-    bench machine). Two steps: GroupNorm + SiLU on (1, 256, 256, 64) 23.9 -> 7.3 ms forward and
-    76 -> 36 ms forward + backward; on (16, 32, 32, 128) 13.8 -> 3.8 ms and 34.8 -> 7.6 ms
-    (bench/RESULTS.md, "CPU change of 2026-12-07, second session"). Same sums in another order.
+    channels of a group): XLA:CPU (jaxlib 0.10) hands that one to YNNPACK, which reduces the
+    non-adjacent axes at ~2 GB/s (8.5 ms for a 256x256x64 float32 map on the 2-core AMD EPYC bench
+    machine, whose memory copies run at ~18 GB/s). In two steps, GroupNorm + SiLU on
+    (1, 256, 256, 64): 23.9 -> 7.3 ms forward, 76 -> 36 ms forward + backward; on (16, 32, 32, 128):
+    13.8 -> 3.8 ms and 34.8 -> 7.6 ms (bench/RESULTS.md, "A second CPU: AMD EPYC"). The same sums
+    in another order; GPU / TPU compilers reduce either form in one pass.
     """
     b, c = x.shape[0], x.shape[-1]
     per_group = c // num_groups
