@@ -40,14 +40,11 @@ import dataclasses
 import os
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag (argparse prints the whole usage first)
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+from ldm_jax.one_line_errors import OneLineErrorParser
 
 
 def parse_args(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", "--ckpt", required=True, help="model folder or file")
     p.add_argument("--config", default=None, help="original YAML config for single-file checkpoints")
     p.add_argument("--tokenizer", default=None,

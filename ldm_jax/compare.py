@@ -23,6 +23,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from ldm_jax.one_line_errors import OneLineErrorParser
+
 # diffusers scheduler class for each sampler name of this project
 DIFFUSERS_SCHEDULERS = {
     "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "plms": "PNDMScheduler",
@@ -147,13 +149,9 @@ def compare(checkpoint: str, prompts: List[str], *, steps: int = 20, sampler: st
                 max_error=max(e for e, _ in per_image))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag, as sample.py / train.py (argparse prints the usage first)
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="python -m ldm_jax.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(prog="python -m ldm_jax.compare", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: two sample prompts")
     p.add_argument("--negative_prompt", default=None)

@@ -25,7 +25,6 @@ def test_compare_rejects_unknown_sampler(tmp_path, capsys):
     assert "unknown sampler" in capsys.readouterr().err
 
 
-
 def _exit_code(argv):
     try:
         return compare.main(argv)
