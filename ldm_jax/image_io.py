@@ -83,7 +83,10 @@ def _repeat(arr: np.ndarray, batch: int, what: str, repeat: bool = True) -> np.n
 
 
 def to_uint8(images_bhwc: np.ndarray) -> np.ndarray:
-    return (np.clip(images_bhwc, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    """Images in [0, 1] -> uint8 as diffusers' ``numpy_to_pil``: round(x * 255), halves to even. (The
+    float32 ``x * 255 + 0.5`` this replaced rounded halves up, so a pixel at exactly k + 0.5 was one
+    level above the API's images converted the diffusers way.)"""
+    return (np.clip(np.asarray(images_bhwc, np.float32), 0.0, 1.0) * np.float32(255)).round().astype(np.uint8)
 
 
 def make_grid(images_bhwc: np.ndarray, cols: Optional[int] = None, pad: int = 2) -> np.ndarray:

@@ -129,6 +129,27 @@ def test_class_label_sampling_from_original_checkpoint(tmp_path, capsys):
     assert code != 0 and "out of range" in cap.err
 
 
+def test_png_levels_round_as_diffusers_numpy_to_pil():
+    """The PNGs' uint8 levels (to_uint8) are diffusers' numpy_to_pil ones, halves to even: at the float32
+    values x whose x * 255 is exactly k + 0.5, and at their neighbours a few ulps away. (The old
+    x * 255 + 0.5 rounded the exact halves up, the only values where the two disagree: on AMD EPYC
+    machines test_compvis_txt2img_flags saw one CLI pixel at 129 where the API image, rounded the
+    diffusers way, had 128.)"""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from ldm_jax.image_io import to_uint8
+
+    halves = (np.arange(255, dtype=np.float64) + 0.5) / 255
+    x = np.concatenate([halves.astype(np.float32), [-0.1, 0.0, 1.0, 1.1]]).astype(np.float32)
+    for _ in range(3):  # neighbours 1-3 ulps away on each side
+        x = np.unique(np.concatenate([x, np.nextafter(x, np.float32(2)), np.nextafter(x, np.float32(-1))]))
+    x = np.concatenate([x, np.zeros((-len(x)) % 3, np.float32)])
+    assert np.sum(x * np.float32(255) % 1 == 0.5) > 100  # the exact halves are there
+    images = x.reshape(1, -1, 1, 3)
+    want = np.asarray(VaeImageProcessor.numpy_to_pil(np.clip(images, 0, 1))[0])
+    np.testing.assert_array_equal(to_uint8(images)[0], want)
+
+
 def test_compvis_txt2img_flags(sd_folder, tmp_path, capsys):
     """--plms, --fixed_code, --n_rows, --skip_grid, --skip_save as CompVis txt2img.py: with --fixed_code
     every batch starts from the first batch's noise (PLMS is deterministic, so the batches' images are

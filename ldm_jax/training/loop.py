@@ -209,6 +209,8 @@ def save_image_grid(images: np.ndarray, path: str, ncol: Optional[int] = None) -
     """(N, H, W, 3) float in [0, 1] -> one PNG grid."""
     from PIL import Image
 
+    from ldm_jax.image_io import to_uint8
+
     images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
     n, h, w, c = images.shape
     ncol = ncol or int(math.ceil(math.sqrt(n)))
@@ -218,7 +220,7 @@ def save_image_grid(images: np.ndarray, path: str, ncol: Optional[int] = None) -
         r, q = divmod(i, ncol)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(path)
+    Image.fromarray(to_uint8(grid)).save(path)
     return path
 
 
