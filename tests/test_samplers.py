@@ -531,9 +531,9 @@ def test_timesteps_and_init_sigma_match_diffusers(name):
                     if name == "ddim" and spacing == "leading" and offset == 1 and n == 999:
                         continue  # t = 999 + 1: diffusers' DDIM.step would index out of range (we raise)
                     where = str((spacing, offset, n, karras))
-                    with ieee_float32_sqrt():
-                        sched, plan, _ = make_pair(name, n=n, spacing=spacing, steps_offset=offset, **extra)
-                        init_noise_sigma = np.float32(sched.init_noise_sigma)  # (a property: computed here)
+                    sched, plan, _ = make_pair(name, n=n, spacing=spacing, steps_offset=offset, **extra)
+                    with ieee_float32_sqrt():  # (make_pair builds in it; these two are computed on access)
+                        init_noise_sigma = np.float32(sched.init_noise_sigma)
                         if name == "dpmpp_2m":  # its VP (alpha_t, sigma_t) of each step's sigma
                             vp = [a.numpy() for a in sched._sigma_to_alpha_sigma_t(sched.sigmas[:-1])]
                     ref = sched.timesteps.numpy().astype(np.float32)

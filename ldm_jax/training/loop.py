@@ -211,7 +211,7 @@ def save_image_grid(images: np.ndarray, path: str, ncol: Optional[int] = None) -
 
     from ldm_jax.image_io import to_uint8
 
-    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+    images = np.asarray(images, np.float32)  # (to_uint8 clips to [0, 1])
     n, h, w, c = images.shape
     ncol = ncol or int(math.ceil(math.sqrt(n)))
     nrow = int(math.ceil(n / ncol))
