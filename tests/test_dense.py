@@ -19,9 +19,10 @@ def _loss(module):
 @pytest.mark.parametrize("shape", [(6, 5), (2, 7, 5), (2, 3, 4, 5)])
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_matches_flax_dense(shape, use_bias, dtype):
+@pytest.mark.parametrize("features", [9, 3])  # more / fewer outputs than the 5 inputs: both gradient forms
+def test_dense_matches_flax_dense(shape, use_bias, dtype, features):
     x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
-    ref, ours = nn.Dense(9, use_bias=use_bias, dtype=dtype), Dense(9, use_bias=use_bias, dtype=dtype)
+    ref, ours = nn.Dense(features, use_bias=use_bias, dtype=dtype), Dense(features, use_bias=use_bias, dtype=dtype)
     p_ref, p_ours = ref.init(jax.random.PRNGKey(1), x), ours.init(jax.random.PRNGKey(1), x)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), p_ref, p_ours))
     params = jax.tree_util.tree_map(lambda a: a + 0.25, p_ref)  # a non-zero bias
@@ -38,13 +39,31 @@ def test_dense_matches_flax_dense(shape, use_bias, dtype):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * scale * 4, rtol=0)
 
 
-def test_kernel_gradient_is_the_float64_sum():
+@pytest.mark.parametrize("n_in, n_out", [(11, 13), (13, 11)])
+def test_kernel_gradient_is_the_float64_sum(n_in, n_out):
     rng = np.random.default_rng(2)
-    x, w, dy = rng.standard_normal((37, 11)), rng.standard_normal((11, 13)), rng.standard_normal((37, 13))
+    x, w, dy = rng.standard_normal((37, n_in)), rng.standard_normal((n_in, n_out)), rng.standard_normal((37, n_out))
     _, vjp = jax.vjp(dense.dense_matmul, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
     dx, dw = vjp(jnp.asarray(dy, jnp.float32))
     np.testing.assert_allclose(np.asarray(dw), x.T @ dy, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dx), dy @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(6, 20), (20, 6), (8, 8)])
+def test_kernel_gradient_transposes_the_smaller_operand_into_a_plain_matmul(n_in, n_out):
+    """dW is formed from a transposed copy of the smaller of x and dy, and the compiled gradient has
+    no matmul left that contracts the token axis of a transposed left operand (the form XLA:CPU
+    hands to Eigen instead of YNNPACK): the barriers keep XLA from folding the transposes back."""
+    x, w = jnp.ones((64, n_in)), jnp.ones((n_in, n_out))
+    grad_w = jax.grad(lambda w: jnp.sum(jnp.sin(dense.dense_matmul(x, w))))
+    transposed = [eqn.invars[0].aval.shape for eqn in jax.make_jaxpr(grad_w)(w).jaxpr.eqns
+                  if eqn.primitive.name == "transpose"]
+    assert (64, min(n_in, n_out)) in transposed, transposed
+    if n_in != n_out:
+        assert (64, max(n_in, n_out)) not in transposed, transposed
+    hlo = jax.jit(grad_w).lower(w).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert dots and not [line for line in dots if "lhs_contracting_dims={0}" in line], dots
 
 
 def test_off_cpu_the_plain_matmul_is_used(monkeypatch):
