@@ -89,12 +89,13 @@ def to_uint8(images_bhwc: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(images_bhwc, np.float32), 0.0, 1.0) * np.float32(255)).round().astype(np.uint8)
 
 
-def make_grid(images_bhwc: np.ndarray, cols: Optional[int] = None, pad: int = 2) -> np.ndarray:
-    """Tile (B, H, W, 3) images into one (rows*H, cols*W, 3) array with white padding."""
+def make_grid(images_bhwc: np.ndarray, cols: Optional[int] = None, pad: int = 2, fill: float = 1.0) -> np.ndarray:
+    """Tile (B, H, W, 3) images into one (rows*H, cols*W, 3) array; padding and empty cells are
+    ``fill`` (white by default)."""
     b, h, w, c = images_bhwc.shape
     cols = cols or int(np.ceil(np.sqrt(b)))
     rows = int(np.ceil(b / cols))
-    grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), images_bhwc.dtype)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), fill, images_bhwc.dtype)
     for i, im in enumerate(images_bhwc):
         r, q = divmod(i, cols)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = im

@@ -209,16 +209,10 @@ def save_image_grid(images: np.ndarray, path: str, ncol: Optional[int] = None) -
     """(N, H, W, 3) float in [0, 1] -> one PNG grid."""
     from PIL import Image
 
-    from ldm_jax.image_io import to_uint8
+    from ldm_jax.image_io import make_grid, to_uint8
 
-    images = np.asarray(images, np.float32)  # (to_uint8 clips to [0, 1])
-    n, h, w, c = images.shape
-    ncol = ncol or int(math.ceil(math.sqrt(n)))
-    nrow = int(math.ceil(n / ncol))
-    grid = np.zeros((nrow * h, ncol * w, c), np.float32)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+    # unpadded, empty cells black (to_uint8 clips to [0, 1])
+    grid = make_grid(np.asarray(images, np.float32), cols=ncol, pad=0, fill=0.0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(to_uint8(grid)).save(path)
     return path
